@@ -1,0 +1,46 @@
+# fashion-tagger: `make run` and `make test` set everything up by themselves on a fresh machine.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# torch==2.14.1 / torchvision==0.29.1 come from this machine's wheel cache through constraints.txt.
+PIP_INSTALL := $(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt
+
+export FASHION_TAGGER_HOME ?= $(CURDIR)/.home
+export PYTHONUNBUFFERED := 1
+
+.PHONY: help venv run test test-fast lint format bench clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@echo "installing fashion-tagger and its pinned dependencies into $(VENV) (first time: a few minutes)"
+	$(PIP_INSTALL) --upgrade pip setuptools wheel
+	$(PIP_INSTALL) -e '.[airflow,dev]'
+	@touch $@
+
+venv: $(STAMP)  ## build or update .venv (idempotent; quick when nothing changed)
+
+run: $(STAMP)  ## run the whole workflow on the embedded default
+	$(VENV)/bin/fashion-tagger run --config demo
+
+test: $(STAMP)  ## run the whole test suite
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/pytest
+
+test-fast: $(STAMP)  ## tests without the slow tier
+	$(VENV)/bin/pytest -m "not slow and not services"
+
+lint: $(STAMP)  ## ruff
+	$(VENV)/bin/ruff check .
+
+format: $(STAMP)  ## ruff fix + format
+	$(VENV)/bin/ruff check --fix .
+
+clean:  ## remove the embedded home (data, runs, MLflow store); keeps .venv
+	rm -rf .home

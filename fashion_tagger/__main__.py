@@ -1,0 +1,3 @@
+from fashion_tagger.cli import main
+
+main()

@@ -1,0 +1,244 @@
+"""The one typed configuration of fashion-tagger and where its data lives.
+
+A `Config` is built by `load_config` (defaults <- preset or YAML file <- `key=value` overrides), never
+on import, and `save_config` writes it next to every output it produced.
+"""
+
+from __future__ import annotations
+
+import os
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from fashion_tagger.errors import FashionTaggerError
+from fashion_tagger.schema import ATTRIBUTES
+
+HOME_ENV = "FASHION_TAGGER_HOME"
+DEFAULT_HOME = Path("~/.fashion-tagger")
+CONFIG_FILENAME = "config.yaml"
+KAGGLE_FULL = "kaggle:paramaggarwal/fashion-product-images-dataset"
+
+
+class ConfigError(FashionTaggerError, ValueError):
+    """A configuration file or override that does not fit the schema."""
+
+
+def project_home() -> Path:
+    """The data root: `$FASHION_TAGGER_HOME`, else `~/.fashion-tagger`. Created by the stages, not here."""
+    return Path(os.environ.get(HOME_ENV) or DEFAULT_HOME).expanduser().resolve()
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Section):
+    source: str = Field(
+        "synthetic:2000",
+        description="kaggle:OWNER/DATASET, a local folder, s3://bucket/prefix or synthetic:N",
+    )
+    synthetic_size: Literal["small", "full"] = "small"
+    synthetic_seed: int = 0
+    s3_endpoint_url: str | None = Field(None, description="S3 endpoint (MinIO); default $AWS_ENDPOINT_URL")
+    max_rows: int | None = Field(None, ge=1, description="keep at most this many clean rows (stratified)")
+    max_reject_fraction: float = Field(0.05, ge=0, le=1, description="quality gate on rejected lines")
+    min_rows: int = Field(100, ge=1, description="quality gate on clean rows")
+    metadata_only: bool = Field(False, description="skip decoding images during validation")
+
+
+class LabelsConfig(_Section):
+    attributes: list[str] = Field(default_factory=lambda: list(ATTRIBUTES))
+    min_class_count: int = Field(500, ge=1, description="rarer classes map to the masked 'None'")
+
+    @field_validator("attributes")
+    @classmethod
+    def _known_attributes(cls, value: list[str]) -> list[str]:
+        unknown = [a for a in value if a not in ATTRIBUTES]
+        if unknown or not value:
+            raise ValueError(f"attributes must be a non-empty subset of {list(ATTRIBUTES)}; got {unknown}")
+        return value
+
+
+class SplitConfig(_Section):
+    val_fraction: float = Field(0.2, gt=0, lt=1)
+    seed: int = 42
+
+
+class ImagesConfig(_Section):
+    width: int = Field(240, ge=16, le=2048)
+    height: int = Field(320, ge=16, le=2048)
+    jpeg_quality: int = Field(95, ge=50, le=100)
+    workers: int = Field(0, ge=0, description="process pool size; 0 means one per CPU")
+
+
+class ModelConfig(_Section):
+    backbone: str = "efficientnet_b3"
+    pretrained: bool = True
+    pretrained_path: str | None = Field(None, description="local weights file instead of the timm hub")
+    hidden_dim: int = Field(1024, ge=0, description="hidden layer per head; 0 for a linear head")
+    dropout: float = Field(0.3, ge=0, lt=1)
+    drop_path_rate: float = Field(0.1, ge=0, lt=1)
+
+
+class TrainConfig(_Section):
+    epochs: int = Field(30, ge=1)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    backbone_lr_scale: float = Field(0.1, gt=0, le=1, description="backbone lr = lr * this")
+    weight_decay: float = Field(0.01, ge=0)
+    schedule: Literal["cosine", "step"] = "cosine"
+    warmup_epochs: float = Field(1.0, ge=0)
+    step_size: int = Field(10, ge=1)
+    step_gamma: float = Field(0.1, gt=0, le=1)
+    loss: Literal["ce", "bce"] = "ce"
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    attribute_weights: dict[str, float] = Field(default_factory=dict)
+    early_stopping_patience: int = Field(5, ge=1)
+    freeze_backbone_epochs: int = Field(0, ge=0)
+    gradient_clip_val: float = Field(1.0, ge=0)
+    precision: str = Field("auto", description="auto: bf16-mixed on GPU, 32 on CPU")
+    channels_last: bool = True
+    compile: bool = False
+    accelerator: str = "auto"
+    devices: str = "auto"
+    num_nodes: int = Field(1, ge=1)
+    num_workers: int = Field(-1, ge=-1, description="DataLoader workers; -1 means min(8, CPUs)")
+    seed: int = 42
+    limit_train_batches: float | int | None = None
+    limit_val_batches: float | int | None = None
+    progress_bar: bool = True
+
+
+class RegistryConfig(_Section):
+    tracking_uri: str | None = Field(None, description="default $MLFLOW_TRACKING_URI, else SQLite in home")
+    experiment: str = "fashion-tagger"
+    model_name: str = "fashion-tagger"
+    promote: bool = True
+    min_delta: float = Field(0.0, ge=0, description="challenger must beat champion by this much")
+    max_attribute_drop: float = Field(0.02, ge=0, description="tolerated macro-F1 drop per attribute")
+
+
+class Config(_Section):
+    home: Path | None = Field(None, description="data root; default $FASHION_TAGGER_HOME or ~/.fashion-tagger")
+    data: DataConfig = Field(default_factory=DataConfig)
+    labels: LabelsConfig = Field(default_factory=LabelsConfig)
+    split: SplitConfig = Field(default_factory=SplitConfig)
+    images: ImagesConfig = Field(default_factory=ImagesConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    registry: RegistryConfig = Field(default_factory=RegistryConfig)
+
+    @property
+    def home_dir(self) -> Path:
+        return Path(self.home).expanduser().resolve() if self.home else project_home()
+
+    @property
+    def raw_root(self) -> Path:
+        return self.home_dir / "raw"
+
+    @property
+    def cache_root(self) -> Path:
+        return self.home_dir / "cache"
+
+    @property
+    def runs_root(self) -> Path:
+        return self.home_dir / "runs"
+
+    @property
+    def tracking_uri(self) -> str:
+        return (
+            self.registry.tracking_uri
+            or os.environ.get("MLFLOW_TRACKING_URI")
+            or f"sqlite:///{self.home_dir / 'mlflow.db'}"
+        )
+
+
+def preset_names() -> list[str]:
+    return sorted(p.name.removesuffix(".yaml") for p in resources.files("fashion_tagger.presets").iterdir()
+                  if p.name.endswith(".yaml"))
+
+
+def _read_yaml(source: str | Path) -> dict[str, Any]:
+    path = Path(source)
+    if not path.exists() and str(source) in preset_names():
+        text = resources.files("fashion_tagger.presets").joinpath(f"{source}.yaml").read_text()
+        origin = f"preset {source!r}"
+    elif path.exists():
+        text = path.read_text()
+        origin = str(path)
+    else:
+        raise ConfigError(f"config {source!r} is neither a file nor a preset ({', '.join(preset_names())})")
+    data = yaml.safe_load(text) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config {origin} must hold a mapping of sections, not {type(data).__name__}")
+    return data
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """`train.epochs=3` -> (['train', 'epochs'], 3); the value is parsed as YAML (numbers, bools, null)."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {item!r} must look like section.field=value, e.g. train.epochs=3")
+    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else None
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def load_config(
+    source: str | Path | None = None,
+    overrides: list[str] | dict[str, Any] | None = None,
+) -> Config:
+    """Defaults, then a YAML file or preset name, then overrides (`["train.epochs=3"]` or a nested dict)."""
+    data: dict[str, Any] = _read_yaml(source) if source else {}
+    if isinstance(overrides, dict):
+        data = _merge(data, overrides)
+    else:
+        for item in overrides or []:
+            keys, value = parse_override(item)
+            nested: dict[str, Any] = {keys[-1]: value}
+            for key in reversed(keys[:-1]):
+                nested = {key: nested}
+            data = _merge(data, nested)
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
+        )
+        origin = f" from {source}" if source else ""
+        raise ConfigError(f"invalid configuration{origin}: {problems}") from None
+
+
+def save_config(config: Config, directory: str | Path) -> Path:
+    """Write the resolved config as `config.yaml` beside the outputs it produced."""
+    path = Path(directory) / CONFIG_FILENAME
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+    return path
+
+
+def config_to_flat_dict(config: Config) -> dict[str, Any]:
+    """`{'train.epochs': 30, ...}`: the form MLflow params and the Airflow UI show."""
+    flat: dict[str, Any] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict) and value:
+            for key, inner in value.items():
+                walk(f"{prefix}.{key}" if prefix else key, inner)
+        else:
+            flat[prefix] = value
+
+    walk("", config.model_dump(mode="json"))
+    return flat

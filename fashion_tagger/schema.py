@@ -1,0 +1,31 @@
+"""The Kaggle Fashion Product Images format: the columns of styles.csv and the seven tagged attributes."""
+
+from __future__ import annotations
+
+# Column order of the published styles.csv.
+STYLE_COLUMNS: tuple[str, ...] = (
+    "id",
+    "gender",
+    "masterCategory",
+    "subCategory",
+    "articleType",
+    "baseColour",
+    "season",
+    "year",
+    "usage",
+    "productDisplayName",
+)
+
+# What the model tags; `year` and `productDisplayName` stay in the clean table for lineage only.
+ATTRIBUTES: tuple[str, ...] = (
+    "gender",
+    "masterCategory",
+    "subCategory",
+    "articleType",
+    "baseColour",
+    "season",
+    "usage",
+)
+
+NONE_LABEL = "None"
+IGNORE_INDEX = -1  # encoded value of a 'None' label: masked in loss and metrics

@@ -1,0 +1,43 @@
+"""Shared fixtures: an isolated project home, the generated dataset, and the optional real-data tier."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REAL_DATA_ENV = "FASHION_TAGGER_REAL_DATA"
+
+
+@pytest.fixture(autouse=True)
+def isolated_home(tmp_path, monkeypatch) -> Path:
+    """Every test gets its own FASHION_TAGGER_HOME and MLflow store; nothing touches ~/.fashion-tagger."""
+    home = tmp_path / "home"
+    monkeypatch.setenv("FASHION_TAGGER_HOME", str(home))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("KAGGLE_USERNAME", raising=False)
+    monkeypatch.delenv("KAGGLE_KEY", raising=False)
+    return home
+
+
+@pytest.fixture(scope="session")
+def real_data() -> Path:
+    """The folder named by FASHION_TAGGER_REAL_DATA (styles.csv, images-small/, images-full/)."""
+    value = os.environ.get(REAL_DATA_ENV)
+    if not value:
+        pytest.skip(f"{REAL_DATA_ENV} is not set: the real-data tier is off")
+    path = Path(value)
+    if not (path / "styles.csv").is_file():
+        pytest.skip(f"{REAL_DATA_ENV}={value} has no styles.csv")
+    return path
+
+
+@pytest.fixture(scope="session")
+def synthetic_raw(tmp_path_factory) -> Path:
+    """A generated dataset in the Kaggle layout (styles.csv + images/), shared by the whole session."""
+    from fashion_tagger.synth import generate_dataset
+
+    out = tmp_path_factory.mktemp("synthetic") / "raw"
+    generate_dataset(out, rows=800, size="small", seed=7)
+    return out
