@@ -1,0 +1,79 @@
+"""The typed configuration: defaults, presets, YAML files, overrides, clear errors, saved beside outputs."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from fashion_tagger.config import (
+    ConfigError,
+    config_to_flat_dict,
+    load_config,
+    preset_names,
+    project_home,
+    save_config,
+)
+from fashion_tagger.schema import ATTRIBUTES
+
+
+def test_defaults_are_the_production_recipe():
+    cfg = load_config()
+    assert cfg.model.backbone == "efficientnet_b3"
+    assert cfg.model.pretrained is True
+    assert cfg.labels.min_class_count == 500
+    assert cfg.labels.attributes == list(ATTRIBUTES)
+    assert (cfg.images.width, cfg.images.height) == (240, 320)
+    assert cfg.split.val_fraction == pytest.approx(0.2)
+
+
+def test_home_comes_from_environment(isolated_home, monkeypatch):
+    assert project_home() == isolated_home.resolve()
+    cfg = load_config()
+    assert cfg.raw_root == isolated_home.resolve() / "raw"
+    assert cfg.tracking_uri == f"sqlite:///{isolated_home.resolve() / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")
+    assert load_config().tracking_uri == "http://mlflow:5000"
+
+
+def test_presets_and_overrides_layer_in_order(tmp_path):
+    assert {"default", "demo"} <= set(preset_names())
+    demo = load_config("demo", ["train.epochs=7", "model.pretrained=false", "data.max_rows=null"])
+    assert demo.data.source.startswith("synthetic:")
+    assert demo.train.epochs == 7
+    assert demo.model.pretrained is False
+    assert demo.data.max_rows is None
+
+    path = tmp_path / "mine.yaml"
+    path.write_text(yaml.safe_dump({"train": {"batch_size": 16}, "labels": {"min_class_count": 3}}))
+    mine = load_config(path, {"train": {"lr": 0.5}})
+    assert (mine.train.batch_size, mine.train.lr, mine.labels.min_class_count) == (16, 0.5, 3)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "fragment"),
+    [
+        (["train.epochs=0"], "train.epochs"),
+        (["train.nope=1"], "train.nope"),
+        (["labels.attributes=[colour]"], "attributes must be a non-empty subset"),
+        (["epochs"], "must look like section.field=value"),
+        (["train.loss=hinge"], "train.loss"),
+    ],
+)
+def test_bad_overrides_name_the_field(overrides, fragment):
+    with pytest.raises(ConfigError, match=fragment.replace(".", r"\.").replace("[", r"\[")):
+        load_config(None, overrides)
+
+
+def test_unknown_config_source_lists_presets():
+    with pytest.raises(ConfigError, match="neither a file nor a preset"):
+        load_config("no-such-preset")
+
+
+def test_saved_config_round_trips(tmp_path):
+    cfg = load_config("demo", ["train.epochs=2"])
+    path = save_config(cfg, tmp_path / "out")
+    assert path.name == "config.yaml"
+    assert load_config(path) == cfg
+    flat = config_to_flat_dict(cfg)
+    assert flat["train.epochs"] == 2
+    assert flat["model.backbone"] == cfg.model.backbone
