@@ -249,7 +249,8 @@ def main() -> None:
     try:
         app()
     except FashionTaggerError as exc:
-        _fail(str(exc))
+        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+        sys.exit(2)
 
 
 if __name__ == "__main__":
