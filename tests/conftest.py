@@ -41,3 +41,21 @@ def synthetic_raw(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("synthetic") / "raw"
     generate_dataset(out, rows=800, size="small", seed=7)
     return out
+
+
+@pytest.fixture(scope="session")
+def real_small_raw(real_data, tmp_path_factory) -> Path:
+    """The real styles.csv lines whose image is in images-small/, as a raw dir of symlinks (never copied)."""
+    images = real_data / "images-small"
+    if not images.is_dir():
+        pytest.skip(f"{REAL_DATA_ENV} has no images-small/")
+    raw = tmp_path_factory.mktemp("real_small") / "raw"
+    (raw / "images").mkdir(parents=True)
+    ids = set()
+    for image in images.iterdir():
+        (raw / "images" / image.name).symlink_to(image)
+        ids.add(image.stem)
+    lines = (real_data / "styles.csv").read_text(encoding="utf-8").splitlines(keepends=True)
+    kept = (line for line in lines[1:] if line.split(",", 1)[0] in ids)
+    (raw / "styles.csv").write_text(lines[0] + "".join(kept))
+    return raw

@@ -1,0 +1,407 @@
+"""Validate and clean a raw dataset (styles.csv + images/<id>.jpg) into clean.parquet, rejects.csv and report.json.
+
+Every data line of styles.csv ends up either in the clean table or in rejects.csv with a reason and its line
+number, so `lines_read == rows_clean + rows_rejected` always holds; a quality gate then decides if the data is usable.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import logging
+import os
+import re
+from collections import Counter
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from tqdm import tqdm
+
+from fashion_tagger.errors import DataError, QualityGateError
+from fashion_tagger.io import StageResult, write_json
+from fashion_tagger.schema import STYLE_COLUMNS
+
+log = logging.getLogger(__name__)
+
+STYLES_FILENAME = "styles.csv"
+IMAGES_DIRNAME = "images"
+IMAGE_SUFFIX = ".jpg"
+CLEAN_FILENAME = "clean.parquet"
+REJECTS_FILENAME = "rejects.csv"
+REPORT_FILENAME = "report.json"
+
+# The real file writes missing values both as empty fields and as the literal `NA` (pandas' reading of both).
+# Pandas' full default list would also swallow real words such as "None" or "null", so only these two count.
+MISSING_TOKENS = {"": "empty", "NA": "literal_NA"}
+IMAGE_COLUMNS = ("image_path", "image_sha256", "width", "height", "mode", "format", "duplicate_group")
+CLEAN_COLUMNS = (*STYLE_COLUMNS, *IMAGE_COLUMNS)
+REJECT_COLUMNS = ("line_number", "id", "reason", "detail", "raw_line")
+# The image file and its location are not content: clean_sha256 stays the same wherever the raw data lives.
+HASHED_COLUMNS = tuple(c for c in CLEAN_COLUMNS if c != "image_path")
+
+_ID_PATTERN = re.compile(r"\d+")
+# Below this many images a process pool costs more than it saves.
+_POOL_MIN_IMAGES = 64
+
+
+@dataclass
+class ValidationResult(StageResult):
+    out_dir: Path
+    clean_path: Path
+    rejects_path: Path
+    report_path: Path
+    lines_read: int
+    rows_clean: int
+    rows_rejected: int
+    rejected_by_reason: dict[str, int] = field(default_factory=dict)
+    duplicate_groups: int = 0
+    clean_sha256: str = ""
+    metadata_only: bool = False
+
+
+@dataclass
+class _Reject:
+    line_number: int
+    id: str
+    reason: str
+    detail: str
+    raw_line: str
+
+
+@dataclass
+class _Record:
+    line_number: int
+    raw_line: str
+    values: dict[str, str]
+
+
+@dataclass
+class _Parsed:
+    records: list[_Record]
+    rejects: list[_Reject]
+    lines_read: int
+
+
+def _read_records(path: Path) -> _Parsed:
+    """Parse styles.csv keeping each record's first line number and raw text; bad lines become rejects."""
+    if not path.is_file():
+        raise DataError(f"{path} does not exist: a raw dataset directory holds styles.csv and images/")
+    with open(path, encoding="utf-8-sig", errors="replace", newline="") as fh:
+        physical: list[str] = []
+
+        def lines() -> Iterator[str]:
+            for line in fh:
+                physical.append(line)
+                yield line
+
+        reader = csv.reader(lines())
+        header = next(reader, None)
+        if not header:
+            raise DataError(f"{path} is empty: expected the header {','.join(STYLE_COLUMNS)}")
+        header = [name.strip() for name in header]
+        missing = [c for c in STYLE_COLUMNS if c not in header]
+        if missing:
+            raise DataError(
+                f"{path.name} is missing columns: {', '.join(missing)} ({path}; expected the Kaggle header "
+                f"{','.join(STYLE_COLUMNS)})"
+            )
+        consumed = len(physical)
+        records: list[_Record] = []
+        rejects: list[_Reject] = []
+        lines_read = 0
+        for fields in reader:
+            # csv.reader may consume several physical lines for a quoted field with a newline in it.
+            first_line = consumed + 1
+            raw = "".join(physical[consumed : len(physical)]).rstrip("\r\n")
+            consumed = len(physical)
+            lines_read += 1
+            if not fields or (len(fields) == 1 and not fields[0].strip()):
+                rejects.append(_Reject(first_line, "", "blank_line", "line holds no fields", raw))
+            elif len(fields) != len(header):
+                raw_id = fields[0].strip()
+                detail = f"expected {len(header)} fields, found {len(fields)}"
+                if len(fields) > len(header):
+                    detail += " (an unquoted comma, e.g. in productDisplayName)"
+                rejects.append(_Reject(first_line, raw_id, "malformed_line", detail, raw))
+            else:
+                records.append(_Record(first_line, raw, dict(zip(header, fields, strict=True))))
+    return _Parsed(records, rejects, lines_read)
+
+
+def _check_image(path: str) -> dict[str, Any]:
+    """Hash and fully decode one image; a reason instead of metadata when it cannot be used.
+
+    JPEG draft mode decodes at reduced DCT scale, which keeps 1800x2400 files fast while still running
+    the decoder over every byte, so truncation is still detected.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        return {"reason": "unreadable_image", "detail": f"{type(exc).__name__}: {exc}"}
+    if not data:
+        return {"reason": "empty_image", "detail": "zero-byte file"}
+    result: dict[str, Any] = {"image_sha256": hashlib.sha256(data).hexdigest()}
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            width, height = img.size
+            mode, fmt = img.mode, img.format
+            if fmt == "JPEG":
+                img.draft(img.mode, (max(1, width // 8), max(1, height // 8)))
+            img.load()
+    except UnidentifiedImageError:
+        return {"reason": "not_an_image", "detail": "Pillow cannot identify the file as an image"}
+    except Exception as exc:  # noqa: BLE001 - Pillow's decoders raise OSError, SyntaxError, ValueError, struct.error...
+        message = str(exc)
+        reason = "truncated_image" if "truncated" in message.lower() else "corrupt_image"
+        return {"reason": reason, "detail": f"{type(exc).__name__}: {message}"}
+    result.update(width=width, height=height, mode=mode, format=fmt)
+    return result
+
+
+def _available_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def _check_images(paths: list[str], workers: int) -> list[dict[str, Any]]:
+    workers = workers or _available_cpus()
+    progress = {"total": len(paths), "desc": "validate images", "unit": "img", "disable": None}
+    if workers == 1 or len(paths) < _POOL_MIN_IMAGES:
+        return [_check_image(p) for p in tqdm(paths, **progress)]
+    chunksize = max(1, min(256, len(paths) // (workers * 8)))
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        return list(tqdm(pool.map(_check_image, paths, chunksize=chunksize), **progress))
+
+
+def _images_by_stem(images_dir: Path) -> dict[str, list[str]]:
+    by_stem: dict[str, list[str]] = {}
+    with os.scandir(images_dir) as entries:
+        for entry in entries:
+            stem, _, _ = entry.name.partition(".")
+            by_stem.setdefault(stem, []).append(entry.name)
+    return by_stem
+
+
+def table_sha256(clean: pd.DataFrame) -> str:
+    """Content hash of a clean table: its rows sorted by id, without the location-dependent image_path."""
+    frame = clean.loc[:, [c for c in HASHED_COLUMNS if c in clean.columns]].sort_values("id", kind="stable")
+    text = frame.to_csv(index=False, lineterminator="\n", na_rep="<NA>")
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _missing_counts(records: list[_Record]) -> dict[str, dict[str, int]]:
+    counts: dict[str, dict[str, int]] = {}
+    for column in STYLE_COLUMNS:
+        kinds = Counter(MISSING_TOKENS[r.values[column].strip()] for r in records
+                        if r.values[column].strip() in MISSING_TOKENS)
+        counts[column] = {"total": sum(kinds.values()), **{k: kinds.get(k, 0) for k in MISSING_TOKENS.values()}}
+    return counts
+
+
+def _clean_frame(records: list[_Record], images: list[dict[str, Any]], paths: list[str]) -> pd.DataFrame:
+    columns: dict[str, Any] = {"id": pd.array([int(r.values["id"]) for r in records], dtype="int64")}
+    for column in STYLE_COLUMNS[1:]:
+        values = [r.values[column].strip() for r in records]
+        columns[column] = pd.array([None if v in MISSING_TOKENS else v for v in values], dtype="string")
+    # year is lineage only: a value that is not a number is kept as null (and counted) instead of rejecting the row.
+    year = pd.to_numeric(pd.Series(columns["year"], dtype="object"), errors="coerce")
+    columns["year"] = year.where(year == year.round()).astype("Int64")
+    columns["image_path"] = pd.array(paths, dtype="string")
+    columns["image_sha256"] = pd.array([i.get("image_sha256") for i in images], dtype="string")
+    for column in ("width", "height"):
+        columns[column] = pd.array([i.get(column) for i in images], dtype="Int64")
+    for column in ("mode", "format"):
+        columns[column] = pd.array([i.get(column) for i in images], dtype="string")
+    frame = pd.DataFrame(columns)
+    frame["duplicate_group"] = _duplicate_groups(frame["image_sha256"])
+    return frame.loc[:, list(CLEAN_COLUMNS)].reset_index(drop=True)
+
+
+def _duplicate_groups(hashes: pd.Series) -> pd.Series:
+    """Group id per byte-identical image (numbered in order of first appearance); null for singletons."""
+    sizes = hashes.map(hashes.value_counts(dropna=True))
+    shared = hashes.where(sizes >= 2)
+    order = {h: i for i, h in enumerate(dict.fromkeys(shared.dropna()))}
+    return pd.array([order.get(h) if isinstance(h, str) else None for h in shared], dtype="Int64")
+
+
+def _write_rejects(rejects: list[_Reject], path: Path) -> None:
+    frame = pd.DataFrame([r.__dict__ for r in rejects], columns=list(REJECT_COLUMNS))
+    tmp = path.with_suffix(".csv.tmp")
+    frame.to_csv(tmp, index=False, lineterminator="\n")
+    os.replace(tmp, path)
+
+
+def write_parquet(frame: pd.DataFrame, path: Path) -> None:
+    """Write via a temp file and rename so a reader never sees half a table."""
+    tmp = path.with_suffix(".parquet.tmp")
+    frame.to_parquet(tmp, index=False)
+    os.replace(tmp, path)
+
+
+def validate_dataset(
+    raw_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    metadata_only: bool = False,
+    max_reject_fraction: float = 0.05,
+    min_rows: int = 100,
+    workers: int = 0,
+) -> ValidationResult:
+    """Check styles.csv and every image of RAW_DIR; write clean.parquet, rejects.csv and report.json to OUT_DIR.
+
+    Rejected, each with a reason: malformed or blank lines, non-integer and repeated ids (the first one is
+    kept), missing images, images present only under another extension (the Kaggle layout is <id>.jpg), and
+    files Pillow cannot decode (zero-byte, truncated, not an image). Any format Pillow decodes is accepted
+    whatever its name says (`format` column), and so is any colour mode (`mode`): prepare converts to RGB.
+    `workers=0` means one process per available CPU; `metadata_only` opens and hashes no image at all.
+
+    Raises DataError for a dataset that cannot be read at all (no styles.csv, missing columns, no images/),
+    and QualityGateError, after writing rejects.csv and report.json, when too much is rejected.
+    """
+    raw_dir = Path(raw_dir).expanduser().resolve()
+    out_dir = Path(out_dir).expanduser().resolve()
+    parsed = _read_records(raw_dir / STYLES_FILENAME)
+    images_dir = raw_dir / IMAGES_DIRNAME
+    if not metadata_only and not images_dir.is_dir():
+        raise DataError(f"{images_dir} does not exist: put the images there as <id>.jpg, or pass --metadata-only")
+
+    rejects = list(parsed.rejects)
+    candidates: list[_Record] = []
+    first_line_of: dict[int, int] = {}
+    for record in parsed.records:
+        raw_id = record.values["id"].strip()
+        if not _ID_PATTERN.fullmatch(raw_id):
+            rejects.append(_Reject(record.line_number, raw_id, "non_integer_id", f"id {raw_id!r} is not an "
+                                   "integer", record.raw_line))
+            continue
+        record.values["id"] = raw_id
+        style_id = int(raw_id)
+        if style_id in first_line_of:
+            rejects.append(_Reject(record.line_number, raw_id, "duplicate_id",
+                                   f"id {style_id} first seen on line {first_line_of[style_id]}", record.raw_line))
+            continue
+        first_line_of[style_id] = record.line_number
+        candidates.append(record)
+
+    paths = [str(images_dir / f"{r.values['id']}{IMAGE_SUFFIX}") for r in candidates]
+    if metadata_only:
+        clean_records, clean_images, clean_paths = candidates, [{} for _ in candidates], paths
+    else:
+        by_stem = _images_by_stem(images_dir)
+        present: list[tuple[_Record, str]] = []
+        for record, path in zip(candidates, paths, strict=True):
+            style_id = record.values["id"]
+            names = by_stem.get(style_id, [])
+            if f"{style_id}{IMAGE_SUFFIX}" in names:
+                present.append((record, path))
+            elif names:
+                rejects.append(_Reject(record.line_number, style_id, "wrong_extension",
+                                       f"found {', '.join(sorted(names))} in {images_dir}, expected "
+                                       f"{style_id}{IMAGE_SUFFIX}", record.raw_line))
+            else:
+                rejects.append(_Reject(record.line_number, style_id, "missing_image",
+                                       f"{path} does not exist", record.raw_line))
+        checks = _check_images([p for _, p in present], workers)
+        clean_records, clean_images, clean_paths = [], [], []
+        for (record, path), check in zip(present, checks, strict=True):
+            if "reason" in check:
+                rejects.append(_Reject(record.line_number, record.values["id"], check["reason"],
+                                       f"{path}: {check['detail']}", record.raw_line))
+            else:
+                clean_records.append(record)
+                clean_images.append(check)
+                clean_paths.append(path)
+
+    clean = _clean_frame(clean_records, clean_images, clean_paths)
+    rejects.sort(key=lambda r: r.line_number)
+    if parsed.lines_read != len(clean) + len(rejects):
+        raise AssertionError(f"lines_read {parsed.lines_read} != clean {len(clean)} + rejected {len(rejects)}")
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    clean_path, rejects_path, report_path = (out_dir / CLEAN_FILENAME, out_dir / REJECTS_FILENAME,
+                                             out_dir / REPORT_FILENAME)
+    report = _report(raw_dir, parsed, clean, rejects, clean_records, metadata_only, max_reject_fraction, min_rows)
+    _write_rejects(rejects, rejects_path)
+    gate = report["quality_gate"]
+    if gate["passed"]:
+        write_parquet(clean, clean_path)
+    else:
+        # A clean table from an earlier, passing run must not be mistaken for this run's output.
+        clean_path.unlink(missing_ok=True)
+    write_json(report_path, report)
+    if not gate["passed"]:
+        raise QualityGateError(
+            f"{raw_dir} fails the quality gate: {'; '.join(gate['failures'])}. "
+            f"See {rejects_path} and {report_path}; fix the data or relax data.max_reject_fraction / data.min_rows"
+        )
+    log.info("validated %s: %d clean, %d rejected", raw_dir, len(clean), len(rejects))
+    return ValidationResult(
+        out_dir=out_dir,
+        clean_path=clean_path,
+        rejects_path=rejects_path,
+        report_path=report_path,
+        lines_read=parsed.lines_read,
+        rows_clean=len(clean),
+        rows_rejected=len(rejects),
+        rejected_by_reason=report["rejected_by_reason"],
+        duplicate_groups=report["duplicate_groups"],
+        clean_sha256=report["clean_sha256"],
+        metadata_only=metadata_only,
+    )
+
+
+def _report(
+    raw_dir: Path,
+    parsed: _Parsed,
+    clean: pd.DataFrame,
+    rejects: list[_Reject],
+    clean_records: list[_Record],
+    metadata_only: bool,
+    max_reject_fraction: float,
+    min_rows: int,
+) -> dict[str, Any]:
+    reject_fraction = len(rejects) / parsed.lines_read if parsed.lines_read else 0.0
+    failures = []
+    if reject_fraction > max_reject_fraction:
+        failures.append(f"{len(rejects)} of {parsed.lines_read} lines rejected ({reject_fraction:.2%}), "
+                        f"more than max_reject_fraction={max_reject_fraction:.2%}")
+    if len(clean) < min_rows:
+        failures.append(f"only {len(clean)} clean rows, fewer than min_rows={min_rows}")
+    groups = clean["duplicate_group"].dropna()
+    year_invalid = sum(1 for r in clean_records if r.values["year"].strip() not in MISSING_TOKENS) - int(
+        clean["year"].notna().sum())
+    modes = clean["mode"].dropna().value_counts().sort_index()
+    return {
+        "source": str(raw_dir),
+        "metadata_only": metadata_only,
+        "lines_read": parsed.lines_read,
+        "rows_clean": len(clean),
+        "rows_rejected": len(rejects),
+        "reject_fraction": round(reject_fraction, 6),
+        "rejected_by_reason": dict(sorted(Counter(r.reason for r in rejects).items())),
+        "duplicate_groups": int(groups.nunique()),
+        "duplicate_group_files": int(len(groups)),
+        "missing_values": _missing_counts(clean_records),
+        "invalid_year": year_invalid,
+        "modes": {str(k): int(v) for k, v in modes.items()},
+        # Not rejected: prepare and the loader convert these to RGB.
+        "converted_modes": {str(k): int(v) for k, v in modes.items() if k != "RGB"},
+        "formats": {str(k): int(v) for k, v in clean["format"].dropna().value_counts().sort_index().items()},
+        "clean_sha256": table_sha256(clean),
+        "quality_gate": {
+            "passed": not failures,
+            "failures": failures,
+            "max_reject_fraction": max_reject_fraction,
+            "min_rows": min_rows,
+        },
+    }
