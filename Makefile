@@ -29,7 +29,8 @@ venv: $(STAMP)  ## build or update .venv (idempotent; quick when nothing changed
 run: $(STAMP)  ## run the whole workflow on the embedded default
 	$(VENV)/bin/fashion-tagger run --config demo
 
-test: $(STAMP)  ## run the whole test suite
+test: $(STAMP)  ## run the whole test suite (installs PostgreSQL and Redis when missing)
+	scripts/ensure_services.sh
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/pytest
 

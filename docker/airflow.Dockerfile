@@ -1,0 +1,39 @@
+# Airflow image for the control plane (api-server, scheduler, dag-processor, triggerer) and the
+# default-queue Celery worker: the official image plus fashion-tagger with the CPU build of torch,
+# so that no CUDA library is ever loaded next to the scheduler (apache/airflow#19701).
+#
+#   docker build -f docker/airflow.Dockerfile -t fashion-tagger-airflow .
+ARG AIRFLOW_VERSION=3.3.2
+ARG PYTHON_VERSION=3.11
+FROM apache/airflow:${AIRFLOW_VERSION}-python${PYTHON_VERSION}
+
+ARG AIRFLOW_VERSION
+ARG TORCH_VERSION=2.14.1
+ARG TORCHVISION_VERSION=0.29.1
+# PyTorch's CPU-only wheel index: the same torch API, none of the CUDA wheels (several GB smaller).
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+
+USER root
+RUN mkdir -p /opt/fashion-tagger /opt/fashion-tagger-data \
+    && chown -R airflow:0 /opt/fashion-tagger /opt/fashion-tagger-data
+USER airflow
+
+# torch first, in its own layer: editing the project must not download it again.
+RUN pip install --no-cache-dir --no-deps --index-url "${TORCH_INDEX_URL}" \
+        "torch==${TORCH_VERSION}" "torchvision==${TORCHVISION_VERSION}"
+
+WORKDIR /opt/fashion-tagger
+COPY --chown=airflow:0 pyproject.toml README.md ./
+COPY --chown=airflow:0 fashion_tagger ./fashion_tagger
+# Pinning apache-airflow keeps pip from moving the image's own Airflow while it resolves the project.
+RUN pip install --no-cache-dir "apache-airflow==${AIRFLOW_VERSION}" "torch==${TORCH_VERSION}" \
+        "torchvision==${TORCHVISION_VERSION}" "/opt/fashion-tagger[airflow]" \
+    && python -c "import torch; assert not torch.version.cuda, 'the Airflow image must carry the CPU build of torch'"
+
+COPY --chown=airflow:0 docker/airflow-init.sh /opt/fashion-tagger/docker/airflow-init.sh
+# DAGs are baked in so that a worker on another machine needs nothing but the image;
+# docker-compose.yaml bind-mounts ./dags over them for development.
+COPY --chown=airflow:0 dags /opt/airflow/dags
+
+ENV FASHION_TAGGER_HOME=/opt/fashion-tagger-data
+WORKDIR /opt/airflow

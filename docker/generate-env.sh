@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Fills every empty secret of a .env file (made from .env.example) with a random hex value, and leaves
+# values already set alone, so it is safe to rerun.   usage: docker/generate-env.sh [.env]
+set -euo pipefail
+env_file="${1:-.env}"
+example="$(dirname "$0")/../.env.example"
+[[ -f "$env_file" ]] || cp "$example" "$env_file"
+chmod 600 "$env_file"
+
+# Hex: safe inside URLs and never mistaken for a command-line flag.
+random() { python3 -c "import secrets; print(secrets.token_hex($1))"; }
+fernet() { python3 -c "import base64, os; print(base64.urlsafe_b64encode(os.urandom(32)).decode())"; }
+
+for var in POSTGRES_PASSWORD MLFLOW_DB_PASSWORD REDIS_PASSWORD MINIO_ROOT_USER MINIO_ROOT_PASSWORD \
+           AIRFLOW_FERNET_KEY AIRFLOW_JWT_SECRET AIRFLOW_API_SECRET_KEY AIRFLOW_ADMIN_PASSWORD; do
+  if grep -Eq "^${var}=.+" "$env_file"; then
+    continue
+  fi
+  case "$var" in
+    AIRFLOW_FERNET_KEY) value="$(fernet)" ;;
+    # 64 bytes: Airflow signs its tokens with HS512.
+    AIRFLOW_JWT_SECRET) value="$(random 32)" ;;
+    MINIO_ROOT_USER) value="minio-$(random 4)" ;;
+    *) value="$(random 20)" ;;
+  esac
+  if grep -Eq "^${var}=" "$env_file"; then
+    sed -i "s|^${var}=.*|${var}=${value}|" "$env_file"
+  else
+    echo "${var}=${value}" >>"$env_file"
+  fi
+  echo "generated ${var}"
+done

@@ -1,0 +1,515 @@
+"""The topology of docker-compose.yaml started natively on loopback ports, for CI where Docker cannot run:
+PostgreSQL, Redis, moto's S3 server, an MLflow server on both, and Airflow 3 with the CeleryExecutor
+(api-server, scheduler, dag-processor, one Celery worker on queue `default` and one on queue `gpu`).
+
+`with NativeStack() as stack:` starts everything and stops every process group on exit, also on failure.
+`python tests/native_stack.py` keeps a stack up until Ctrl-C and prints where everything is.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import requests
+
+REPO = Path(__file__).resolve().parents[1]
+VENV_BIN = Path(sys.executable).parent
+ADMIN_USER = "admin"
+BUCKET = "mlflow"
+# Each Celery worker stands for a machine of its own: its celery nodename and the hostname it reports on
+# task instances (through [core] hostname_callable) are the same, as they are in a container.
+WORKER_QUEUES = {"default-worker": "default", "gpu-worker": "gpu"}
+GPU_POOL_SLOTS = 1
+POSTGRES_USER = "postgres"  # PostgreSQL refuses to run as root; the Debian package creates this user.
+
+
+class StackError(RuntimeError):
+    """A service of the native stack did not come up; the message carries the tail of its log."""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def postgres_bin_dir() -> Path | None:
+    """The newest /usr/lib/postgresql/<major>/bin (Debian's layout), or $PG_BIN."""
+    if os.environ.get("PG_BIN"):
+        return Path(os.environ["PG_BIN"])
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/postgres"), key=lambda p: int(p.parent.parent.name))
+    return found[-1].parent if found else None
+
+
+def missing_prerequisites() -> list[str]:
+    """What scripts/ensure_services.sh installs, when it is not there yet."""
+    missing = []
+    if postgres_bin_dir() is None:
+        missing.append("postgresql")
+    if shutil.which("redis-server") is None:
+        missing.append("redis-server")
+    try:
+        import pwd
+
+        pwd.getpwnam(POSTGRES_USER)
+    except KeyError:
+        missing.append(f"unix user {POSTGRES_USER}")
+    return missing
+
+
+def log_tail(path: Path, lines: int = 40) -> str:
+    try:
+        text = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return "(no log)"
+    return "\n".join(text[-lines:])
+
+
+@dataclass
+class Service:
+    name: str
+    popen: subprocess.Popen
+    log: Path
+    stop_signal: int = signal.SIGTERM
+
+    def running(self) -> bool:
+        return self.popen.poll() is None
+
+
+class NativeStack:
+    """Starts the stack in a fresh temporary folder; `stop()` ends every process group it started."""
+
+    def __init__(self, dags_folder: Path = REPO / "dags", *, keep_root: bool | None = None) -> None:
+        self.dags_folder = Path(dags_folder)
+        # NATIVE_STACK_KEEP=1 keeps the folder (logs, task logs, data) for a post-mortem.
+        self.keep_root = bool(os.environ.get("NATIVE_STACK_KEEP")) if keep_root is None else keep_root
+        # Under /tmp rather than pytest's tmp_path: the postgres user must be able to reach its data folder.
+        self.root = Path(tempfile.mkdtemp(prefix="fashion-tagger-stack-"))
+        self.root.chmod(0o755)
+        self.logs = self.root / "logs"
+        self.logs.mkdir()
+        self.airflow_home = self.root / "airflow"
+        self.data_home = self.root / "fashion-tagger-home"
+        self.ports = {name: free_port() for name in ("postgres", "redis", "s3", "mlflow", "api")}
+        self.secrets = {
+            name: secrets.token_hex(16)
+            for name in ("airflow_db", "mlflow_db", "redis", "api", "admin", "aws_key", "aws_secret")
+        }
+        # 64 bytes: Airflow signs with HS512, and PyJWT warns about shorter keys.
+        self.secrets["jwt"] = secrets.token_hex(32)
+        self.services: list[Service] = []
+        self.timings: dict[str, float] = {}
+        self._token: str | None = None
+        self._stopped = False
+
+    # --- addresses ------------------------------------------------------------------------------------
+    @property
+    def api_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports['api']}"
+
+    @property
+    def mlflow_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports['mlflow']}"
+
+    @property
+    def s3_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports['s3']}"
+
+    @property
+    def broker_url(self) -> str:
+        return f"redis://:{self.secrets['redis']}@127.0.0.1:{self.ports['redis']}/0"
+
+    def pg_url(self, user: str, database: str, scheme: str = "postgresql") -> str:
+        return f"{scheme}://{user}:{self.secrets[user + '_db']}@127.0.0.1:{self.ports['postgres']}/{database}"
+
+    @property
+    def admin_password(self) -> str:
+        return self.secrets["admin"]
+
+    def s3_client(self):
+        import boto3
+
+        return boto3.client(
+            "s3",
+            endpoint_url=self.s3_url,
+            aws_access_key_id=self.secrets["aws_key"],
+            aws_secret_access_key=self.secrets["aws_secret"],
+            region_name="us-east-1",
+        )
+
+    # --- lifecycle ------------------------------------------------------------------------------------
+    def __enter__(self) -> NativeStack:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def start(self, timeout: float = 240) -> NativeStack:
+        missing = missing_prerequisites()
+        if missing:
+            raise StackError(f"missing {', '.join(missing)}: run scripts/ensure_services.sh")
+        atexit.register(self.stop)
+        started = time.monotonic()
+        deadline = started + timeout
+        try:
+            self._start_postgres(deadline)
+            self.timings["postgres"] = time.monotonic() - started
+            self._start_redis()
+            self._start_s3()
+            mlflow = self._start_mlflow()
+            self._airflow_db_migrate(deadline)
+            self.timings["airflow db migrate"] = time.monotonic() - started
+            # The same pool airflow-init creates in docker-compose.yaml, set while the components start.
+            pools = self._spawn("airflow-pools", [
+                self._bin("airflow"), "pools", "set", "gpu", str(GPU_POOL_SLOTS), "one slot per GPU",
+            ], self.airflow_env())
+            self._start_airflow()
+            self.wait_healthy(deadline, mlflow=mlflow, one_shots=[pools])
+            self.timings["healthy"] = time.monotonic() - started
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self, timeout: float = 20) -> None:
+        """SIGTERM (SIGINT for PostgreSQL: fast shutdown) to every process group, clients before the
+        stores they use, then SIGKILL to whatever group is left after `timeout` seconds."""
+        if self._stopped:
+            return
+        self._stopped = True
+        stores = {"postgres", "redis", "moto-s3"}
+        clients = [s for s in self.services if s.name not in stores]
+        for wave in (clients, [s for s in self.services if s.name in stores]):
+            for service in reversed(wave):
+                if service.running():
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(service.popen.pid, service.stop_signal)
+            deadline = time.monotonic() + timeout
+            for service in wave:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    service.popen.wait(timeout=max(0.1, deadline - time.monotonic()))
+            # Children (task supervisors, uvicorn workers) may outlive their leader: the whole group goes.
+            for service in wave:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(service.popen.pid, signal.SIGKILL)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    service.popen.wait(timeout=5)
+        atexit.unregister(self.stop)
+        if not self.keep_root:
+            shutil.rmtree(self.root, ignore_errors=True)
+
+    # --- processes ------------------------------------------------------------------------------------
+    def _bin(self, name: str) -> str:
+        candidate = VENV_BIN / name
+        return str(candidate) if candidate.exists() else (shutil.which(name) or name)
+
+    def _spawn(self, name: str, cmd: list[str], env: dict[str, str], *, user: str | None = None,
+               stop_signal: int = signal.SIGTERM) -> Service:
+        log = self.logs / f"{name}.log"
+        with log.open("ab") as out:
+            popen = subprocess.Popen(
+                cmd, env=env, cwd=self.root, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                start_new_session=True, user=user,
+            )
+        service = Service(name, popen, log, stop_signal)
+        self.services.append(service)
+        return service
+
+    def _run(self, name: str, cmd: list[str], env: dict[str, str] | None = None, *, user: str | None = None,
+             timeout: float = 120) -> None:
+        service = self._spawn(name, cmd, env or self.base_env(), user=user)
+        try:
+            rc = service.popen.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise StackError(f"{name} did not finish within {timeout:.0f}s:\n{log_tail(service.log)}") from None
+        if rc != 0:
+            raise StackError(f"{name} exited with {rc}:\n{log_tail(service.log)}")
+        # Finished and reaped: stop() must not signal a process group id the system may hand out again.
+        self.services.remove(service)
+
+    def _wait(self, what: str, check: Callable[[], Any], deadline: float, *services: Service) -> Any:
+        last: BaseException | None = None
+        while time.monotonic() < deadline:
+            for service in services:
+                if not service.running():
+                    raise StackError(f"{service.name} exited with {service.popen.returncode} before {what}:\n"
+                                     f"{log_tail(service.log)}")
+            try:
+                result = check()
+                if result:
+                    return result
+            except Exception as exc:  # the service is still starting: connection refused, 503, ...
+                last = exc
+            time.sleep(0.5)
+        tails = "".join(f"\n--- {s.name}\n{log_tail(s.log)}" for s in services)
+        raise StackError(f"timed out waiting for {what} (last error: {last!r}){tails}")
+
+    def base_env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith(("AIRFLOW", "MLFLOW_", "AWS_", "FASHION_TAGGER_", "KAGGLE_"))}
+        env["PYTHONUNBUFFERED"] = "1"
+        return env
+
+    # --- PostgreSQL, Redis, S3, MLflow --------------------------------------------------------------
+    def _start_postgres(self, deadline: float) -> None:
+        pg_bin = postgres_bin_dir()
+        data = self.root / "postgres"
+        data.mkdir()
+        shutil.chown(data, POSTGRES_USER, POSTGRES_USER)
+        self._run("initdb", [str(pg_bin / "initdb"), "-D", str(data), "-U", POSTGRES_USER, "-E", "UTF8",
+                             "--no-locale", "--auth-local=trust", "--auth-host=scram-sha-256"],
+                  user=POSTGRES_USER)
+        self.postgres = self._spawn("postgres", [
+            str(pg_bin / "postgres"), "-D", str(data), "-p", str(self.ports["postgres"]),
+            "-c", "listen_addresses=127.0.0.1", "-c", f"unix_socket_directories={data}",
+            "-c", "max_connections=200",
+            # A throwaway cluster: durability buys nothing here and costs seconds on every migration.
+            "-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off",
+        ], self.base_env(), user=POSTGRES_USER, stop_signal=signal.SIGINT)
+        isready = [str(pg_bin / "pg_isready"), "-q", "-h", "127.0.0.1", "-p", str(self.ports["postgres"])]
+        self._wait("PostgreSQL to accept connections",
+                   lambda: subprocess.run(isready, check=False).returncode == 0, deadline, self.postgres)
+        sql = (
+            f"CREATE ROLE airflow LOGIN PASSWORD '{self.secrets['airflow_db']}';"
+            "CREATE DATABASE airflow OWNER airflow;"
+            f"CREATE ROLE mlflow LOGIN PASSWORD '{self.secrets['mlflow_db']}';"
+            "CREATE DATABASE mlflow OWNER mlflow;"
+        )
+        for statement in sql.rstrip(";").split(";"):
+            self._run("psql", [str(pg_bin / "psql"), "-v", "ON_ERROR_STOP=1", "-h", str(data),
+                               "-p", str(self.ports["postgres"]), "-U", POSTGRES_USER, "-d", "postgres",
+                               "-c", statement], user=POSTGRES_USER)
+
+    def _start_redis(self) -> None:
+        redis_dir = self.root / "redis"
+        redis_dir.mkdir()
+        self.redis = self._spawn("redis", [
+            shutil.which("redis-server"), "--bind", "127.0.0.1", "--port", str(self.ports["redis"]),
+            "--requirepass", self.secrets["redis"], "--save", "", "--appendonly", "no", "--dir", str(redis_dir),
+        ], self.base_env())
+
+    def _start_s3(self) -> None:
+        env = self.base_env()
+        self.s3 = self._spawn("moto-s3", [sys.executable, "-m", "moto.server", "-H", "127.0.0.1",
+                                          "-p", str(self.ports["s3"])], env)
+
+    def _start_mlflow(self) -> Service:
+        env = self.base_env() | {
+            "MLFLOW_S3_ENDPOINT_URL": self.s3_url,
+            "AWS_ACCESS_KEY_ID": self.secrets["aws_key"],
+            "AWS_SECRET_ACCESS_KEY": self.secrets["aws_secret"],
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }
+        self.mlflow = self._spawn("mlflow", [
+            self._bin("mlflow"), "server",
+            "--backend-store-uri", self.pg_url("mlflow", "mlflow"),
+            "--artifacts-destination", f"s3://{BUCKET}/",
+            "--serve-artifacts",
+            "--host", "127.0.0.1", "--port", str(self.ports["mlflow"]), "--workers", "1",
+        ], env)
+        return self.mlflow
+
+    # --- Airflow --------------------------------------------------------------------------------------
+    def airflow_env(self) -> dict[str, str]:
+        """The settings docker-compose.yaml gives every Airflow container, pointed at the loopback services."""
+        return self.base_env() | {
+            "AIRFLOW_HOME": str(self.airflow_home),
+            "AIRFLOW__CORE__EXECUTOR": "CeleryExecutor",
+            "AIRFLOW__CORE__AUTH_MANAGER":
+                "airflow.api_fastapi.auth.managers.simple.simple_auth_manager.SimpleAuthManager",
+            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": f"{ADMIN_USER}:admin",
+            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(self.airflow_home / "passwords.json"),
+            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": self.pg_url("airflow", "airflow", "postgresql+psycopg2"),
+            "AIRFLOW__CELERY__BROKER_URL": self.broker_url,
+            "AIRFLOW__CELERY__RESULT_BACKEND": self.pg_url("airflow", "airflow", "db+postgresql"),
+            "AIRFLOW__CORE__FERNET_KEY": self.fernet_key,
+            "AIRFLOW__API_AUTH__JWT_SECRET": self.secrets["jwt"],
+            "AIRFLOW__API__SECRET_KEY": self.secrets["api"],
+            "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{self.api_url}/execution/",
+            "AIRFLOW__CORE__DAGS_FOLDER": str(self.dags_folder),
+            "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+            "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "True",
+            "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "15",
+            "AIRFLOW__LOGGING__BASE_LOG_FOLDER": str(self.airflow_home / "logs"),
+            "FASHION_TAGGER_HOME": str(self.data_home),
+            # Manual runs only: unpausing a scheduled DAG would start a run of its own, and with
+            # max_active_runs=1 the triggered run would wait for it.
+            "FASHION_TAGGER_SCHEDULE": "none",
+            "MLFLOW_TRACKING_URI": self.mlflow_url,
+        }
+
+    @property
+    def fernet_key(self) -> str:
+        import base64
+
+        if not hasattr(self, "_fernet_key"):
+            self._fernet_key = base64.urlsafe_b64encode(secrets.token_bytes(32)).decode()
+        return self._fernet_key
+
+    def _airflow_db_migrate(self, deadline: float) -> None:
+        self.airflow_home.mkdir()
+        self.data_home.mkdir()
+        # The simple auth manager keeps the passwords of the users it knows in this file.
+        (self.airflow_home / "passwords.json").write_text(f'{{"{ADMIN_USER}": "{self.admin_password}"}}')
+        pylib = self.root / "pylib"
+        pylib.mkdir()
+        (pylib / "native_stack_hostname.py").write_text(
+            '"""[core] hostname_callable of the native stack: one machine per worker."""\n\n'
+            "import os\n\n\ndef hostname() -> str:\n"
+            '    return os.environ["NATIVE_STACK_HOSTNAME"]\n'
+        )
+        self._run("airflow-db-migrate", [self._bin("airflow"), "db", "migrate"], self.airflow_env(),
+                  timeout=max(30.0, deadline - time.monotonic()))
+
+    def _start_airflow(self) -> None:
+        env = self.airflow_env()
+        airflow = self._bin("airflow")
+        self.api_server = self._spawn("airflow-api-server", [
+            airflow, "api-server", "--host", "127.0.0.1", "--port", str(self.ports["api"]), "--workers", "1",
+        ], env)
+        self.scheduler = self._spawn("airflow-scheduler", [airflow, "scheduler"], env)
+        self.dag_processor = self._spawn("airflow-dag-processor", [airflow, "dag-processor"], env)
+        self.workers: dict[str, Service] = {}
+        for hostname, queue in WORKER_QUEUES.items():
+            worker_env = env | {
+                "AIRFLOW__CORE__HOSTNAME_CALLABLE": "native_stack_hostname.hostname",
+                "NATIVE_STACK_HOSTNAME": hostname,
+                "PYTHONPATH": os.pathsep.join(filter(None, [str(self.root / "pylib"), env.get("PYTHONPATH")])),
+            }
+            # Logs land on the shared local disk, where the api-server reads them: no log server per worker.
+            self.workers[hostname] = self._spawn(f"airflow-worker-{queue}", [
+                airflow, "celery", "worker", "--queues", queue, "--concurrency", "1",
+                "--celery-hostname", hostname, "--skip-serve-logs",
+            ], worker_env)
+
+    # --- health ---------------------------------------------------------------------------------------
+    def wait_healthy(self, deadline: float, *, mlflow: Service, one_shots: list[Service] = ()) -> dict[str, Any]:
+        """Each service answers its own health check, as the compose file's healthchecks ask."""
+        import redis
+
+        report: dict[str, Any] = {}
+        client = redis.Redis(host="127.0.0.1", port=self.ports["redis"], password=self.secrets["redis"])
+        report["redis"] = self._wait("Redis PING", client.ping, deadline, self.redis)
+        client.close()
+
+        def make_bucket() -> bool:
+            s3 = self.s3_client()
+            if BUCKET not in {b["Name"] for b in s3.list_buckets()["Buckets"]}:
+                s3.create_bucket(Bucket=BUCKET)
+            s3.head_bucket(Bucket=BUCKET)
+            return True
+
+        report["s3"] = self._wait(f"the S3 bucket {BUCKET}", make_bucket, deadline, self.s3)
+        report["mlflow"] = self._wait(
+            "MLflow /health", lambda: requests.get(f"{self.mlflow_url}/health", timeout=5).ok, deadline, mlflow)
+
+        def airflow_health() -> dict | None:
+            health = requests.get(f"{self.api_url}/api/v2/monitor/health", timeout=5).json()
+            parts = ("metadatabase", "scheduler", "dag_processor")
+            return health if all(health[p]["status"] == "healthy" for p in parts) else None
+
+        report["airflow"] = self._wait("Airflow /api/v2/monitor/health", airflow_health, deadline,
+                                       self.api_server, self.scheduler, self.dag_processor)
+        report["celery"] = self._wait("both Celery workers on their queues", self.celery_queues, deadline,
+                                      *self.workers.values())
+        for shot in one_shots:
+            self._wait(f"{shot.name} to finish", lambda s=shot: not s.running(), deadline)
+            if shot.popen.returncode != 0:
+                raise StackError(f"{shot.name} exited with {shot.popen.returncode}:\n{log_tail(shot.log)}")
+            self.services.remove(shot)
+        self.health = report
+        return report
+
+    def celery_queues(self) -> dict[str, list[str]] | None:
+        """{celery nodename: [queues]} once every worker answers, else None."""
+        from celery import Celery
+
+        app = Celery(broker=self.broker_url)
+        try:
+            replies = app.control.inspect(timeout=2).active_queues() or {}
+        finally:
+            app.close()
+        queues = {node: sorted(q["name"] for q in qs) for node, qs in replies.items()}
+        expected = {f"celery@{host}" for host in WORKER_QUEUES}
+        return queues if expected <= queues.keys() else None
+
+    # --- REST API v2 ----------------------------------------------------------------------------------
+    def token(self) -> str:
+        """A JWT from /auth/token with the admin's name and password, as a script or the UI gets one."""
+        if self._token is None:
+            reply = requests.post(f"{self.api_url}/auth/token",
+                                  json={"username": ADMIN_USER, "password": self.admin_password}, timeout=30)
+            reply.raise_for_status()
+            self._token = reply.json()["access_token"]
+        return self._token
+
+    def api(self, method: str, path: str, **kwargs: Any) -> Any:
+        reply = requests.request(method, f"{self.api_url}/api/v2/{path.lstrip('/')}",
+                                 headers={"Authorization": f"Bearer {self.token()}"}, timeout=30, **kwargs)
+        if not reply.ok:
+            raise StackError(f"{method} {path} -> {reply.status_code}: {reply.text[:2000]}")
+        return reply.json() if reply.content else None
+
+    def diagnostics(self, lines: int = 30) -> str:
+        """Tails of every service log and of every task log: what a failing test prints."""
+        parts = [f"--- {s.name} ({'running' if s.running() else f'exit {s.popen.returncode}'})\n"
+                 f"{log_tail(s.log, lines)}" for s in self.services if not s.name.startswith(("psql", "initdb"))]
+        task_logs = sorted((self.airflow_home / "logs").rglob("*.log"), key=lambda p: p.stat().st_mtime)
+        for path in task_logs[-8:]:
+            rel = path.relative_to(self.airflow_home / "logs")
+            parts.append(f"--- task log {rel}\n{_strip_json_log(log_tail(path, lines))}")
+        return "\n".join(parts)
+
+
+def _strip_json_log(text: str) -> str:
+    """Task logs are JSON lines in Airflow 3: keep the event text and the exception of each record."""
+    import json
+
+    out = []
+    for line in text.splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            out.append(line)
+            continue
+        if not isinstance(record, dict):
+            out.append(line)
+            continue
+        out.append(f"{record.get('level', '')} {record.get('event', '')}".strip())
+        for error in record.get("error_detail") or []:
+            frames = error.get("frames") or []
+            out.extend(f"    {f.get('filename')}:{f.get('lineno')} in {f.get('name')}" for f in frames[-6:])
+            out.append(f"  {error.get('exc_type')}: {error.get('exc_value')}")
+    return "\n".join(out)
+
+
+def main() -> None:
+    stack = NativeStack(keep_root="--keep" in sys.argv or None)
+    started = time.monotonic()
+    with stack:
+        print(f"native stack up in {time.monotonic() - started:.0f}s (root {stack.root})")
+        print(f"  Airflow  {stack.api_url}  user {ADMIN_USER} password {stack.admin_password}")
+        print(f"  MLflow   {stack.mlflow_url}\n  S3       {stack.s3_url} bucket {BUCKET}")
+        print(f"  workers  {stack.health['celery']}")
+        print("Ctrl-C stops everything.")
+        with contextlib.suppress(KeyboardInterrupt):
+            while all(s.running() for s in stack.services):
+                time.sleep(1)
+
+
+if __name__ == "__main__":
+    main()
