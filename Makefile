@@ -12,7 +12,7 @@ PIP_INSTALL := $(PY) -m pip install --quiet --disable-pip-version-check -c const
 export FASHION_TAGGER_HOME ?= $(CURDIR)/.home
 export PYTHONUNBUFFERED := 1
 
-.PHONY: help venv run test test-fast lint format bench clean
+.PHONY: help venv run up down test test-fast lint format bench clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -26,8 +26,14 @@ $(STAMP): pyproject.toml constraints.txt
 
 venv: $(STAMP)  ## build or update .venv (idempotent; quick when nothing changed)
 
-run: $(STAMP)  ## run the whole workflow on the embedded default
-	$(VENV)/bin/fashion-tagger run --config demo
+run: $(STAMP)  ## run the whole workflow through the Airflow DAG (dag.test) on the embedded default
+	$(PY) scripts/run_dag.py --preset demo
+
+up: $(STAMP)  ## serve the Airflow UI (:8080) and the MLflow UI (:5000) over the same stores, in the background
+	VENV_BIN=$(CURDIR)/$(VENV)/bin scripts/up.sh
+
+down:  ## stop what `make up` started
+	scripts/down.sh
 
 test: $(STAMP)  ## run the whole test suite (installs PostgreSQL and Redis when missing)
 	scripts/ensure_services.sh

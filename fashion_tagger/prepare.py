@@ -20,6 +20,7 @@ from tqdm import tqdm
 from fashion_tagger import io
 from fashion_tagger.cache import PREPARED_FILENAME, cached_image_path
 from fashion_tagger.errors import DataError
+from fashion_tagger.parallel import resolve_workers
 
 SPLIT_FILES = ("train.parquet", "val.parquet")
 FAILURES_FILENAME = "prepare_failures.json"
@@ -147,7 +148,7 @@ def prepare_images(
         if not dest.is_file():
             tasks.append((sha, str(source), str(dest), width, height, jpeg_quality))
     cached = len(images) - len(tasks)
-    errors = _run_tasks(tasks, workers or _usable_cpus())
+    errors = _run_tasks(tasks, workers)
 
     if errors:
         by_sha = dict(zip(images["image_sha256"], images["image_path"], strict=True))
@@ -181,16 +182,11 @@ def prepare_images(
     return result
 
 
-def _usable_cpus() -> int:
-    # The CPUs this process may run on (a container or taskset can allow fewer than the machine has).
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
 def _run_tasks(tasks: list[tuple[Any, ...]], workers: int) -> list[tuple[str, str]]:
     """Process the tasks (in a pool when it pays off) and return (sha, error) of each failure."""
     if not tasks:
         return []
-    workers = max(1, min(workers, len(tasks)))
+    workers = resolve_workers(workers, len(tasks))
     progress = tqdm(total=len(tasks), desc="prepare", unit="img", disable=None)
     errors = []
     with progress:

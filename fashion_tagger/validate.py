@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from fashion_tagger.errors import DataError, QualityGateError
 from fashion_tagger.io import StageResult, write_json
+from fashion_tagger.parallel import resolve_workers
 from fashion_tagger.schema import STYLE_COLUMNS
 
 log = logging.getLogger(__name__)
@@ -165,15 +166,8 @@ def _check_image(path: str) -> dict[str, Any]:
     return result
 
 
-def _available_cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
 def _check_images(paths: list[str], workers: int) -> list[dict[str, Any]]:
-    workers = workers or _available_cpus()
+    workers = resolve_workers(workers, len(paths))
     progress = {"total": len(paths), "desc": "validate images", "unit": "img", "disable": None}
     if workers == 1 or len(paths) < _POOL_MIN_IMAGES:
         return [_check_image(p) for p in tqdm(paths, **progress)]

@@ -10,6 +10,14 @@ import pytest
 REAL_DATA_ENV = "FASHION_TAGGER_REAL_DATA"
 
 
+def pytest_configure(config):
+    """Keep Airflow (imported by the DAG tests) out of ~/airflow: its home is fixed at first import."""
+    if "AIRFLOW_HOME" not in os.environ:
+        import tempfile
+
+        os.environ["AIRFLOW_HOME"] = tempfile.mkdtemp(prefix="fashion-tagger-airflow-")
+
+
 @pytest.fixture(autouse=True)
 def isolated_home(tmp_path, monkeypatch) -> Path:
     """Every test gets its own FASHION_TAGGER_HOME and MLflow store; nothing touches ~/.fashion-tagger."""

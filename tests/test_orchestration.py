@@ -1,0 +1,223 @@
+"""Unit tests of the orchestration helpers: parameters -> Config, run-scoped paths, stage child processes."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from fashion_tagger import orchestration as orch
+from fashion_tagger.config import Config, ConfigError, load_config
+
+AIRFLOW_RUN_ID = "manual__2025-06-01T10:20:30.123456+00:00"
+
+
+# --- run-scoped paths ------------------------------------------------------------------------------------------------
+
+
+def test_run_dir_name_is_path_safe_deterministic_and_unique():
+    name = orch.run_dir_name(AIRFLOW_RUN_ID)
+    assert name == orch.run_dir_name(AIRFLOW_RUN_ID)
+    assert name.startswith("manual__2025-06-01T10-20-30.123456-00-00-")
+    assert set(name) <= set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
+    # Ids that differ only in unsafe characters must not share a folder.
+    assert orch.run_dir_name("a:b") != orch.run_dir_name("a/b") != orch.run_dir_name("a-b")
+    assert orch.run_dir_name("scheduled_2025-01-01") == "scheduled_2025-01-01"  # safe ids stay readable
+    assert orch.run_dir_name("../../etc") not in ("..", "../../etc") and "/" not in orch.run_dir_name("../../etc")
+    with pytest.raises(ConfigError):
+        orch.run_dir_name("  ")
+
+
+def test_run_paths_live_under_the_runs_root(isolated_home):
+    config = load_config("demo")
+    paths = orch.run_paths(config, AIRFLOW_RUN_ID)
+    assert paths.root.parent == isolated_home / "runs"
+    assert {p.parent for p in (paths.config, paths.validate, paths.split, paths.train)} == {paths.root}
+    assert paths.to_dict()["train"] == str(paths.root / "train")
+    assert orch.run_paths(config, AIRFLOW_RUN_ID.replace("10:20", "10:21")).root != paths.root
+
+
+# --- parameters -> Config --------------------------------------------------------------------------------------------
+
+
+def test_every_parameter_maps_to_a_config_field():
+    for name, key in orch.PARAM_CONFIG_KEYS.items():
+        section, field = key.split(".")
+        assert field in Config.model_fields[section].annotation.model_fields, name
+
+
+def test_params_override_the_preset_and_empty_values_keep_it():
+    config = orch.config_from_params(
+        {"preset": "demo", "epochs": 2, "backbone": "test_efficientnet", "image_width": 32, "image_height": 40,
+         "learning_rate": 0.01, "min_class_count": 5, "pretrained": False, "promote": False, "min_delta": 0.01,
+         "max_rows": 250, "source": "synthetic:300", "batch_size": None}
+    )
+    demo = load_config("demo")
+    assert (config.train.epochs, config.model.backbone, config.images.width, config.images.height) == (
+        2, "test_efficientnet", 32, 40)
+    assert (config.train.lr, config.labels.min_class_count, config.model.pretrained) == (0.01, 5, False)
+    assert (config.registry.promote, config.registry.min_delta) == (False, 0.01)
+    assert (config.data.max_rows, config.data.source) == (250, "synthetic:300")
+    assert config.train.batch_size == demo.train.batch_size  # None keeps the preset's value
+    assert orch.config_from_params({"preset": "demo", "source": ""}).data.source == demo.data.source
+
+
+def test_fixed_overrides_win_over_params():
+    config = orch.config_from_params({"preset": "demo", "epochs": 4}, fixed={"train": {"devices": "1", "epochs": 1}})
+    assert (config.train.devices, config.train.epochs) == ("1", 1)
+
+
+def test_preset_defaults_to_env_then_default(monkeypatch):
+    monkeypatch.delenv(orch.PRESET_ENV, raising=False)
+    assert orch.config_from_params({}).model.backbone == load_config("default").model.backbone
+    monkeypatch.setenv(orch.PRESET_ENV, "demo")
+    assert orch.config_from_params({}).model.backbone == load_config("demo").model.backbone
+
+
+@pytest.mark.parametrize(
+    ("params", "expected"),
+    [
+        ({"preset": "demo", "epochs": 0}, "epochs (train.epochs)"),
+        ({"preset": "demo", "learning_rate": -1.0}, "learning_rate (train.lr)"),
+        ({"preset": "demo", "image_width": 8}, "image_width (images.width)"),
+        ({"preset": "demo", "epoch": 3}, "unknown parameter(s) epoch"),
+        ({"preset": "nope"}, "neither a file nor a preset"),
+    ],
+)
+def test_bad_params_raise_a_config_error_naming_the_field(params, expected):
+    with pytest.raises(ConfigError, match=expected.replace("(", r"\(").replace(")", r"\)")):
+        orch.config_from_params(params)
+
+
+def test_start_run_writes_the_config_that_resume_run_reads(isolated_home):
+    config, paths = orch.start_run({"preset": "demo", "epochs": 2}, AIRFLOW_RUN_ID)
+    assert paths.config.is_file()
+    again, same_paths = orch.resume_run(paths.root)
+    assert again == config and same_paths == paths
+    # Rerunning the first step gives the same file (tasks are transactions).
+    before = paths.config.read_bytes()
+    orch.start_run({"preset": "demo", "epochs": 2}, AIRFLOW_RUN_ID)
+    assert paths.config.read_bytes() == before
+    with pytest.raises(ConfigError, match="fetch_dataset"):
+        orch.resume_run(isolated_home / "runs" / "never-started")
+
+
+def test_default_source_follows_env_then_kaggle_credentials(monkeypatch, tmp_path):
+    monkeypatch.delenv(orch.SOURCE_ENV, raising=False)
+    monkeypatch.delenv("KAGGLE_API_TOKEN", raising=False)
+    monkeypatch.setenv("KAGGLE_CONFIG_DIR", str(tmp_path / "no-kaggle"))
+    assert orch.default_source() == orch.SYNTHETIC_DEFAULT
+    monkeypatch.setenv("KAGGLE_USERNAME", "someone")
+    monkeypatch.setenv("KAGGLE_KEY", "secret")
+    assert orch.default_source("default").startswith("kaggle:paramaggarwal/fashion-product-images-dataset")
+    assert orch.default_source("demo") == orch.KAGGLE_SMALL
+    monkeypatch.setenv(orch.SOURCE_ENV, "s3://bucket/fashion")
+    assert orch.default_source() == "s3://bucket/fashion"
+
+
+# --- stage commands --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("devices", "expected"),
+    [("auto", 1), ("1", 1), (None, 1), ("4", 4), (2, 2), ("0,1,2", 3), ("[0, 1]", 2), ("0,", 1)],
+)
+def test_gpu_processes(devices, expected):
+    assert orch.gpu_processes(devices) == expected
+
+
+def test_train_command_uses_torchrun_only_for_several_gpus(tmp_path):
+    single = orch.train_command(tmp_path / "c.yaml", tmp_path / "train", tmp_path / "split")
+    assert single[:4] == [sys.executable, "-m", "fashion_tagger", "train"]
+    assert single[4:] == ["--config", str(tmp_path / "c.yaml"), "--run-dir", str(tmp_path / "train"),
+                          "--split-dir", str(tmp_path / "split")]
+    multi = orch.train_command(tmp_path / "c.yaml", tmp_path / "train", tmp_path / "split", nproc=4)
+    assert multi[:5] == [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=4"]
+    assert multi[5:] == single[1:]
+    assert orch.prepare_command(tmp_path / "c.yaml", tmp_path / "split", tmp_path / "cache") == [
+        sys.executable, "-m", "fashion_tagger", "prepare", str(tmp_path / "split"), "--cache-dir",
+        str(tmp_path / "cache"), "--config", str(tmp_path / "c.yaml")]
+    assert orch.evaluate_command(tmp_path / "train") == [
+        sys.executable, "-m", "fashion_tagger", "evaluate", "--run-dir", str(tmp_path / "train")]
+
+
+@pytest.mark.parametrize(
+    ("stage", "options"),
+    [("train", ["--config", "--run-dir", "--split-dir"]), ("prepare", ["--cache-dir", "--config"]),
+     ("evaluate", ["--run-dir", "--split-dir"])],
+)
+def test_the_stage_cli_accepts_the_options_the_dag_passes(stage, options):
+    result = subprocess.run(
+        [sys.executable, "-m", "fashion_tagger", stage, "--help"], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    for option in options:
+        assert option in result.stdout
+
+
+CHILD = """
+import json, sys, time
+print("step 1", flush=True)
+print("a warning on stderr", file=sys.stderr, flush=True)
+print("step 2", flush=True)
+print(json.dumps({"not": "this one"}))
+print(json.dumps({"run_dir": "/x", "best_score": 0.5}, indent=2))
+print("trailing noise")
+"""
+
+
+def test_run_logged_streams_every_line_and_returns_the_last_json(caplog):
+    logger = logging.getLogger("test.child")
+    with caplog.at_level(logging.INFO, logger="test.child"):
+        output = orch.run_logged([sys.executable, "-c", CHILD], logger=logger)
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages[0].startswith("running: ")
+    for line in ("step 1", "a warning on stderr", "step 2", '  "best_score": 0.5', "trailing noise"):
+        assert line in messages
+    assert messages.index("step 1") < messages.index("step 2")
+    assert output.result == {"run_dir": "/x", "best_score": 0.5}
+    assert orch.run_stage("train", [sys.executable, "-c", CHILD], logger=logger)["best_score"] == 0.5
+
+
+def test_a_failing_child_raises_with_its_last_lines():
+    code = "import sys; print('loading'); print('CUDA out of memory', file=sys.stderr); sys.exit(3)"
+    with pytest.raises(orch.StageProcessError, match=r"exited with code 3(.|\n)*CUDA out of memory"):
+        orch.run_logged([sys.executable, "-c", code])
+    with pytest.raises(orch.StageProcessError, match="printed no JSON result"):
+        orch.run_stage("evaluate", [sys.executable, "-c", "print('no result')"])
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def test_an_interrupted_task_stops_its_child(tmp_path):
+    """An orchestrator timeout raises inside the log loop; the trainer must not outlive the task."""
+    pid_file = tmp_path / "pid"
+    code = f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); print('started', flush=True); " \
+           "time.sleep(120)"
+
+    class RaisingLogger(logging.Logger):
+        def info(self, msg, *args, **kwargs):
+            if args and args[-1] == "started":
+                raise _Interrupt
+            super().info(msg, *args, **kwargs)
+
+    started = time.monotonic()
+    with pytest.raises(_Interrupt):
+        orch.run_logged([sys.executable, "-c", code], logger=RaisingLogger("interrupt"))
+    assert time.monotonic() - started < 60
+    pid = int(pid_file.read_text())
+    # The child was terminated and reaped: its pid no longer refers to a live process of ours.
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+
+
+def test_last_json_object_skips_noise_and_non_objects():
+    text = 'log line\n{"a": 1}\n[1, 2]\n{ broken\n{\n  "b": 2\n}\nbye'
+    assert orch.last_json_object(text) == {"b": 2}
+    assert orch.last_json_object("nothing here") is None
