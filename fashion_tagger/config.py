@@ -104,9 +104,12 @@ class TrainConfig(_Section):
     channels_last: bool = True
     compile: bool = False
     accelerator: str = "auto"
-    devices: str = "auto"
+    devices: int | str = Field("auto", description="auto (all GPUs), a count, or a list like '0,1'")
     num_nodes: int = Field(1, ge=1)
     num_workers: int = Field(-1, ge=-1, description="DataLoader workers; -1 means min(8, CPUs)")
+    cpu_threads: int = Field(
+        0, ge=0, description="torch threads when training on CPU; 0 keeps torch's default (one per core)"
+    )
     seed: int = 42
     limit_train_batches: float | int | None = None
     limit_val_batches: float | int | None = None
@@ -120,6 +123,13 @@ class RegistryConfig(_Section):
     promote: bool = True
     min_delta: float = Field(0.0, ge=0, description="challenger must beat champion by this much")
     max_attribute_drop: float = Field(0.02, ge=0, description="tolerated macro-F1 drop per attribute")
+    artifact_location: str | None = Field(
+        None, description="artifact root of new experiments, e.g. s3://mlflow; default <home>/mlartifacts "
+        "for a local store, the server's own for a tracking server"
+    )
+    s3_endpoint_url: str | None = Field(None, description="S3 endpoint (MinIO) for artifacts; default "
+                                        "$MLFLOW_S3_ENDPOINT_URL")
+    gate_batch_size: int = Field(64, ge=1, description="images per batch when the gate scores a model")
 
 
 class Config(_Section):

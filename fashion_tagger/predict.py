@@ -1,0 +1,302 @@
+"""Tag product photos: a `Predictor` built from a training checkpoint or a Lightning-free export.
+
+Raw images go through the same fit-into-width x height, pad-white step as `prepare`, then the backbone's
+normalisation, so a photo is seen exactly as the cached training images were. The export (weights.pt +
+tagger.json) needs only torch, timm and Pillow; the MLflow pyfunc model is built on it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+
+from fashion_tagger.errors import DataError, FashionTaggerError
+from fashion_tagger.labels import LabelSpace
+from fashion_tagger.model import FashionTagger
+from fashion_tagger.prepare import resize_image
+
+log = logging.getLogger(__name__)
+
+EXPORT_FORMAT_VERSION = 1
+EXPORT_FILENAME = "tagger.json"
+WEIGHTS_FILENAME = "weights.pt"
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
+CONFIDENCE_SUFFIX = "_confidence"
+MODEL_FIELDS = ("backbone", "hidden_dim", "dropout", "drop_path_rate")  # what rebuilds the network
+
+
+class ImageTransform:
+    """PIL image -> normalised float tensor (3 x height x width): fit, pad white, RGB, scale, normalise."""
+
+    def __init__(self, width: int, height: int, mean: Sequence[float], std: Sequence[float]) -> None:
+        self.width, self.height = int(width), int(height)
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        image = resize_image(image, self.width, self.height)
+        pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
+        return (pixels.float() / 255.0 - self.mean) / self.std
+
+
+class Predictor:
+    """A tagger in eval mode plus everything needed to preprocess images and decode its outputs."""
+
+    def __init__(
+        self,
+        model: FashionTagger,
+        label_space: LabelSpace,
+        image_size: Sequence[int],
+        *,
+        mean: Sequence[float],
+        std: Sequence[float],
+        model_config: dict[str, Any],
+        config: dict[str, Any] | None = None,
+        device: str | torch.device | None = None,
+    ) -> None:
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model = model.eval().to(self.device)
+        self.label_space = label_space
+        self.image_size = (int(image_size[0]), int(image_size[1]))  # (width, height)
+        self.mean, self.std = [float(v) for v in mean], [float(v) for v in std]
+        self.model_config = {k: model_config[k] for k in MODEL_FIELDS}
+        self.config = config or {}  # the training config, when built from a checkpoint
+        self.transform = ImageTransform(*self.image_size, self.mean, self.std)
+
+    @property
+    def attributes(self) -> list[str]:
+        return self.label_space.attributes
+
+    @classmethod
+    def _build(
+        cls,
+        model_config: dict[str, Any],
+        labels: dict[str, Any],
+        image_size: Sequence[int],
+        state_dict: dict[str, torch.Tensor],
+        device: str | torch.device | None,
+        **kwargs: Any,
+    ) -> Predictor:
+        label_space = LabelSpace.from_dict(labels)
+        model = FashionTagger(
+            model_config["backbone"],
+            label_space.num_classes,
+            pretrained=False,
+            hidden_dim=int(model_config.get("hidden_dim", 0)),
+            dropout=float(model_config.get("dropout", 0.0)),
+            drop_path_rate=float(model_config.get("drop_path_rate", 0.0)),
+        )
+        model.load_state_dict(state_dict)
+        mean = kwargs.pop("mean", None) or model.data_config["mean"]
+        std = kwargs.pop("std", None) or model.data_config["std"]
+        return cls(model, label_space, image_size, mean=mean, std=std, model_config=model_config, device=device,
+                   **kwargs)
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, device: str | torch.device | None = None) -> Predictor:
+        """Rebuild from a training checkpoint; the network comes from its hyperparameters, not from the hub."""
+        path = Path(path)
+        if not path.is_file():
+            raise FashionTaggerError(f"checkpoint {path} does not exist")
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        hparams = checkpoint.get("hyper_parameters", {})
+        if not {"config", "labels", "image_size"} <= set(hparams):
+            raise FashionTaggerError(f"{path} is not a fashion-tagger checkpoint (no config/labels in its hparams)")
+        state = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
+        return cls._build(
+            hparams["config"]["model"], hparams["labels"], hparams["image_size"], state, device,
+            config=hparams["config"],
+        )
+
+    def export(self, directory: str | Path) -> Path:
+        """Write weights.pt (state dict) and tagger.json (network, labels, image size, normalisation)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        torch.save({k: v.detach().cpu() for k, v in self.model.state_dict().items()}, directory / WEIGHTS_FILENAME)
+        spec = {
+            "format_version": EXPORT_FORMAT_VERSION,
+            "model": self.model_config,
+            "labels": self.label_space.to_dict(),
+            "image": {"width": self.image_size[0], "height": self.image_size[1], "mean": self.mean, "std": self.std},
+        }
+        (directory / EXPORT_FILENAME).write_text(json.dumps(spec, indent=2) + "\n")
+        return directory
+
+    @classmethod
+    def from_export(cls, directory: str | Path, device: str | torch.device | None = None) -> Predictor:
+        directory = Path(directory)
+        spec_path = directory / EXPORT_FILENAME
+        if not spec_path.is_file():
+            raise FashionTaggerError(f"{directory} is not a tagger export: {EXPORT_FILENAME} is missing")
+        spec = json.loads(spec_path.read_text())
+        if spec.get("format_version") != EXPORT_FORMAT_VERSION:
+            raise FashionTaggerError(f"{spec_path}: format_version {spec.get('format_version')!r} is not supported")
+        state = torch.load(directory / WEIGHTS_FILENAME, map_location="cpu", weights_only=True)
+        image = spec["image"]
+        return cls._build(
+            spec["model"], spec["labels"], (image["width"], image["height"]), state, device,
+            mean=image["mean"], std=image["std"],
+        )
+
+    def preprocess(self, images: Iterable[Image.Image]) -> torch.Tensor:
+        return torch.stack([self.transform(image) for image in images])
+
+    @torch.inference_mode()
+    def predict_probabilities(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Softmax probabilities per attribute for a preprocessed batch (N x 3 x H x W)."""
+        logits = self.model(batch.to(self.device, non_blocking=True))
+        return {a: torch.softmax(v.float(), dim=1) for a, v in logits.items()}
+
+    def predict(self, images: Sequence[Image.Image], batch_size: int = 64) -> pd.DataFrame:
+        """One row per image: `<attribute>` (class name) and `<attribute>_confidence` (its probability)."""
+        columns: dict[str, list[Any]] = {}
+        for attribute in self.attributes:
+            columns[attribute], columns[f"{attribute}{CONFIDENCE_SUFFIX}"] = [], []
+        for start in range(0, len(images), batch_size):
+            probabilities = self.predict_probabilities(self.preprocess(images[start : start + batch_size]))
+            for attribute, probs in probabilities.items():
+                confidence, index = probs.max(1)
+                columns[attribute].extend(self.label_space.decode(attribute, index.cpu().tolist()))
+                columns[f"{attribute}{CONFIDENCE_SUFFIX}"].extend(confidence.cpu().tolist())
+        return pd.DataFrame(columns)
+
+
+def load_predictor(path: str | Path, device: str | torch.device | None = None) -> Predictor:
+    """A .ckpt file, an export directory (tagger.json), or a run directory (its best checkpoint)."""
+    path = Path(path).expanduser()
+    if path.is_dir() and (path / EXPORT_FILENAME).is_file():
+        return Predictor.from_export(path, device)
+    if path.is_dir():
+        for candidate in (path / "checkpoints" / "best.ckpt", path / "checkpoints" / "last.ckpt"):
+            if candidate.is_file():
+                return Predictor.from_checkpoint(candidate, device)
+        raise FashionTaggerError(f"{path} holds neither {EXPORT_FILENAME} nor checkpoints/best.ckpt")
+    return Predictor.from_checkpoint(path, device)
+
+
+def collect_images(inputs: Iterable[str | Path]) -> tuple[list[Path], bool]:
+    """Image files from files and folders (folders searched recursively, sorted); True when a folder was given."""
+    files: list[Path] = []
+    had_folder = False
+    for item in inputs:
+        path = Path(item).expanduser()
+        if path.is_dir():
+            had_folder = True
+            files.extend(sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()))
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise DataError(f"{path} does not exist")
+    if not files:
+        raise DataError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {', '.join(map(str, inputs))}")
+    return files, had_folder
+
+
+def _predict_files(predictor: Predictor, files: Sequence[Path], batch_size: int = 64) -> pd.DataFrame:
+    """Open at most one batch of files at a time, so a large folder does not hold thousands of handles."""
+    tables = []
+    for start in range(0, len(files), batch_size):
+        images = []
+        try:
+            for path in files[start : start + batch_size]:
+                try:
+                    images.append(Image.open(path))
+                except OSError as exc:
+                    raise DataError(f"cannot read image {path}: {exc}") from exc
+            tables.append(predictor.predict(images, batch_size=batch_size))
+        finally:
+            for image in images:
+                image.close()
+    return pd.concat(tables, ignore_index=True)
+
+
+def _predict_with_mlflow(model_uri: str, files: Sequence[Path]) -> pd.DataFrame:
+    # Resolves models:/ URIs against this project's store even when MLFLOW_TRACKING_URI is unset.
+    from fashion_tagger.tracking import load_model
+
+    model = load_model(model_uri)
+    table = model.predict(pd.DataFrame({"image": [path.read_bytes() for path in files]}))
+    return pd.DataFrame(table).reset_index(drop=True)
+
+
+def attributes_of(table: pd.DataFrame) -> list[str]:
+    return [c for c in table.columns if f"{c}{CONFIDENCE_SUFFIX}" in table.columns]
+
+
+def draw_grid(files: Sequence[Path], table: pd.DataFrame, out_path: str | Path, *, columns: int = 4) -> Path:
+    """The images with their predicted tags underneath (the reference notebook's external-image check)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    attributes = attributes_of(table)
+    columns = max(1, min(columns, len(files)))
+    rows = math.ceil(len(files) / columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, (4.2 + 0.17 * len(attributes)) * rows),
+                             squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, path, (_, row) in zip(axes.flat, files, table.iterrows(), strict=False):
+        with Image.open(path) as image:
+            image.draft("RGB", (320, 320))
+            ax.imshow(resize_image(image, 240, 320))
+        tags = "\n".join(f"{a}: {row[a]} ({row[f'{a}{CONFIDENCE_SUFFIX}']:.2f})" for a in attributes)
+        ax.set_title(path.name, fontsize=8)
+        ax.text(0.5, -0.02, tags, transform=ax.transAxes, ha="center", va="top", fontsize=7, family="monospace")
+    fig.tight_layout()
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_path, dpi=100)
+    plt.close(fig)
+    return out_path
+
+
+def run_predict(
+    images: Sequence[str | Path],
+    *,
+    checkpoint: str | Path | None = None,
+    model_uri: str | None = None,
+    as_json: bool = False,
+    out_csv: str | Path | None = None,
+    grid: str | Path | None = None,
+) -> pd.DataFrame:
+    """Tag image files/folders with a checkpoint (or export/run dir) or an MLflow model URI.
+
+    Prints a table (or JSON records) to stdout; writes a CSV to `out_csv`, by default predictions.csv in
+    the working directory when a folder was given; draws a tagged grid PNG when `grid` is set.
+    """
+    if (checkpoint is None) == (model_uri is None):
+        raise FashionTaggerError("give exactly one of checkpoint or model_uri")
+    files, had_folder = collect_images(images)
+    if model_uri is not None:
+        table = _predict_with_mlflow(model_uri, files)
+    else:
+        table = _predict_files(load_predictor(checkpoint), files)
+    table.insert(0, "image", [str(path) for path in files])
+    for column in table.columns:
+        if column.endswith(CONFIDENCE_SUFFIX):
+            table[column] = table[column].astype(float).round(4)
+
+    if out_csv is None and had_folder:
+        out_csv = Path("predictions.csv")
+    if out_csv is not None:
+        Path(out_csv).parent.mkdir(parents=True, exist_ok=True)
+        table.to_csv(out_csv, index=False)
+        log.info("wrote %d predictions to %s", len(table), Path(out_csv).resolve())
+    if as_json:
+        print(json.dumps(table.to_dict(orient="records"), indent=2))
+    else:
+        print(table.to_string(index=False))
+    if grid is not None:
+        log.info("drew %s", draw_grid(files, table, grid))
+    return table

@@ -1,0 +1,126 @@
+"""Evaluation: metrics equal scikit-learn's on fixed predictions; a run's eval directory has every output."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
+from tagger_helpers import make_split, tiny_config
+
+from fashion_tagger.evaluate import compute_metrics, evaluate_run, macro_f1
+from fashion_tagger.labels import LabelSpace
+from fashion_tagger.schema import IGNORE_INDEX
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Two OpenMP threads on two cores shared with other jobs stall at every barrier; one thread does not.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def _label_space() -> LabelSpace:
+    return LabelSpace(
+        classes={"colour": ("Black", "Blue", "Red", "White"), "kind": ("Bag", "Shoe")},
+        min_class_count=1,
+        counts={"colour": {"Black": 50, "Blue": 20, "Red": 10, "White": 5, "Teal": 2}, "kind": {"Bag": 3, "Shoe": 9}},
+    )
+
+
+def _fixed_predictions() -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    rng = np.random.default_rng(4)
+    n = 200
+    colour_true = rng.integers(0, 3, n)  # class 3 (White) never occurs in truth
+    colour_true[rng.random(n) < 0.2] = IGNORE_INDEX
+    colour_pred = np.where(rng.random(n) < 0.6, np.clip(colour_true, 0, None), rng.integers(0, 4, n))
+    kind_true = rng.integers(0, 2, n)
+    kind_true[:7] = IGNORE_INDEX
+    kind_pred = np.where(rng.random(n) < 0.8, np.clip(kind_true, 0, None), 1 - np.clip(kind_true, 0, None))
+    return {"colour": colour_true, "kind": kind_true}, {"colour": colour_pred, "kind": kind_pred}
+
+
+def test_metrics_equal_sklearn_on_fixed_predictions():
+    labels = _label_space()
+    y_true, y_pred = _fixed_predictions()
+    metrics = compute_metrics(y_true, y_pred, labels)
+
+    for attribute, names in labels.classes.items():
+        keep = y_true[attribute] != IGNORE_INDEX
+        t, p = y_true[attribute][keep], y_pred[attribute][keep]
+        classes = list(range(len(names)))
+        m = metrics["attributes"][attribute]
+        assert m["labelled_rows"] == keep.sum()
+        assert m["accuracy"] == pytest.approx(accuracy_score(t, p))
+        assert m["macro_f1"] == pytest.approx(f1_score(t, p, labels=classes, average="macro", zero_division=0))
+        assert m["weighted_f1"] == pytest.approx(f1_score(t, p, labels=classes, average="weighted", zero_division=0))
+        precision, recall, f1, support = precision_recall_fscore_support(t, p, labels=classes, zero_division=0)
+        for i, name in enumerate(names):
+            assert m["per_class"][name] == pytest.approx(
+                {"precision": precision[i], "recall": recall[i], "f1": f1[i], "support": support[i]}
+            )
+        assert m["confusion_matrix"] == confusion_matrix(t, p, labels=classes).tolist()
+
+    expected_headline = np.mean([metrics["attributes"][a]["macro_f1"] for a in labels.classes])
+    assert metrics["headline_macro_f1"] == pytest.approx(expected_headline)
+
+    labelled = (y_true["colour"] != IGNORE_INDEX) | (y_true["kind"] != IGNORE_INDEX)
+    right = [(y_true[a] == IGNORE_INDEX) | (y_true[a] == y_pred[a]) for a in labels.classes]
+    assert metrics["exact_match"] == pytest.approx((right[0] & right[1])[labelled].mean())
+
+
+def test_majority_baseline_uses_the_most_frequent_trainable_class():
+    labels = _label_space()
+    y_true, y_pred = _fixed_predictions()
+    metrics = compute_metrics(y_true, y_pred, labels)
+    colour = metrics["attributes"]["colour"]
+    keep = y_true["colour"] != IGNORE_INDEX
+    assert colour["majority_class"] == "Black"  # 'Teal' is not trainable, whatever its count
+    assert colour["majority_baseline_accuracy"] == pytest.approx((y_true["colour"][keep] == 0).mean())
+    assert metrics["attributes"]["kind"]["majority_class"] == "Shoe"
+
+
+def test_masked_rows_never_count():
+    labels = _label_space()
+    y_true = {"colour": np.array([0, IGNORE_INDEX, 2]), "kind": np.array([IGNORE_INDEX] * 3)}
+    y_pred = {"colour": np.array([0, 3, 2]), "kind": np.array([0, 1, 0])}
+    metrics = compute_metrics(y_true, y_pred, labels)
+    assert metrics["attributes"]["colour"]["accuracy"] == 1.0
+    assert metrics["attributes"]["kind"]["labelled_rows"] == 0
+    assert metrics["attributes"]["kind"]["macro_f1"] == 0.0
+    assert metrics["exact_match"] == 1.0
+    assert macro_f1(np.array([IGNORE_INDEX]), np.array([1]), 2) == 0.0
+
+
+def test_evaluate_run_writes_metrics_tables_and_plots(tmp_path):
+    from fashion_tagger.train import train_model
+
+    split_dir = make_split(tmp_path)
+    run_dir = tmp_path / "run"
+    train_model(tiny_config(epochs=1), split_dir=split_dir, run_dir=run_dir)
+    result = evaluate_run(run_dir)
+
+    eval_dir = run_dir / "eval"
+    metrics = pd.read_json(eval_dir / "metrics.json", typ="series")
+    assert {"headline_macro_f1", "exact_match", "attributes"} <= set(metrics.index)
+    for attribute in ("masterCategory", "baseColour"):
+        m = metrics["attributes"][attribute]
+        assert {"accuracy", "macro_f1", "weighted_f1", "majority_baseline_accuracy"} <= set(m)
+        per_class = pd.read_csv(eval_dir / f"per_class_{attribute}.csv")
+        assert list(per_class.columns) == ["class", "precision", "recall", "f1", "support"]
+        assert per_class["support"].sum() == m["labelled_rows"]
+        assert (eval_dir / f"per_class_f1_{attribute}.png").stat().st_size > 1000
+        assert (eval_dir / f"confusion_{attribute}.png").stat().st_size > 1000
+
+    # The numbers in the files are those of the predictions written beside them.
+    predictions = pd.read_parquet(eval_dir / "predictions.parquet")
+    val = pd.read_parquet(split_dir / "val.parquet")
+    assert predictions["id"].tolist() == val["id"].tolist()
+    labelled = predictions["baseColour"] != "None"
+    accuracy = (predictions.loc[labelled, "baseColour"] == predictions.loc[labelled, "baseColour_pred"]).mean()
+    assert metrics["attributes"]["baseColour"]["accuracy"] == pytest.approx(accuracy)
+    assert result.headline_macro_f1 == pytest.approx(metrics["headline_macro_f1"], abs=1e-6)
+    assert result.checkpoint.name == "best.ckpt"

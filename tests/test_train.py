@@ -1,0 +1,250 @@
+"""Training: beats the majority baseline on generated data, resumes at the next epoch, records what it did.
+
+The generated dataset goes through the real stages (validate -> split -> prepare) at 32x40 pixels and a
+tiny timm backbone, so a few epochs take seconds on a CPU.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import CSVLogger
+from tagger_helpers import make_split, tiny_config
+from typer.testing import CliRunner
+
+from fashion_tagger.config import load_config
+from fashion_tagger.data import eval_transform, normalize, pixel_stats, train_transform
+from fashion_tagger.evaluate import evaluate_run
+from fashion_tagger.io import read_json
+from fashion_tagger.train import (
+    MIN_LR_RATIO,
+    TrainError,
+    lr_factor_fn,
+    recorded_split_dir,
+    resolve_hardware,
+    train_model,
+)
+
+WIDTH, HEIGHT = 32, 40
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Two OpenMP threads on two cores shared with other jobs stall at every barrier; one thread does not.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def _config(source: str | None = "demo", **train):
+    return load_config(
+        source,
+        {
+            "images": {"width": WIDTH, "height": HEIGHT},
+            "model": {"backbone": "test_efficientnet", "pretrained": False},
+            "train": {"batch_size": 32, "num_workers": 0, "progress_bar": False, **train},
+        },
+    )
+
+
+@pytest.fixture(scope="module")
+def prepared_split(synthetic_raw, tmp_path_factory):
+    from fashion_tagger.prepare import prepare_images
+    from fashion_tagger.split import split_dataset
+    from fashion_tagger.validate import validate_dataset
+
+    root = tmp_path_factory.mktemp("train-data")
+    validate_dataset(synthetic_raw, root / "clean", workers=1)
+    split_dataset(root / "clean", root / "split", min_class_count=20)
+    prepare_images(root / "split", root / "cache", width=WIDTH, height=HEIGHT, workers=1)
+    return root / "split"
+
+
+@pytest.fixture(scope="module")
+def resumed_run(prepared_split, tmp_path_factory):
+    """The same run directory trained with epochs=2, then again with epochs=3."""
+    run_dir = tmp_path_factory.mktemp("run") / "run"
+    first = train_model(_config(epochs=2), split_dir=prepared_split, run_dir=run_dir)
+    first_history = read_json(run_dir / "metrics.json")["history"]
+    second = train_model(_config(epochs=3), split_dir=prepared_split, run_dir=run_dir)
+    return run_dir, first, first_history, second
+
+
+@pytest.mark.slow
+def test_training_beats_the_majority_baseline(resumed_run):
+    run_dir, _, _, result = resumed_run
+    evaluation = evaluate_run(run_dir)
+    for attribute in ("masterCategory", "baseColour"):
+        scores = evaluation.attributes[attribute]
+        assert scores["accuracy"] > scores["majority_baseline_accuracy"] + 0.05, (attribute, scores)
+        assert scores["macro_f1"] > scores["majority_baseline_macro_f1"] + 0.05, (attribute, scores)
+    # Evaluation of the best checkpoint reproduces the score it was selected by.
+    assert evaluation.headline_macro_f1 == pytest.approx(result.best_score, abs=1e-4)
+
+
+@pytest.mark.slow
+def test_training_the_same_run_dir_again_resumes_at_the_next_epoch(resumed_run):
+    run_dir, first, first_history, second = resumed_run
+    assert (first.resumed, first.epochs_completed) == (False, 2)
+    assert (second.resumed, second.epochs_completed) == (True, 3)
+    history = read_json(run_dir / "metrics.json")["history"]
+    assert [h["epoch"] for h in history] == [0, 1, 2]
+    assert history[:2] == first_history  # restored from the checkpoint, not retrained
+    steps_per_epoch = history[0]["step"]
+    assert history[2]["step"] == 3 * steps_per_epoch
+    # The second attempt logged (so trained) the third epoch only.
+    second_log = pd.read_csv(run_dir / "logs" / "version_1" / "metrics.csv")
+    assert set(second_log["epoch"].dropna().astype(int)) == {2}
+    assert read_json(run_dir / "run.json")["attempts"] == 2
+
+
+@pytest.mark.slow
+def test_a_finished_run_is_returned_as_it_is(resumed_run, prepared_split):
+    run_dir, _, _, second = resumed_run
+    last = run_dir / "checkpoints" / "last.ckpt"
+    before = last.stat().st_mtime_ns
+    again = train_model(_config(epochs=3), split_dir=None, run_dir=run_dir)
+    assert again.already_complete and again.epochs_completed == 3
+    assert again.best_score == second.best_score
+    assert again.split_dir == prepared_split.resolve() == recorded_split_dir(run_dir)
+    assert last.stat().st_mtime_ns == before
+
+
+@pytest.mark.slow
+def test_run_dir_is_self_describing(resumed_run, prepared_split):
+    run_dir, _, _, result = resumed_run
+    assert load_config(run_dir / "config.yaml").train.epochs == 3
+    assert read_json(run_dir / "run.json")["split_dir"] == str(prepared_split.resolve())
+    metrics = read_json(run_dir / "metrics.json")
+    assert metrics["status"] == "complete" and metrics["resumed"] is True
+    assert metrics["best_score"] == pytest.approx(max(h["val_macro_f1"] for h in metrics["history"]))
+    assert metrics["images_per_s"] > 0
+    assert set(metrics["best_scores"]) == set(read_json(prepared_split / "labels.json")["attributes"])
+    assert result.best_checkpoint.is_file() and result.last_checkpoint.is_file()
+    # A checkpoint carries the config and the label space: it needs nothing else to be used.
+    hparams = torch.load(result.best_checkpoint, map_location="cpu", weights_only=True)["hyper_parameters"]
+    assert hparams["config"]["model"]["backbone"] == "test_efficientnet"
+    assert hparams["labels"] == read_json(prepared_split / "labels.json")
+    assert list(hparams["image_size"]) == [WIDTH, HEIGHT]
+
+
+@pytest.mark.slow
+def test_another_model_in_the_same_run_dir_is_refused(resumed_run, prepared_split):
+    run_dir = resumed_run[0]
+    other = _config(epochs=3)
+    other.model.hidden_dim = 16
+    with pytest.raises(TrainError, match="another model config"):
+        train_model(other, split_dir=prepared_split, run_dir=run_dir)
+
+
+@pytest.mark.slow
+def test_cli_train_prints_the_result(resumed_run):
+    from fashion_tagger.cli import app
+
+    run_dir = resumed_run[0]
+    args = ["train", "--run-dir", str(run_dir), "-c", str(run_dir / "config.yaml")]
+    outcome = CliRunner().invoke(app, args)
+    assert outcome.exit_code == 0, outcome.output
+    assert '"already_complete": true' in outcome.output
+
+
+class _BackboneSnapshots(Callback):
+    def __init__(self) -> None:
+        self.snapshots: list[torch.Tensor] = []
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self.snapshots.append(torch.cat([p.detach().flatten() for p in pl_module.model.backbone.parameters()
+                                         if p.ndim > 1]).clone())
+
+
+@pytest.mark.slow
+def test_bce_loss_backbone_freeze_and_extra_loggers(tmp_path):
+    split_dir = make_split(tmp_path)
+    snapshots = _BackboneSnapshots()
+    extra = CSVLogger(tmp_path / "extra", name="mine")
+    config = tiny_config(epochs=2, loss="bce", freeze_backbone_epochs=1)
+    initial = None
+
+    class _Initial(Callback):
+        def on_train_start(self, trainer, pl_module) -> None:
+            nonlocal initial
+            initial = torch.cat([p.detach().flatten() for p in pl_module.model.backbone.parameters()
+                                 if p.ndim > 1]).clone()
+
+    result = train_model(config, split_dir=split_dir, run_dir=tmp_path / "run", loggers=[extra],
+                         callbacks=[snapshots, _Initial()])
+    assert result.epochs_completed == 2 and math.isfinite(result.best_score)
+    # Convolution weights stay put while frozen (epoch 0), then train (epoch 1).
+    assert torch.equal(snapshots.snapshots[0], initial)
+    assert not torch.equal(snapshots.snapshots[1], snapshots.snapshots[0])
+    assert "val_macro_f1" in pd.read_csv(tmp_path / "extra" / "mine" / "version_0" / "metrics.csv").columns
+
+
+def test_learning_rate_schedules():
+    cosine = lr_factor_fn("cosine", total_steps=100, warmup_steps=10, step_every=30, step_gamma=0.1)
+    assert cosine(0) == pytest.approx(1 / 11)
+    assert cosine(9) == pytest.approx(10 / 11)
+    assert cosine(10) == pytest.approx(1.0)
+    assert cosine(55) == pytest.approx(MIN_LR_RATIO + (1 - MIN_LR_RATIO) * 0.5)
+    assert cosine(100) == pytest.approx(MIN_LR_RATIO)
+    assert all(cosine(s) >= cosine(s + 1) for s in range(10, 100))
+    step = lr_factor_fn("step", total_steps=100, warmup_steps=0, step_every=30, step_gamma=0.1)
+    assert [step(s) for s in (0, 29, 30, 61, 99)] == pytest.approx([1, 1, 0.1, 0.01, 0.001])
+
+
+def test_hardware_on_cpu_and_under_torchrun(monkeypatch):
+    from lightning.pytorch.strategies import DDPStrategy
+
+    config = _config(accelerator="cpu")
+    hardware = resolve_hardware(config)
+    assert (hardware["accelerator"], hardware["precision"], hardware["strategy"]) == ("cpu", "32-true", "auto")
+    assert resolve_hardware(_config(accelerator="cpu", precision="bf16-mixed"))["precision"] == "bf16-mixed"
+
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    hardware = resolve_hardware(_config(accelerator="cpu", freeze_backbone_epochs=1))
+    assert (hardware["devices"], hardware["num_nodes"]) == (1, 2)
+    assert isinstance(hardware["strategy"], DDPStrategy)
+
+
+def test_augmentation_keeps_size_and_colour_and_normalises_on_the_device():
+    from PIL import Image
+
+    red = Image.new("RGB", (WIDTH, HEIGHT), (200, 30, 30))
+    augmented = train_transform(WIDTH, HEIGHT)(red)
+    assert augmented.shape == (3, HEIGHT, WIDTH) and augmented.dtype == torch.uint8
+    # No hue, saturation or brightness jitter: a flat colour comes out as exactly that colour.
+    assert torch.equal(augmented, eval_transform()(red))
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+    normalised = normalize(augmented[None], *pixel_stats(mean, std))
+    expected = (torch.tensor([200, 30, 30]) / 255 - torch.tensor(mean)) / torch.tensor(std)
+    torch.testing.assert_close(normalised[0, :, 0, 0], expected)
+
+
+@pytest.mark.slow
+@pytest.mark.real_data
+def test_short_training_on_real_small_images_beats_the_majority_baseline(real_small_raw, tmp_path):
+    from fashion_tagger.prepare import prepare_images
+    from fashion_tagger.split import split_dataset
+    from fashion_tagger.validate import validate_dataset
+
+    validate_dataset(real_small_raw, tmp_path / "clean", workers=2)
+    split_dataset(tmp_path / "clean", tmp_path / "split", min_class_count=100, max_rows=3000)
+    prepare_images(tmp_path / "split", tmp_path / "cache", width=48, height=64, workers=2)
+    config = load_config("demo", {
+        "images": {"width": 48, "height": 64},
+        "model": {"backbone": "test_efficientnet", "pretrained": False},
+        "train": {"epochs": 3, "batch_size": 64, "num_workers": 0, "progress_bar": False},
+    })
+    train_model(config, split_dir=tmp_path / "split", run_dir=tmp_path / "run")
+    evaluation = evaluate_run(tmp_path / "run")
+    for attribute in ("masterCategory", "subCategory"):
+        scores = evaluation.attributes[attribute]
+        assert scores["accuracy"] > scores["majority_baseline_accuracy"] + 0.05, (attribute, scores)
+        assert scores["macro_f1"] > scores["majority_baseline_macro_f1"] + 0.05, (attribute, scores)
