@@ -180,10 +180,15 @@ def train(
     set_: SetOption = None,
 ) -> None:
     """Train (or resume) the tagger in RUN_DIR. Runs in its own process; Airflow launches exactly this."""
+    from lightning.pytorch.utilities import rank_zero_only
+
     from fashion_tagger.train import train_model
 
     cfg = load_config(config, set_)
-    _emit(train_model(cfg, split_dir=split_dir, run_dir=run_dir))
+    result = train_model(cfg, split_dir=split_dir, run_dir=run_dir)
+    # Under DDP every rank returns; the result is printed once.
+    if rank_zero_only.rank == 0:
+        _emit(result)
 
 
 @app.command()
@@ -222,10 +227,12 @@ def register(
     set_: SetOption = None,
 ) -> None:
     """Log the run to MLflow, register it as challenger and apply the promotion gate."""
-    from fashion_tagger.registry import register_run
+    from fashion_tagger.registry import describe_registration, register_run
 
     cfg = load_config(config, set_)
-    _emit(register_run(run_dir, cfg))
+    result = register_run(run_dir, cfg)
+    _emit(result)
+    typer.echo(describe_registration(result), err=True)  # stdout stays JSON for scripts and Airflow
 
 
 @app.command()

@@ -1,0 +1,196 @@
+"""The servable pyfunc model: raw JPEG/PNG bytes, base64 text or paths in, one tag and confidence per attribute
+out; loadable from the registry without the training code and answering `mlflow models serve` over REST."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+from tagger_fixtures import draw, jpeg_bytes, make_run, make_split, tiny_config
+
+from fashion_tagger import tracking
+from fashion_tagger.predict import Predictor
+from fashion_tagger.pyfunc_model import InputError, images_from_frame, log_tagger_model
+
+ATTRIBUTE_COLUMNS = ["masterCategory", "masterCategory_confidence", "baseColour", "baseColour_confidence"]
+
+
+def _png_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_images_are_read_from_bytes_base64_data_urls_and_paths(tmp_path):
+    rng = np.random.default_rng(0)
+    image = draw("Apparel", "Red", rng)
+    jpeg = jpeg_bytes(image)
+    (tmp_path / "a.jpg").write_bytes(jpeg)
+    b64 = base64.b64encode(jpeg).decode()
+    frame = pd.DataFrame({
+        "image": [jpeg, b64, f"data:image/jpeg;base64,{b64}", _png_bytes(image.convert("RGBA")), None],
+        "path": [None, None, None, None, str(tmp_path / "a.jpg")],
+    })
+    images = images_from_frame(frame)
+    assert [im.mode for im in images] == ["RGB"] * 5 and {im.size for im in images} == {(32, 40)}
+    decoded = np.asarray(images[0])
+    assert all(np.array_equal(decoded, np.asarray(im)) for im in (images[1], images[2], images[4]))
+    assert np.abs(np.asarray(images[3]).astype(int) - np.asarray(image).astype(int)).max() == 0  # lossless PNG
+
+
+@pytest.mark.parametrize(
+    ("frame", "message"),
+    [
+        (pd.DataFrame({"picture": [b"x"]}), "needs a column 'image'"),
+        (pd.DataFrame({"image": [b"not an image"]}), "row 0: cannot read image bytes"),
+        (pd.DataFrame({"image": ["%%% not base64 %%%"]}), "holds text that is not base64"),
+        (pd.DataFrame({"image": [None], "path": [None]}), "row 0 has neither"),
+        (pd.DataFrame({"path": ["/nonexistent/x.jpg"]}), "cannot read path"),
+        (pd.DataFrame({"image": [12]}), "must hold image bytes or base64 text"),
+    ],
+)
+def test_unreadable_input_is_a_bad_request(frame, message):
+    with pytest.raises(InputError, match=message) as info:
+        images_from_frame(frame)
+    assert info.value.get_http_status_code() == 400
+
+
+@pytest.fixture(scope="module")
+def registered(tmp_path_factory):
+    """A probe tagger exported, logged as a pyfunc model and registered with alias champion."""
+    root = tmp_path_factory.mktemp("pyfunc")
+    config = tiny_config(home=root / "home", tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+    split = make_split(root / "split")
+    run_dir = make_run(root / "run", split, "probe", config)
+    export_dir = Predictor.from_checkpoint(run_dir / "checkpoints" / "best.ckpt").export(root / "export")
+    with tracking.tracking_session(config) as client:
+        with mlflow.start_run(experiment_id=tracking.ensure_experiment(client, config)):
+            info = log_tagger_model(export_dir, name="model")
+        version = mlflow.register_model(info.model_uri, "tagger")
+        client.set_registered_model_alias("tagger", "champion", version.version)
+    return {"config": config, "export_dir": export_dir, "split": split, "uri": "models:/tagger@champion",
+            "tracking_uri": config.tracking_uri}
+
+
+def _split_images(split: Path, count: int = 6) -> list[Path]:
+    return sorted((split / "images").glob("*.jpg"))[::4][:count]
+
+
+def test_registered_model_tags_raw_jpeg_bytes_and_base64_like_the_export(registered):
+    model = tracking.load_model(registered["uri"], registered["config"])
+    files = _split_images(registered["split"])
+    raw = [path.read_bytes() for path in files]
+    expected = Predictor.from_export(registered["export_dir"]).predict([Image.open(path) for path in files])
+
+    from_bytes = model.predict(pd.DataFrame({"image": raw}))
+    from_base64 = model.predict(pd.DataFrame({"image": [base64.b64encode(b).decode() for b in raw]}))
+    from_paths = model.predict(pd.DataFrame({"path": [str(p) for p in files]}))
+    assert list(from_bytes.columns) == ATTRIBUTE_COLUMNS
+    for table in (from_bytes, from_base64, from_paths):
+        pd.testing.assert_frame_equal(table.reset_index(drop=True), expected, check_exact=False, atol=1e-5)
+    # The probe model really tags: block shape -> masterCategory, colour -> baseColour.
+    truth = pd.read_parquet(registered["split"] / "val.parquet").set_index("image_path")
+    assert from_bytes["baseColour"].tolist() == truth.loc[[str(p) for p in files], "baseColour"].tolist()
+
+    signature = model.metadata.get_input_schema()
+    assert signature.input_names() == ["image", "path"] and not signature.required_input_names()
+
+
+def test_model_carries_its_inference_code(registered, tmp_path):
+    with tracking.tracking_session(registered["config"]):
+        model_dir = Path(mlflow.artifacts.download_artifacts(registered["uri"], dst_path=str(tmp_path)))
+    assert (model_dir / "code" / "fashion_tagger" / "predict.py").is_file()
+    assert (model_dir / "artifacts" / "export" / "tagger.json").is_file()
+    assert not list((model_dir / "code").rglob("__pycache__"))
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_mlflow_models_serve_scores_a_jpeg_over_rest(registered, tmp_path):
+    port = _free_port()
+    mlflow_cli = Path(sys.executable).with_name("mlflow")
+    # Serving must not need the training code: in the server, importing Lightning fails.
+    blocker = tmp_path / "no_lightning"
+    blocker.mkdir()
+    (blocker / "sitecustomize.py").write_text("import sys\nsys.modules['lightning'] = None\n"
+                                              "sys.modules['pytorch_lightning'] = None\n")
+    blocked = subprocess.run([sys.executable, "-c", "import lightning"], env={**os.environ, "PYTHONPATH": str(blocker)},
+                             capture_output=True)
+    assert blocked.returncode != 0
+    # The CLI execs `uvicorn` by name: the venv's bin must be on PATH, as it is in an activated venv.
+    env = {**os.environ, "MLFLOW_TRACKING_URI": registered["tracking_uri"], "PYTHONPATH": str(blocker),
+           "PATH": f"{mlflow_cli.parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    log_file = (tmp_path / "serve.log").open("wb")
+    # Its own process group: the CLI starts a web server with workers, all stopped together below.
+    server = subprocess.Popen(
+        [str(mlflow_cli), "models", "serve", "-m", registered["uri"], "--env-manager", "local",
+         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        cwd=tmp_path, env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                pass
+            if server.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"server did not come up: {(tmp_path / 'serve.log').read_text()[-3000:]}")
+            time.sleep(1)
+
+        jpeg = _split_images(registered["split"])[0].read_bytes()
+        body = {"dataframe_split": {"columns": ["image"], "data": [[base64.b64encode(jpeg).decode()]]}}
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=60) as response:
+            answer = json.loads(response.read())
+        rows = answer["predictions"]
+        assert len(rows) == 1 and set(rows[0]) == set(ATTRIBUTE_COLUMNS)
+        expected = Predictor.from_export(registered["export_dir"]).predict([Image.open(io.BytesIO(jpeg))])
+        assert rows[0]["baseColour"] == expected.loc[0, "baseColour"]
+        assert rows[0]["baseColour_confidence"] == pytest.approx(expected.loc[0, "baseColour_confidence"], abs=1e-5)
+
+        bad = {"dataframe_split": {"columns": ["image"], "data": [[base64.b64encode(b"not a jpeg").decode()]]}}
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=json.dumps(bad).encode(),
+                                         headers={"Content-Type": "application/json"})
+        with pytest.raises(urllib.error.HTTPError) as error:
+            urllib.request.urlopen(request, timeout=60)
+        assert error.value.code == 400
+    finally:
+        _stop_group(server)
+        log_file.close()
+
+
+def _stop_group(process: subprocess.Popen) -> None:
+    for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            process.wait(timeout=wait)
+            break
+        except subprocess.TimeoutExpired:
+            continue

@@ -1,0 +1,204 @@
+"""The registry and its promotion gate against a real MLflow (SQLite in tmp): first model becomes champion,
+better challengers are promoted, worse ones are not, the champion is re-scored on the challenger's split,
+and registering the same run twice changes nothing."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+from tagger_fixtures import make_run, make_split, tiny_config, true_labels
+
+from fashion_tagger import registry, tracking
+from fashion_tagger.evaluate import compute_metrics
+from fashion_tagger.io import read_json, sha256_file
+from fashion_tagger.labels import LabelSpace
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> str:
+    """One SQLite store for the module: creating MLflow's tables takes seconds, so tests share the database
+    and keep apart by model and experiment name."""
+    return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+
+
+@pytest.fixture
+def config_for(store, request):
+    def build(**registry_fields):
+        name = request.node.name.removeprefix("test_")[:40]
+        return tiny_config(tracking_uri=store, model_name=name, experiment=name, **registry_fields)
+
+    return build
+
+
+def _aliases(config) -> dict[str, str]:
+    with tracking.tracking_session(config) as client:
+        return {alias: str(v) for alias, v in client.get_registered_model(config.registry.model_name).aliases.items()}
+
+
+def _version_tags(config, version: str) -> dict[str, str]:
+    with tracking.tracking_session(config) as client:
+        return client.get_model_version(config.registry.model_name, version).tags
+
+
+# ----------------------------------------------------------------------------------------- pure gate logic
+
+
+def _scores(headline: float, **attributes: float) -> dict:
+    return {"headline_macro_f1": headline, "attributes": {a: {"macro_f1": v} for a, v in attributes.items()}}
+
+
+def test_decide_needs_min_delta_and_tolerates_only_small_attribute_drops():
+    champion = _scores(0.70, a=0.8, b=0.6)
+    decision, reason, _ = registry.decide(_scores(0.70, a=0.8, b=0.6), None, min_delta=0.0, max_attribute_drop=0.02)
+    assert decision == registry.PROMOTED and "no champion" in reason
+    # Equal is enough without a min_delta, not with one.
+    assert registry.decide(_scores(0.70, a=0.8, b=0.6), champion, min_delta=0.0, max_attribute_drop=0.02)[0] == (
+        registry.PROMOTED)
+    decision, reason, _ = registry.decide(_scores(0.705, a=0.81, b=0.6), champion, min_delta=0.01,
+                                          max_attribute_drop=0.02)
+    assert decision == registry.REJECTED and "min_delta" in reason
+    # Better on average but one attribute collapses.
+    decision, reason, drops = registry.decide(_scores(0.75, a=0.95, b=0.55), champion, min_delta=0.0,
+                                              max_attribute_drop=0.02)
+    assert decision == registry.REJECTED and reason.startswith("b macro-F1 drops")
+    assert drops == pytest.approx({"a": -0.15, "b": 0.05})
+    assert registry.decide(_scores(0.75, a=0.95, b=0.55), champion, min_delta=0.0, max_attribute_drop=0.06)[0] == (
+        registry.PROMOTED)
+
+
+def test_predictions_are_mapped_onto_the_challengers_classes_by_name():
+    labels = LabelSpace(classes={"baseColour": ("Blue", "Green", "Red"), "season": ("Summer", "Winter")},
+                        min_class_count=1)
+    # A champion trained on another label space: same names at other indices, a class the split lacks,
+    # and no season head at all.
+    predictions = pd.DataFrame({"baseColour": ["Red", "Blue", "Purple", "Green"]})
+    encoded = registry.encode_predictions(predictions, labels)
+    assert encoded["baseColour"].tolist() == [2, 0, -1, 1]
+    assert encoded["season"].tolist() == [-1, -1, -1, -1]
+
+
+# --------------------------------------------------------------------------------- against a real MLflow
+
+
+def test_first_model_becomes_champion_and_registering_again_is_a_no_op(tmp_path, config_for, monkeypatch):
+    monkeypatch.setenv("AIRFLOW_CTX_DAG_RUN_ID", "manual__2024-01-01T00:00:00")
+    config = config_for()
+    split = make_split(tmp_path / "split")
+    run_dir = make_run(tmp_path / "run", split, "probe")
+    # What `train` does with the logger: per-epoch metrics into a run that register then continues.
+    logger = tracking.mlflow_logger(config, run_dir, split_dir=split)
+    for epoch, score in enumerate([0.4, 0.6]):
+        logger.log_metrics({"val_macro_f1": score}, step=epoch)
+    logger.finalize("success")
+    assert read_json(run_dir / tracking.RUN_ID_FILENAME)["run_id"] == logger.run_id
+
+    first = registry.register_run(run_dir, config)
+    assert first.run_id == logger.run_id
+    assert (first.version, first.decision, first.aliases) == ("1", registry.PROMOTED, ["champion"])
+    assert first.headline_macro_f1 > 0.9 and first.gate_rows == 24 and not first.already_registered
+    assert first.champion_version is None and first.champion_headline is None
+
+    saved = read_json(run_dir / "registration.json")
+    assert saved["version"] == "1" and saved["gate"]["decision"] == registry.PROMOTED
+    tags = _version_tags(config, "1")
+    assert tags[registry.TAG_DECISION] == registry.PROMOTED
+    assert float(tags[registry.TAG_HEADLINE]) == pytest.approx(first.headline_macro_f1)
+    assert tags[registry.TAG_GATE_SPLIT] == sha256_file(split / "val.parquet")
+
+    # The training run: whole config as params, per-epoch history, tags and artifacts.
+    client = mlflow.MlflowClient(config.tracking_uri)
+    run = client.get_run(first.run_id)
+    assert run.data.params["train.epochs"] == str(config.train.epochs)
+    assert run.data.params["model.backbone"] == "test_efficientnet"
+    assert run.data.tags[tracking.TAG_DATASET_HASH] == "tiny-0"
+    assert run.data.tags[tracking.TAG_AIRFLOW_RUN_ID] == "manual__2024-01-01T00:00:00"
+    assert run.data.tags[tracking.TAG_CODE_VERSION].startswith("0.1.0")
+    assert [(m.step, m.value) for m in client.get_metric_history(first.run_id, "val_macro_f1")] == [(0, 0.4), (1, 0.6)]
+    artifacts = {a.path for a in client.list_artifacts(first.run_id)}
+    assert {"model_card.md", "gate.json", "data", "samples", "config.yaml"} <= artifacts
+    assert {a.path for a in client.list_artifacts(first.run_id, "data")} >= {"data/labels.json"}
+    card = client.download_artifacts(first.run_id, "model_card.md", str(tmp_path))
+    text = Path(card).read_text()
+    assert "tiny-0" in text and "| masterCategory |" in text and "Known limits" in text
+
+    again = registry.register_run(run_dir, config)
+    assert again.already_registered and again.version == "1" and again.decision == registry.PROMOTED
+    with tracking.tracking_session(config) as client:
+        assert len(client.search_model_versions(f"name='{config.registry.model_name}'")) == 1
+
+
+def test_better_challenger_is_promoted_and_worse_one_stays_challenger(tmp_path, config_for):
+    config = config_for()
+    split = make_split(tmp_path / "split")
+    weak = make_run(tmp_path / "weak", split, "constant:Apparel,Blue")
+    strong = make_run(tmp_path / "strong", split, "probe")
+    worse = make_run(tmp_path / "worse", split, "constant:Footwear,Red")
+
+    assert registry.register_run(weak, config).decision == registry.PROMOTED
+    promoted = registry.register_run(strong, config)
+    assert (promoted.version, promoted.decision, promoted.champion_version) == ("2", registry.PROMOTED, "1")
+    assert promoted.headline_macro_f1 > promoted.champion_headline + 0.5
+    assert _aliases(config) == {"champion": "2"}
+
+    rejected = registry.register_run(worse, config)
+    assert (rejected.version, rejected.decision, rejected.champion_version) == ("3", registry.REJECTED, "2")
+    assert rejected.champion_headline == pytest.approx(promoted.headline_macro_f1)
+    assert rejected.aliases == ["challenger"]
+    assert _aliases(config) == {"champion": "2", "challenger": "3"}
+
+    # With promotion off the gate still scores, but no alias moves.
+    held = registry.register_run(make_run(tmp_path / "held", split, "constant:Apparel,Blue", strength=3.0),
+                                 config_for(promote=False))
+    assert held.decision == registry.HELD and held.aliases == [] and "promote is false" in held.reason
+    assert _aliases(config) == {"champion": "2", "challenger": "3"}
+
+    rows = registry.list_versions(config)
+    assert [(r["version"], r["aliases"], r["decision"]) for r in rows] == [
+        ("4", [], registry.HELD), ("3", ["challenger"], registry.REJECTED), ("2", ["champion"], registry.PROMOTED),
+        ("1", [], registry.PROMOTED),
+    ]
+    table = registry.format_versions(rows)
+    assert "champion" in table and "rejected" in table and table.count("\n") == 6
+    text = registry.describe_registration(promoted)
+    assert "version 2" in text and "models:/" in text and "mlflow ui --backend-store-uri sqlite:///" in text
+
+
+def test_champion_is_rescored_on_the_challengers_split(tmp_path, config_for):
+    config = config_for()
+    split_a = make_split(tmp_path / "split_a", seed=0)
+    # Another split: other class balance, a colour class the champion never saw, so 'Red' has another index.
+    split_b = make_split(tmp_path / "split_b", rows=24, footwear_share=0.75, colours=("Blue", "Green", "Red"), seed=1)
+    assert LabelSpace.load(split_b).classes["baseColour"] == ("Blue", "Green", "Red")
+
+    champion = registry.register_run(make_run(tmp_path / "champion", split_a, "constant:Footwear,Red"), config)
+    challenger = registry.register_run(make_run(tmp_path / "challenger", split_b, "probe"), config)
+
+    # What the champion scores on split B, computed here independently: 'Footwear' and 'Red' everywhere.
+    labels_b = LabelSpace.load(split_b)
+    y_true = true_labels(split_b)
+    y_pred = {"masterCategory": np.full(24, labels_b.classes["masterCategory"].index("Footwear")),
+              "baseColour": np.full(24, labels_b.classes["baseColour"].index("Red"))}
+    expected = compute_metrics(y_true, y_pred, labels_b)["headline_macro_f1"]
+
+    assert challenger.champion_version == champion.version == "1"
+    assert challenger.champion_headline == pytest.approx(expected)
+    assert challenger.champion_headline != pytest.approx(champion.headline_macro_f1)  # its stored score (split A)
+    assert challenger.decision == registry.PROMOTED and _aliases(config) == {"champion": "2"}
+
+    gate = read_json(tmp_path / "challenger" / "registration.json")["gate"]
+    assert gate["split_hash"] == sha256_file(split_b / "val.parquet") != sha256_file(split_a / "val.parquet")
+    assert gate["champion_stored_headline"] == pytest.approx(champion.headline_macro_f1)
+    assert gate["champion"]["attributes"]["baseColour"]["macro_f1"] == pytest.approx(
+        compute_metrics(y_true, y_pred, labels_b)["attributes"]["baseColour"]["macro_f1"])
+    tags = _version_tags(config, "2")
+    assert float(tags[registry.TAG_CHAMPION_SCORE]) == pytest.approx(expected)
+    client = mlflow.MlflowClient(config.tracking_uri)
+    # Trained without the MLflow logger: register logs the epoch history from metrics.json instead.
+    assert [m.step for m in client.get_metric_history(challenger.run_id, "val_macro_f1")] == [0]
+    logged = json.loads(Path(client.download_artifacts(challenger.run_id, "gate.json", str(tmp_path))).read_text())
+    assert logged["champion_headline"] == pytest.approx(expected) and logged["rows"] == 24
