@@ -249,7 +249,9 @@ def run_pipeline(config: ConfigOption = None, set_: SetOption = None) -> None:
     """Run every stage in this process: fetch, validate, split, prepare, train, evaluate, register."""
     from fashion_tagger.pipeline import run_all
 
-    _emit(run_all(load_config(config, set_)))
+    result = run_all(load_config(config, set_))
+    _emit(result)
+    typer.echo(result.summary, err=True)
 
 
 def main() -> None:

@@ -7,6 +7,7 @@ on import, and `save_config` writes it next to every output it produced.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -196,11 +197,12 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else None
 
 
-def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+def merge_overrides(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
+    """Nested dicts merged key by key; `update` wins."""
     out = dict(base)
     for key, value in update.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = merge_overrides(out[key], value)
         else:
             out[key] = value
     return out
@@ -213,14 +215,14 @@ def load_config(
     """Defaults, then a YAML file or preset name, then overrides (`["train.epochs=3"]` or a nested dict)."""
     data: dict[str, Any] = _read_yaml(source) if source else {}
     if isinstance(overrides, dict):
-        data = _merge(data, overrides)
+        data = merge_overrides(data, overrides)
     else:
         for item in overrides or []:
             keys, value = parse_override(item)
             nested: dict[str, Any] = {keys[-1]: value}
             for key in reversed(keys[:-1]):
                 nested = {key: nested}
-            data = _merge(data, nested)
+            data = merge_overrides(data, nested)
     try:
         return Config.model_validate(data)
     except ValidationError as exc:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fashion_tagger.config import CONFIG_FILENAME, Config, ConfigError, load_config, save_config
+from fashion_tagger.config import CONFIG_FILENAME, Config, ConfigError, load_config, merge_overrides, save_config
 from fashion_tagger.errors import FashionTaggerError
 
 log = logging.getLogger(__name__)
@@ -166,13 +166,6 @@ def param_overrides(params: Mapping[str, Any]) -> dict[str, Any]:
     return nested
 
 
-def _merge(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in update.items():
-        out[key] = _merge(out[key], value) if isinstance(value, Mapping) and isinstance(out.get(key), dict) else value
-    return out
-
-
 def config_from_params(params: Mapping[str, Any], *, fixed: Mapping[str, Any] | None = None) -> Config:
     """Validate trigger parameters into a `Config`: the preset, then the parameters, then `fixed` overrides.
 
@@ -180,7 +173,7 @@ def config_from_params(params: Mapping[str, Any], *, fixed: Mapping[str, Any] | 
     """
     params = {name: params[name] for name in params}
     preset = params.get(PRESET_PARAM) or default_preset()
-    overrides = _merge(param_overrides(params), fixed or {})
+    overrides = merge_overrides(param_overrides(params), fixed or {})
     try:
         return load_config(preset, overrides)
     except ConfigError as exc:
