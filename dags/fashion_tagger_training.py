@@ -234,18 +234,12 @@ def fashion_tagger_training():
         Validate the trigger parameters, write the run's `config.yaml`, and make the dataset available under
         `<home>/raw/<name>/` (Kaggle, S3, a folder or a generated one). A complete earlier download is reused.
         """
-        from fashion_tagger import sources
+        from fashion_tagger import stages
         from fashion_tagger.orchestration import start_run
 
         with bad_input_fails_now():
             config, paths = start_run(context["params"], context["run_id"], fixed=FIXED_OVERRIDES)
-            result = sources.fetch_dataset(
-                config.data.source,
-                config.raw_root,
-                s3_endpoint_url=config.data.s3_endpoint_url,
-                synthetic_size=config.data.synthetic_size,
-                synthetic_seed=config.data.synthetic_seed,
-            )
+            result = stages.fetch(config)
         context["outlet_events"][RAW_DATASET].extra = {
             "source": result.source,
             "raw_dir": str(result.raw_dir),
@@ -271,20 +265,12 @@ def fashion_tagger_training():
     @task
     def build_splits(validated: dict[str, Any]) -> dict[str, Any]:
         """Encode the labels and write a stratified train/validation split to `split/`."""
-        from fashion_tagger import split
+        from fashion_tagger import stages
         from fashion_tagger.orchestration import resume_run
 
         config, paths = resume_run(validated["run_root"])
         with bad_input_fails_now():
-            result = split.split_dataset(
-                paths.validate,
-                paths.split,
-                attributes=config.labels.attributes,
-                min_class_count=config.labels.min_class_count,
-                val_fraction=config.split.val_fraction,
-                seed=config.split.seed,
-                max_rows=config.data.max_rows,
-            )
+            result = stages.split(config, paths.validate, paths.split)
         return {"run_root": str(paths.root), **result.to_dict()}
 
     @task

@@ -14,6 +14,7 @@ from typing import Annotated, Any
 
 import typer
 
+from fashion_tagger import stages
 from fashion_tagger.config import load_config, save_config
 from fashion_tagger.errors import FashionTaggerError
 
@@ -90,18 +91,7 @@ def fetch(
     set_: SetOption = None,
 ) -> None:
     """Fetch a dataset into <home>/raw/<name>/{styles.csv,images/} (skipped when already complete)."""
-    from fashion_tagger.sources import fetch_dataset
-
-    cfg = load_config(config, set_)
-    _emit(
-        fetch_dataset(
-            source,
-            cfg.raw_root,
-            s3_endpoint_url=cfg.data.s3_endpoint_url,
-            synthetic_size=cfg.data.synthetic_size,
-            synthetic_seed=cfg.data.synthetic_seed,
-        )
-    )
+    _emit(stages.fetch(load_config(config, set_), source))
 
 
 @app.command()
@@ -113,39 +103,16 @@ def validate(
     set_: SetOption = None,
 ) -> None:
     """Validate and clean styles.csv and the images: clean.parquet, rejects.csv, report.json."""
-    from fashion_tagger.validate import validate_dataset
-
     cfg = load_config(config, set_)
-    _emit(
-        validate_dataset(
-            raw_dir,
-            out_dir,
-            metadata_only=metadata_only or cfg.data.metadata_only,
-            max_reject_fraction=cfg.data.max_reject_fraction,
-            min_rows=cfg.data.min_rows,
-            workers=cfg.images.workers,
-        )
-    )
+    _emit(stages.validate(cfg, raw_dir, out_dir, metadata_only=metadata_only))
     save_config(cfg, out_dir)
 
 
 @app.command()
 def split(clean_dir: Path, out_dir: Path, config: ConfigOption = None, set_: SetOption = None) -> None:
     """Encode labels and write a stratified train/validation split (duplicate images kept together)."""
-    from fashion_tagger.split import split_dataset
-
     cfg = load_config(config, set_)
-    _emit(
-        split_dataset(
-            clean_dir,
-            out_dir,
-            attributes=cfg.labels.attributes,
-            min_class_count=cfg.labels.min_class_count,
-            val_fraction=cfg.split.val_fraction,
-            seed=cfg.split.seed,
-            max_rows=cfg.data.max_rows,
-        )
-    )
+    _emit(stages.split(cfg, clean_dir, out_dir))
     save_config(cfg, out_dir)
 
 
@@ -157,19 +124,7 @@ def prepare(
     set_: SetOption = None,
 ) -> None:
     """Resize every image once into the content-addressed cache shared by all runs."""
-    from fashion_tagger.prepare import prepare_images
-
-    cfg = load_config(config, set_)
-    _emit(
-        prepare_images(
-            split_dir,
-            cache_dir or cfg.cache_root,
-            width=cfg.images.width,
-            height=cfg.images.height,
-            jpeg_quality=cfg.images.jpeg_quality,
-            workers=cfg.images.workers,
-        )
-    )
+    _emit(stages.prepare(load_config(config, set_), split_dir, cache_dir))
 
 
 @app.command()

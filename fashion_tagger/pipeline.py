@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from fashion_tagger import stages
 from fashion_tagger.config import Config, save_config
 from fashion_tagger.io import StageResult
 from fashion_tagger.orchestration import run_paths
@@ -31,12 +32,8 @@ class PipelineResult(StageResult):
 def run_all(config: Config, run_id: str | None = None) -> PipelineResult:
     """fetch -> validate -> split -> prepare -> train -> evaluate -> register, each stage's summary kept."""
     from fashion_tagger.evaluate import evaluate_run
-    from fashion_tagger.prepare import prepare_images
     from fashion_tagger.registry import describe_registration, register_run
-    from fashion_tagger.sources import fetch_dataset
-    from fashion_tagger.split import split_dataset
     from fashion_tagger.train import train_model
-    from fashion_tagger.validate import validate_dataset
 
     paths = run_paths(config, run_id or f"cli__{datetime.now(UTC):%Y-%m-%dT%H-%M-%S}")
     save_config(config, paths.root)
@@ -51,50 +48,10 @@ def run_all(config: Config, run_id: str | None = None) -> PipelineResult:
         log.info("stage %s done in %.1f s", name, result.seconds[name])
         return outcome
 
-    fetched = stage(
-        "fetch",
-        lambda: fetch_dataset(
-            config.data.source,
-            config.raw_root,
-            s3_endpoint_url=config.data.s3_endpoint_url,
-            synthetic_size=config.data.synthetic_size,
-            synthetic_seed=config.data.synthetic_seed,
-        ),
-    )
-    stage(
-        "validate",
-        lambda: validate_dataset(
-            fetched.raw_dir,
-            paths.validate,
-            metadata_only=config.data.metadata_only,
-            max_reject_fraction=config.data.max_reject_fraction,
-            min_rows=config.data.min_rows,
-            workers=config.images.workers,
-        ),
-    )
-    stage(
-        "split",
-        lambda: split_dataset(
-            paths.validate,
-            paths.split,
-            attributes=config.labels.attributes,
-            min_class_count=config.labels.min_class_count,
-            val_fraction=config.split.val_fraction,
-            seed=config.split.seed,
-            max_rows=config.data.max_rows,
-        ),
-    )
-    stage(
-        "prepare",
-        lambda: prepare_images(
-            paths.split,
-            config.cache_root,
-            width=config.images.width,
-            height=config.images.height,
-            jpeg_quality=config.images.jpeg_quality,
-            workers=config.images.workers,
-        ),
-    )
+    fetched = stage("fetch", lambda: stages.fetch(config))
+    stage("validate", lambda: stages.validate(config, fetched.raw_dir, paths.validate))
+    stage("split", lambda: stages.split(config, paths.validate, paths.split))
+    stage("prepare", lambda: stages.prepare(config, paths.split))
     stage("train", lambda: train_model(config, split_dir=paths.split, run_dir=paths.train))
     stage("evaluate", lambda: evaluate_run(paths.train, split_dir=paths.split))
     registration = stage("register", lambda: register_run(paths.train, config))
