@@ -261,13 +261,14 @@ def decide(
             drops[attribute] = before - after
     new, old = challenger["headline_macro_f1"], champion["headline_macro_f1"]
     worst = max(drops, key=drops.get) if drops else None
-    # A hair of tolerance: equal models must compare equal despite float summation order.
-    if new + 1e-9 < old + min_delta:
-        return REJECTED, f"headline {new:.4f} < champion {old:.4f} + min_delta {min_delta}", drops
+    # "Higher by at least min_delta": an equal model never replaces the champion (no churn for nothing), and
+    # a hair of tolerance lets equal models compare equal despite float summation order.
+    if new <= old + 1e-9 or new + 1e-9 < old + min_delta:
+        return REJECTED, f"headline {new:.4f} is not above champion {old:.4f} by min_delta {min_delta}", drops
     if worst is not None and drops[worst] > max_attribute_drop + 1e-9:
         return (REJECTED, f"{worst} macro-F1 drops by {drops[worst]:.4f} > max_attribute_drop {max_attribute_drop}",
                 drops)
-    return PROMOTED, f"headline {new:.4f} >= champion {old:.4f} + min_delta {min_delta}", drops
+    return PROMOTED, f"headline {new:.4f} > champion {old:.4f}, by at least min_delta {min_delta}", drops
 
 
 # ------------------------------------------------------------------------------------------- registration

@@ -56,8 +56,10 @@ def test_decide_needs_min_delta_and_tolerates_only_small_attribute_drops():
     champion = _scores(0.70, a=0.8, b=0.6)
     decision, reason, _ = registry.decide(_scores(0.70, a=0.8, b=0.6), None, min_delta=0.0, max_attribute_drop=0.02)
     assert decision == registry.PROMOTED and "no champion" in reason
-    # Equal is enough without a min_delta, not with one.
+    # An equal model never replaces the champion; anything higher does when min_delta is 0.
     assert registry.decide(_scores(0.70, a=0.8, b=0.6), champion, min_delta=0.0, max_attribute_drop=0.02)[0] == (
+        registry.REJECTED)
+    assert registry.decide(_scores(0.701, a=0.801, b=0.6), champion, min_delta=0.0, max_attribute_drop=0.02)[0] == (
         registry.PROMOTED)
     decision, reason, _ = registry.decide(_scores(0.705, a=0.81, b=0.6), champion, min_delta=0.01,
                                           max_attribute_drop=0.02)
