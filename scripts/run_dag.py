@@ -20,16 +20,6 @@ from typing import Any
 import yaml
 from airflow_env import DAG_ID, REPO, airflow_env
 
-TASK_ORDER = [
-    "fetch_dataset",
-    "validate_dataset",
-    "build_splits",
-    "prepare_images",
-    "train_model",
-    "evaluate_model",
-    "register_model",
-]
-
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -89,7 +79,7 @@ def load_dag():
     return bag.dags[DAG_ID]
 
 
-def summarize(dag_run) -> dict[str, Any]:
+def summarize(dag, dag_run) -> dict[str, Any]:
     from airflow.models.xcom import XComModel
     from airflow.utils.session import create_session
 
@@ -97,19 +87,20 @@ def summarize(dag_run) -> dict[str, Any]:
         tis = {ti.task_id: ti for ti in dag_run.get_task_instances(session=session)}
         rows = session.scalars(XComModel.get_many(run_id=dag_run.run_id, dag_ids=DAG_ID, key="return_value"))
         results = {row.task_id: XComModel.deserialize_value(row) for row in rows}
+    order = [t.task_id for t in dag.topological_sort()]
     return {
         "dag_id": DAG_ID,
         "run_id": dag_run.run_id,
         "state": str(dag_run.state),
-        "tasks": {task_id: str(tis[task_id].state) if task_id in tis else "none" for task_id in TASK_ORDER},
-        "seconds": {task_id: round(tis[task_id].duration or 0, 1) for task_id in TASK_ORDER if task_id in tis},
+        "tasks": {task_id: str(tis[task_id].state) if task_id in tis else "none" for task_id in order},
+        "seconds": {task_id: round(tis[task_id].duration or 0, 1) for task_id in order if task_id in tis},
         "results": results,
     }
 
 
 def report(summary: dict[str, Any], seconds: float) -> None:
     print(f"\nDAG run {summary['run_id']}: {summary['state']} in {seconds:.0f} s")
-    for task_id in TASK_ORDER:
+    for task_id in summary["tasks"]:
         seconds = summary["seconds"].get(task_id)
         print(f"  {task_id:<18} {summary['tasks'][task_id]:<10} {f'{seconds:.0f} s' if seconds else ''}")
     registered = summary["results"].get("register_model")
@@ -118,7 +109,7 @@ def report(summary: dict[str, Any], seconds: float) -> None:
 
         print()
         print(describe_registration(registered))
-    failed = [t for t in TASK_ORDER if summary["tasks"][t] not in ("success", "skipped")]
+    failed = [t for t, state in summary["tasks"].items() if state not in ("success", "skipped")]
     if failed:
         print(f"\nfailed at {failed[0]}: its log is above; outputs so far under {run_root(summary)}")
     print(
@@ -144,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     migrate_metadata_db()
     dag = load_dag()
     dag_run = dag.test(run_conf=conf)
-    summary = summarize(dag_run)
+    summary = summarize(dag, dag_run)
     if args.summary_json:
         args.summary_json.parent.mkdir(parents=True, exist_ok=True)
         args.summary_json.write_text(json.dumps(summary, indent=2, default=str))

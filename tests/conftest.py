@@ -67,3 +67,14 @@ def real_small_raw(real_data, tmp_path_factory) -> Path:
     kept = (line for line in lines[1:] if line.split(",", 1)[0] in ids)
     (raw / "styles.csv").write_text(lines[0] + "".join(kept))
     return raw
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Torch on one thread: two OpenMP threads on two cores shared with other jobs stall at every barrier."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

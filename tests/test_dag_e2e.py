@@ -11,17 +11,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from test_dag import TASK_ORDER
 
 REPO = Path(__file__).resolve().parents[1]
-TASK_ORDER = [
-    "fetch_dataset",
-    "validate_dataset",
-    "build_splits",
-    "prepare_images",
-    "train_model",
-    "evaluate_model",
-    "register_model",
-]
 TINY = [
     "source=synthetic:300",
     "backbone=test_efficientnet",

@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
 from tagger_helpers import make_split, tiny_config
 
@@ -13,14 +12,7 @@ from fashion_tagger.evaluate import compute_metrics, evaluate_run, macro_f1
 from fashion_tagger.labels import LabelSpace
 from fashion_tagger.schema import IGNORE_INDEX
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Two OpenMP threads on two cores shared with other jobs stall at every barrier; one thread does not.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _label_space() -> LabelSpace:

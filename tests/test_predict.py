@@ -20,14 +20,7 @@ from fashion_tagger.predict import (
 )
 from fashion_tagger.prepare import resize_image
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Two OpenMP threads on two cores shared with other jobs stall at every barrier; one thread does not.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
