@@ -49,5 +49,12 @@ lint: $(STAMP)  ## ruff
 format: $(STAMP)  ## ruff fix + format
 	$(VENV)/bin/ruff check --fix .
 
+bench: $(STAMP)  ## the CPU benchmarks behind docs/performance.md (several minutes; GPU: bash benchmarks/gpu.sh)
+	$(PY) benchmarks/synth.py --rows 2000 --full-rows 3
+	$(PY) benchmarks/prepare.py --generated 24 --rounds 3
+	$(PY) benchmarks/loader.py --images 48 --rounds 3 --workers 0
+	$(PY) benchmarks/train_throughput.py --backbone tinynet_e --width 48 --height 64 --batch-size 64 --threads 1 --steps 5 --rounds 3
+	$(PY) benchmarks/inference.py --backbone efficientnet_b0 --batch 16 --threads 1 --rounds 10
+
 clean:  ## remove the embedded home (data, runs, MLflow store); keeps .venv
 	rm -rf .home
