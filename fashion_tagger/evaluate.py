@@ -17,7 +17,7 @@ import pandas as pd
 from sklearn.metrics import f1_score, precision_recall_fscore_support
 
 from fashion_tagger.errors import FashionTaggerError
-from fashion_tagger.io import StageResult, write_json
+from fashion_tagger.io import StageResult, write_json, write_parquet
 from fashion_tagger.labels import LabelSpace, label_column
 from fashion_tagger.schema import IGNORE_INDEX
 
@@ -250,7 +250,7 @@ def _write_predictions(
         out[attribute] = label_space.decode(attribute, y_true[attribute])
         out[f"{attribute}_pred"] = label_space.decode(attribute, y_pred[attribute])
         out[f"{attribute}_confidence"] = confidence[attribute]
-    out.to_parquet(path, index=False)
+    write_parquet(out, path)
 
 
 def plot_metrics(metrics: Mapping[str, Any], out_dir: Path) -> list[Path]:

@@ -7,8 +7,13 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 COMPLETE_MARKER = "_COMPLETE"
 
@@ -33,16 +38,35 @@ class StageResult:
         return _jsonable(dataclasses.asdict(self))
 
 
-def write_json(path: str | Path, data: Any) -> Path:
-    """Write JSON atomically (temp file + rename) so a reader never sees half a file."""
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """A temp path beside `path` to write to; renamed onto `path` only when the block succeeds.
+
+    A reader never sees half a file, and concurrent writers of the same file (two runs, pool workers) each
+    write their own temp file, so the last complete one wins.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as fh:
-        json.dump(_jsonable(data), fh, indent=2, sort_keys=False)
-        fh.write("\n")
-        tmp = fh.name
-    os.replace(tmp, path)
-    return path
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_json(path: str | Path, data: Any) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(_jsonable(data), indent=2, sort_keys=False) + "\n")
+    return Path(path)
+
+
+def write_parquet(frame: pd.DataFrame, path: str | Path) -> Path:
+    with atomic_path(path) as tmp:
+        frame.to_parquet(tmp, index=False)
+    return Path(path)
 
 
 def read_json(path: str | Path) -> Any:

@@ -6,7 +6,6 @@ epochs then read small cached JPEGs instead of decoding full-size ones again.
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass, field
 from multiprocessing import get_context
@@ -88,13 +87,8 @@ def prepare_image(source: str | Path, dest: str | Path, width: int, height: int,
     dest = Path(dest)
     with Image.open(source) as image:
         out = resize_image(image, width, height)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f"{dest.name}.{os.getpid()}.tmp")
-    try:
+    with io.atomic_path(dest) as tmp:
         out.save(tmp, "JPEG", quality=jpeg_quality)
-        os.replace(tmp, dest)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _prepare_task(task: tuple[str, str, str, int, int, int]) -> tuple[str, str | None]:

@@ -17,10 +17,10 @@ import pandas as pd
 from iterstrat.ml_stratifiers import MultilabelStratifiedShuffleSplit
 
 from fashion_tagger.errors import DataError
-from fashion_tagger.io import StageResult, read_json, write_json
+from fashion_tagger.io import StageResult, read_json, write_json, write_parquet
 from fashion_tagger.labels import LabelSpace, label_column
 from fashion_tagger.schema import ATTRIBUTES
-from fashion_tagger.validate import CLEAN_FILENAME, REPORT_FILENAME, table_sha256, write_parquet
+from fashion_tagger.validate import CLEAN_FILENAME, REPORT_FILENAME, table_sha256
 
 log = logging.getLogger(__name__)
 

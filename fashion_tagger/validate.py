@@ -23,7 +23,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from fashion_tagger.errors import DataError, QualityGateError
-from fashion_tagger.io import StageResult, write_json
+from fashion_tagger.io import StageResult, atomic_path, sha256_bytes, write_json, write_parquet
 from fashion_tagger.parallel import resolve_workers
 from fashion_tagger.schema import STYLE_COLUMNS
 
@@ -148,7 +148,7 @@ def _check_image(path: str) -> dict[str, Any]:
         return {"reason": "unreadable_image", "detail": f"{type(exc).__name__}: {exc}"}
     if not data:
         return {"reason": "empty_image", "detail": "zero-byte file"}
-    result: dict[str, Any] = {"image_sha256": hashlib.sha256(data).hexdigest()}
+    result: dict[str, Any] = {"image_sha256": sha256_bytes(data)}
     try:
         with Image.open(io.BytesIO(data)) as img:
             width, height = img.size
@@ -230,16 +230,8 @@ def _duplicate_groups(hashes: pd.Series) -> pd.Series:
 
 def _write_rejects(rejects: list[_Reject], path: Path) -> None:
     frame = pd.DataFrame([r.__dict__ for r in rejects], columns=list(REJECT_COLUMNS))
-    tmp = path.with_suffix(".csv.tmp")
-    frame.to_csv(tmp, index=False, lineterminator="\n")
-    os.replace(tmp, path)
-
-
-def write_parquet(frame: pd.DataFrame, path: Path) -> None:
-    """Write via a temp file and rename so a reader never sees half a table."""
-    tmp = path.with_suffix(".parquet.tmp")
-    frame.to_parquet(tmp, index=False)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        frame.to_csv(tmp, index=False, lineterminator="\n")
 
 
 def validate_dataset(
