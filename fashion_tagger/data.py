@@ -10,7 +10,6 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
 
 import lightning as L
 import numpy as np
@@ -20,27 +19,14 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import Compose, RandomResizedCrop
 
-from fashion_tagger.cache import PREPARED_FILENAME, cached_image_path
+from fashion_tagger.cache import cached_image_path, read_prepared
 from fashion_tagger.errors import DataError
-from fashion_tagger.io import read_json
 from fashion_tagger.labels import LabelSpace, label_column
 
 TRAIN_FILENAME = "train.parquet"
 VAL_FILENAME = "val.parquet"
 READ_RETRIES = 2  # transient errors on network file systems; a truly broken file fails loudly after these
 CROP_SCALE = (0.8, 1.0)  # mild: a product must stay whole enough to keep its silhouette and colour
-
-
-def read_prepared(split_dir: str | Path) -> dict[str, Any]:
-    """split_dir/prepared.json: where the cache is and at which width x height the images were written."""
-    path = Path(split_dir) / PREPARED_FILENAME
-    if not path.is_file():
-        raise DataError(f"{path} does not exist: run `fashion-tagger prepare {split_dir}` before training")
-    prepared = read_json(path)
-    missing = [key for key in ("cache_root", "width", "height") if key not in prepared]
-    if missing:
-        raise DataError(f"{path} is missing keys: {', '.join(missing)}; rerun `fashion-tagger prepare {split_dir}`")
-    return prepared
 
 
 def read_split(split_dir: str | Path, filename: str, attributes: Sequence[str]) -> pd.DataFrame:

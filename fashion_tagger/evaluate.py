@@ -155,7 +155,8 @@ def predict_split(
     import torch
     from torch.utils.data import DataLoader
 
-    from fashion_tagger.data import TaggerDataset, read_prepared, read_split
+    from fashion_tagger.cache import read_prepared
+    from fashion_tagger.data import TaggerDataset, read_split
 
     attributes = predictor.label_space.attributes
     prepared = read_prepared(split_dir)

@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from fashion_tagger import tracking
-from fashion_tagger.cache import PREPARED_FILENAME, cached_image_path
+from fashion_tagger.cache import PREPARED_FILENAME, cached_image_path, read_prepared
 from fashion_tagger.config import CONFIG_FILENAME, Config, load_config
 from fashion_tagger.errors import FashionTaggerError
 from fashion_tagger.io import StageResult, read_json, sha256_file, write_json
@@ -182,7 +182,7 @@ def gate_data(split_dir: str | Path) -> GateData:
         raise RegistryError(f"{val_path} does not exist: the gate needs the run's validation split")
     labels = LabelSpace.load(split_dir)
     val = pd.read_parquet(val_path)
-    prepared = read_json(split_dir / PREPARED_FILENAME) if (split_dir / PREPARED_FILENAME).is_file() else None
+    prepared = read_prepared(split_dir) if (split_dir / PREPARED_FILENAME).is_file() else None
     paths = []
     for original, sha in zip(val["image_path"], val.get("image_sha256", [None] * len(val)), strict=True):
         if original and Path(original).is_file():

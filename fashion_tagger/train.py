@@ -34,8 +34,9 @@ from lightning.pytorch.callbacks import (
 from lightning.pytorch.loggers import CSVLogger, Logger
 from lightning.pytorch.strategies import DDPStrategy
 
+from fashion_tagger.cache import read_prepared
 from fashion_tagger.config import Config, load_config, save_config
-from fashion_tagger.data import TRAIN_FILENAME, TaggerDataModule, normalize, pixel_stats, read_prepared
+from fashion_tagger.data import TRAIN_FILENAME, TaggerDataModule, normalize, pixel_stats
 from fashion_tagger.errors import FashionTaggerError
 from fashion_tagger.evaluate import macro_f1
 from fashion_tagger.io import StageResult, read_json, write_json
