@@ -9,13 +9,13 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import traceback
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-from fashion_tagger import stages
-from fashion_tagger.config import load_config, save_config
+from fashion_tagger.config import load_config
 from fashion_tagger.errors import FashionTaggerError
 
 app = typer.Typer(
@@ -45,7 +45,11 @@ def _fail(message: str, code: int = 2) -> None:
 
 
 @app.callback()
-def _setup(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> None:
+def _setup(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="debug logs, and tracebacks of errors")] = False,
+) -> None:
+    global _verbose
+    _verbose = verbose
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -84,78 +88,43 @@ def synth(
     _emit(generate_dataset(out_dir, rows=rows, size=size, seed=seed))
 
 
-@app.command()
-def fetch(
-    source: Annotated[str, typer.Argument(help="kaggle:OWNER/DATASET, a folder, s3://bucket/prefix, synthetic:N")],
-    config: ConfigOption = None,
-    set_: SetOption = None,
-) -> None:
-    """Fetch a dataset into <home>/raw/<name>/{styles.csv,images/} (skipped when already complete)."""
-    _emit(stages.fetch(load_config(config, set_), source))
+RunArgument = Annotated[str, typer.Argument(help="a run id (see `fashion-tagger runs`) or a run folder")]
+
+
+def _stage_command(name: str, summary: str) -> None:
+    """Register `fashion-tagger NAME RUN`: stage NAME of an existing run, settings from the run's config.yaml."""
+
+    def command(run: RunArgument) -> None:
+        from fashion_tagger.runs import is_rank_zero, open_run
+        from fashion_tagger.stages import run_stage
+
+        result = run_stage(open_run(run), name)
+        if is_rank_zero():  # under torchrun every rank returns; the result is printed once
+            _emit(result)
+
+    command.__doc__ = f"{summary}. Stage {name} of RUN, with the settings in its config.yaml."
+    app.command(name)(command)
+
+
+for _name, _summary in (
+    ("fetch", "Make the run's dataset source available under <home>/raw/ (a complete earlier copy is reused)"),
+    ("validate", "Validate and clean styles.csv and the images: clean.parquet, rejects.csv, report.json"),
+    ("split", "Encode labels and write a stratified train/validation split (duplicate images kept together)"),
+    ("prepare", "Resize every image once into the content-addressed cache shared by all runs"),
+    ("train", "Train the tagger, or resume it from its last checkpoint"),
+    ("evaluate", "Per-attribute and per-class metrics, confusion matrices and plots"),
+    ("register", "Register the model in MLflow and apply the promotion gate"),
+):
+    _stage_command(_name, _summary)
 
 
 @app.command()
-def validate(
-    raw_dir: Path,
-    out_dir: Path,
-    metadata_only: Annotated[bool, typer.Option("--metadata-only", help="do not open images")] = False,
-    config: ConfigOption = None,
-    set_: SetOption = None,
-) -> None:
-    """Validate and clean styles.csv and the images: clean.parquet, rejects.csv, report.json."""
-    cfg = load_config(config, set_)
-    _emit(stages.validate(cfg, raw_dir, out_dir, metadata_only=metadata_only))
-    save_config(cfg, out_dir)
+def new(config: ConfigOption = None, set_: SetOption = None) -> None:
+    """Create a run (folder and config.yaml) without running any stage; prints its id and folder."""
+    from fashion_tagger.runs import create_run
 
-
-@app.command()
-def split(clean_dir: Path, out_dir: Path, config: ConfigOption = None, set_: SetOption = None) -> None:
-    """Encode labels and write a stratified train/validation split (duplicate images kept together)."""
-    cfg = load_config(config, set_)
-    _emit(stages.split(cfg, clean_dir, out_dir))
-    save_config(cfg, out_dir)
-
-
-@app.command()
-def prepare(
-    split_dir: Path,
-    cache_dir: Annotated[Path | None, typer.Option(help="default <home>/cache")] = None,
-    config: ConfigOption = None,
-    set_: SetOption = None,
-) -> None:
-    """Resize every image once into the content-addressed cache shared by all runs."""
-    _emit(stages.prepare(load_config(config, set_), split_dir, cache_dir))
-
-
-@app.command()
-def train(
-    run_dir: Annotated[Path, typer.Option("--run-dir", help="checkpoints, config and metrics go here")],
-    split_dir: Annotated[Path | None, typer.Option(help="prepared split; default: the run's saved one")] = None,
-    config: ConfigOption = None,
-    set_: SetOption = None,
-) -> None:
-    """Train (or resume) the tagger in RUN_DIR. Runs in its own process; Airflow launches exactly this."""
-    from lightning.pytorch.utilities import rank_zero_only
-
-    from fashion_tagger.train import train_model
-
-    cfg = load_config(config, set_)
-    result = train_model(cfg, split_dir=split_dir, run_dir=run_dir)
-    # Under DDP every rank returns; the result is printed once.
-    if rank_zero_only.rank == 0:
-        _emit(result)
-
-
-@app.command()
-def evaluate(
-    run_dir: Annotated[Path, typer.Option("--run-dir")],
-    checkpoint: Annotated[Path | None, typer.Option(help="default: the run's best checkpoint")] = None,
-    split_dir: Annotated[Path | None, typer.Option(help="default: the split the run trained on")] = None,
-) -> None:
-    """Per-attribute and per-class metrics, confusion matrices and plots into RUN_DIR/eval."""
-    from fashion_tagger.evaluate import evaluate_run
-
-    _emit(evaluate_run(run_dir, checkpoint=checkpoint, split_dir=split_dir))
+    run = create_run(load_config(config, set_))
+    _emit({"run_id": run.id, "run_root": str(run.root)})
 
 
 @app.command()
@@ -176,21 +145,6 @@ def predict(
 
 
 @app.command()
-def register(
-    run_dir: Annotated[Path, typer.Option("--run-dir")],
-    config: ConfigOption = None,
-    set_: SetOption = None,
-) -> None:
-    """Log the run to MLflow, register it as challenger and apply the promotion gate."""
-    from fashion_tagger.registry import describe_registration, register_run
-
-    cfg = load_config(config, set_)
-    result = register_run(run_dir, cfg)
-    _emit(result)
-    typer.echo(describe_registration(result), err=True)  # stdout stays JSON for scripts and Airflow
-
-
-@app.command()
 def models(config: ConfigOption = None, set_: SetOption = None) -> None:
     """List registered versions with their aliases, headline metric and promotion decision."""
     from fashion_tagger.registry import format_versions, list_versions
@@ -200,21 +154,50 @@ def models(config: ConfigOption = None, set_: SetOption = None) -> None:
 
 
 @app.command("run")
-def run_pipeline(config: ConfigOption = None, set_: SetOption = None) -> None:
+def run_pipeline(
+    config: ConfigOption = None,
+    set_: SetOption = None,
+    resume: Annotated[str | None, typer.Option(help="continue this run after its last completed stage")] = None,
+) -> None:
     """Run every stage in this process: fetch, validate, split, prepare, train, evaluate, register."""
     from fashion_tagger.pipeline import run_all
+    from fashion_tagger.runs import create_run, open_run
 
-    result = run_all(load_config(config, set_))
+    if resume and (config or set_):
+        _fail("--resume continues a run with its own saved configuration: drop --config/--set")
+    run = open_run(resume) if resume else create_run(load_config(config, set_))
+    result = run_all(run)
     _emit(result)
     typer.echo(result.summary, err=True)
 
 
+@app.command("runs")
+def list_runs(as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of a table")] = False) -> None:
+    """List the runs of the home with their status and last completed stage."""
+    from fashion_tagger.config import project_home
+    from fashion_tagger.layout import Home
+    from fashion_tagger.runs import format_runs, list_runs
+
+    rows = list_runs(Home(project_home()))
+    typer.echo(json.dumps(rows, indent=2) if as_json else format_runs(rows))
+
+
+_verbose = False
+
+
 def main() -> None:
+    """The error contract (errors.py): an error we understand is one line and its exit code (2: bad input,
+    75: transient, worth a retry); `--verbose` adds its traceback. Anything else is a bug and shows one."""
     try:
         app()
     except FashionTaggerError as exc:
+        if _verbose:
+            traceback.print_exc()
         typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
-        sys.exit(2)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        typer.secho("interrupted", fg=typer.colors.RED, err=True)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -15,17 +15,16 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from fashion_tagger.errors import FashionTaggerError
+from fashion_tagger.errors import ConfigError
+from fashion_tagger.layout import CONFIG_FILENAME, Home
 from fashion_tagger.schema import ATTRIBUTES
 
 HOME_ENV = "FASHION_TAGGER_HOME"
 DEFAULT_HOME = Path("~/.fashion-tagger")
-CONFIG_FILENAME = "config.yaml"
 KAGGLE_FULL = "kaggle:paramaggarwal/fashion-product-images-dataset"
 
 
-class ConfigError(FashionTaggerError, ValueError):
-    """A configuration file or override that does not fit the schema."""
+__all__ = ["CONFIG_FILENAME", "Config", "ConfigError", "load_config", "save_config"]
 
 
 def project_home() -> Path:
@@ -70,15 +69,15 @@ class SplitConfig(_Section):
 
 
 class ImagesConfig(_Section):
-    width: int = Field(240, ge=16, le=2048)
-    height: int = Field(320, ge=16, le=2048)
+    width: int = Field(240, ge=16, le=2048, description="input width in pixels; product photos are 3:4, e.g. 240 x 320")
+    height: int = Field(320, ge=16, le=2048, description="input height in pixels")
     jpeg_quality: int = Field(95, ge=50, le=100)
     workers: int = Field(0, ge=0, description="process pool size; 0 means one per CPU")
 
 
 class ModelConfig(_Section):
-    backbone: str = "efficientnet_b3"
-    pretrained: bool = True
+    backbone: str = Field("efficientnet_b3", description="a timm model name")
+    pretrained: bool = Field(True, description="start from ImageNet weights (the timm hub or model.pretrained_path)")
     pretrained_path: str | None = Field(None, description="local weights file instead of the timm hub")
     hidden_dim: int = Field(1024, ge=0, description="hidden layer per head; 0 for a linear head")
     dropout: float = Field(0.3, ge=0, lt=1)
@@ -86,9 +85,9 @@ class ModelConfig(_Section):
 
 
 class TrainConfig(_Section):
-    epochs: int = Field(30, ge=1)
-    batch_size: int = Field(64, ge=1)
-    lr: float = Field(1e-3, gt=0)
+    epochs: int = Field(30, ge=1, le=1000, description="maximum epochs (early stopping may end sooner)")
+    batch_size: int = Field(64, ge=1, le=8192, description="images per step and GPU")
+    lr: float = Field(1e-3, gt=0, le=1, description="peak learning rate of the heads (the backbone gets a fraction)")
     backbone_lr_scale: float = Field(0.1, gt=0, le=1, description="backbone lr = lr * this")
     weight_decay: float = Field(0.01, ge=0)
     schedule: Literal["cosine", "step"] = "cosine"
@@ -121,8 +120,10 @@ class RegistryConfig(_Section):
     tracking_uri: str | None = Field(None, description="default $MLFLOW_TRACKING_URI, else SQLite in home")
     experiment: str = "fashion-tagger"
     model_name: str = "fashion-tagger"
-    promote: bool = True
-    min_delta: float = Field(0.0, ge=0, description="challenger must beat champion by this much")
+    promote: bool = Field(True, description="move alias `champion` to the new version when it passes the gate")
+    min_delta: float = Field(
+        0.0, ge=0, le=1, description="headline macro-F1 the new version must gain over the champion"
+    )
     max_attribute_drop: float = Field(0.02, ge=0, description="tolerated macro-F1 drop per attribute")
     artifact_location: str | None = Field(
         None, description="artifact root of new experiments, e.g. s3://mlflow; default <home>/mlartifacts "
@@ -148,23 +149,28 @@ class Config(_Section):
         return Path(self.home).expanduser().resolve() if self.home else project_home()
 
     @property
+    def layout(self) -> Home:
+        """The home's layout (raw/, cache/, runs/, locks/, the embedded MLflow store)."""
+        return Home(self.home_dir)
+
+    @property
     def raw_root(self) -> Path:
-        return self.home_dir / "raw"
+        return self.layout.raw
 
     @property
     def cache_root(self) -> Path:
-        return self.home_dir / "cache"
+        return self.layout.cache
 
     @property
     def runs_root(self) -> Path:
-        return self.home_dir / "runs"
+        return self.layout.runs
 
     @property
     def tracking_uri(self) -> str:
         return (
             self.registry.tracking_uri
             or os.environ.get("MLFLOW_TRACKING_URI")
-            or f"sqlite:///{self.home_dir / 'mlflow.db'}"
+            or f"sqlite:///{self.layout.mlflow_db}"
         )
 
 
@@ -187,6 +193,11 @@ def _read_yaml(source: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"config {origin} must hold a mapping of sections, not {type(data).__name__}")
     return data
+
+
+def read_config_source(source: str | Path) -> dict[str, Any]:
+    """The mapping a YAML file or preset holds, before defaults, overrides and validation."""
+    return _read_yaml(source)
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
@@ -235,10 +246,10 @@ def load_config(
 
 def save_config(config: Config, directory: str | Path) -> Path:
     """Write the resolved config as `config.yaml` beside the outputs it produced."""
-    path = Path(directory) / CONFIG_FILENAME
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
-    return path
+    from fashion_tagger.io import write_text
+
+    text = yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+    return write_text(Path(directory) / CONFIG_FILENAME, text)
 
 
 def config_to_flat_dict(config: Config) -> dict[str, Any]:

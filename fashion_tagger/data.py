@@ -22,15 +22,15 @@ from torchvision.transforms import Compose, RandomResizedCrop
 from fashion_tagger.cache import cached_image_path, read_prepared
 from fashion_tagger.errors import DataError
 from fashion_tagger.labels import LabelSpace, label_column
+from fashion_tagger.layout import SplitDir
 
-TRAIN_FILENAME = "train.parquet"
-VAL_FILENAME = "val.parquet"
 READ_RETRIES = 2  # transient errors on network file systems; a truly broken file fails loudly after these
 CROP_SCALE = (0.8, 1.0)  # mild: a product must stay whole enough to keep its silhouette and colour
 
 
-def read_split(split_dir: str | Path, filename: str, attributes: Sequence[str]) -> pd.DataFrame:
-    path = Path(split_dir) / filename
+def read_split(split_dir: str | Path, part: str, attributes: Sequence[str]) -> pd.DataFrame:
+    """One part (`train`, `val`) of a split with its image hashes and the encoded columns of ATTRIBUTES."""
+    path = SplitDir(Path(split_dir)).part(part)
     if not path.is_file():
         raise DataError(f"{path} does not exist: run `fashion-tagger split CLEAN_DIR {split_dir}` first")
     frame = pd.read_parquet(path)
@@ -170,9 +170,9 @@ class TaggerDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         width, height = self.image_size
         if stage in (None, "fit") and self.train_set is None:
-            self.train_set = self._dataset(TRAIN_FILENAME, train_transform(width, height))
+            self.train_set = self._dataset("train", train_transform(width, height))
         if self.val_set is None:
-            self.val_set = self._dataset(VAL_FILENAME, eval_transform())
+            self.val_set = self._dataset("val", eval_transform())
 
     def _loader(self, dataset: Dataset, *, train: bool) -> DataLoader:
         return DataLoader(

@@ -1,7 +1,7 @@
 """Evaluate a trained run on its validation split: per-attribute and per-class metrics, confusion matrices, plots.
 
-Every number is computed over the rows whose label is not 'None'. `compute_metrics` is the pure part
-(arrays in, dict out) that the MLflow promotion gate reuses to score champion and challenger on one split.
+The numbers come from `metrics.compute_metrics` (the code the promotion gate scores with too); the files go
+where `layout.EvalDir` says.
 """
 
 from __future__ import annotations
@@ -14,16 +14,14 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from sklearn.metrics import f1_score, precision_recall_fscore_support
 
-from fashion_tagger.errors import FashionTaggerError
+from fashion_tagger.config import Config
 from fashion_tagger.io import StageResult, write_json, write_parquet
 from fashion_tagger.labels import LabelSpace, label_column
-from fashion_tagger.schema import IGNORE_INDEX
+from fashion_tagger.layout import EvalDir, TrainDir
+from fashion_tagger.metrics import compute_metrics, summary
 
 log = logging.getLogger(__name__)
-
-EVAL_DIRNAME = "eval"
 
 
 @dataclass
@@ -40,112 +38,8 @@ class EvalResult(StageResult):
     plots: list[Path] = field(default_factory=list)
 
 
-def macro_f1(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> float:
-    """Macro-F1 over all trainable classes on the rows whose label is not 'None' (0 when there are none)."""
-    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
-    keep = y_true != IGNORE_INDEX
-    if not keep.any():
-        return 0.0
-    return float(
-        f1_score(y_true[keep], y_pred[keep], labels=list(range(num_classes)), average="macro", zero_division=0)
-    )
-
-
-def _majority_class(attribute: str, label_space: LabelSpace, y_true: np.ndarray) -> int:
-    """The most frequent trainable class by the label space's counts (the data it was built on), else y_true's."""
-    names = label_space.classes[attribute]
-    counts = label_space.counts.get(attribute, {})
-    if counts and any(name in counts for name in names):
-        return int(np.argmax([counts.get(name, 0) for name in names]))
-    return int(np.bincount(y_true, minlength=len(names)).argmax()) if len(y_true) else 0
-
-
-def compute_metrics(
-    y_true: Mapping[str, np.ndarray],
-    y_pred: Mapping[str, np.ndarray],
-    label_space: LabelSpace,
-) -> dict[str, Any]:
-    """Metrics of predicted class indices against encoded labels (IGNORE_INDEX rows are left out).
-
-    Returns {headline_macro_f1, exact_match, rows, attributes: {name: {accuracy, macro_f1, weighted_f1,
-    majority_baseline_accuracy, majority_baseline_macro_f1, per_class, confusion_matrix, ...}}}.
-    """
-    attributes = [a for a in label_space.attributes if a in y_true]
-    if not attributes:
-        raise FashionTaggerError(f"no predictions for any attribute of the label space {label_space.attributes}")
-    rows = len(np.asarray(y_true[attributes[0]]))
-    correct_or_masked = np.ones(rows, dtype=bool)
-    any_labelled = np.zeros(rows, dtype=bool)
-    per_attribute: dict[str, Any] = {}
-    for attribute in attributes:
-        names = label_space.classes[attribute]
-        labels = list(range(len(names)))
-        truth, pred = np.asarray(y_true[attribute]), np.asarray(y_pred[attribute])
-        if truth.shape != pred.shape or len(truth) != rows:
-            raise FashionTaggerError(f"{attribute}: {len(truth)} labels but {len(pred)} predictions")
-        keep = truth != IGNORE_INDEX
-        correct_or_masked &= ~keep | (truth == pred)
-        any_labelled |= keep
-        t, p = truth[keep], pred[keep]
-        majority = _majority_class(attribute, label_space, t)
-        baseline = np.full_like(t, majority)
-        if len(t):
-            precision, recall, f1, support = precision_recall_fscore_support(t, p, labels=labels, zero_division=0)
-            weighted = float(f1_score(t, p, labels=labels, average="weighted", zero_division=0))
-        else:
-            precision = recall = f1 = np.zeros(len(names))
-            support = np.zeros(len(names), dtype=np.int64)
-            weighted = 0.0
-        confusion = np.zeros((len(names), len(names)), dtype=np.int64)
-        np.add.at(confusion, (t, np.clip(p, 0, len(names) - 1)), 1)
-        per_attribute[attribute] = {
-            "labelled_rows": int(keep.sum()),
-            "accuracy": float((t == p).mean()) if len(t) else 0.0,
-            "macro_f1": macro_f1(truth, pred, len(names)),
-            "weighted_f1": weighted,
-            "majority_class": names[majority],
-            "majority_baseline_accuracy": float((t == baseline).mean()) if len(t) else 0.0,
-            "majority_baseline_macro_f1": macro_f1(t, baseline, len(names)),
-            "classes": list(names),
-            "per_class": {
-                name: {
-                    "precision": float(precision[i]),
-                    "recall": float(recall[i]),
-                    "f1": float(f1[i]),
-                    "support": int(support[i]),
-                }
-                for i, name in enumerate(names)
-            },
-            "confusion_matrix": confusion.tolist(),  # rows: true class, columns: predicted class
-        }
-    exact = correct_or_masked[any_labelled]
-    return {
-        "headline_macro_f1": float(np.mean([per_attribute[a]["macro_f1"] for a in attributes])),
-        "exact_match": float(exact.mean()) if len(exact) else 0.0,
-        "rows": rows,
-        "rows_with_labels": int(any_labelled.sum()),
-        "attributes": per_attribute,
-    }
-
-
-def summary(metrics: Mapping[str, Any]) -> dict[str, dict[str, float]]:
-    """The per-attribute headline numbers without the per-class detail."""
-    keys = ("accuracy", "macro_f1", "weighted_f1", "majority_baseline_accuracy", "majority_baseline_macro_f1")
-    return {a: {k: round(m[k], 6) for k in keys} for a, m in metrics["attributes"].items()}
-
-
-def default_checkpoint(run_dir: Path) -> Path:
-    from fashion_tagger.train import BEST_NAME, CHECKPOINT_DIR, LAST_NAME
-
-    for name in (BEST_NAME, LAST_NAME):
-        path = run_dir / CHECKPOINT_DIR / f"{name}.ckpt"
-        if path.is_file():
-            return path
-    raise FashionTaggerError(f"{run_dir / CHECKPOINT_DIR} holds no best.ckpt or last.ckpt: train the run first")
-
-
 def predict_split(
-    predictor: Any, split_dir: Path, filename: str, *, batch_size: int = 64, num_workers: int = 0
+    predictor: Any, split_dir: Path, part: str, *, batch_size: int = 64, num_workers: int = 0
 ) -> tuple[pd.DataFrame, dict[str, np.ndarray], dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Predicted class indices and confidences for a split table's cached images.
 
@@ -160,7 +54,7 @@ def predict_split(
 
     attributes = predictor.label_space.attributes
     prepared = read_prepared(split_dir)
-    frame = read_split(split_dir, filename, [])
+    frame = read_split(split_dir, part, [])
     encoded = predictor.label_space.encode(frame)
     frame = pd.concat([frame.drop(columns=[c for c in encoded.columns if c in frame.columns]), encoded], axis=1)
     dataset = TaggerDataset(
@@ -184,49 +78,51 @@ def predict_split(
 
 def evaluate_run(
     run_dir: str | Path,
+    config: Config,
     *,
     checkpoint: str | Path | None = None,
     split_dir: str | Path | None = None,
 ) -> EvalResult:
-    """Score a run's checkpoint (default best) on the validation split (default the one it trained on)."""
-    from fashion_tagger.data import VAL_FILENAME, resolve_workers
+    """Score a training run's checkpoint (default: its best) on the validation part of a split (default: the
+    split it trained on); batch size, loader workers and CPU threads come from `config.train`."""
+    from fashion_tagger.data import resolve_workers
+    from fashion_tagger.parallel import cpu_threads
     from fashion_tagger.predict import Predictor
-    from fashion_tagger.train import cpu_threads, recorded_split_dir
 
-    run_dir = Path(run_dir).expanduser().resolve()
-    checkpoint = Path(checkpoint).expanduser().resolve() if checkpoint else default_checkpoint(run_dir)
-    split_dir = Path(split_dir).expanduser().resolve() if split_dir else recorded_split_dir(run_dir)
+    train_dir = TrainDir(Path(run_dir).expanduser().resolve())
+    checkpoint = Path(checkpoint).expanduser().resolve() if checkpoint else train_dir.checkpoint()
+    split_dir = Path(split_dir).expanduser().resolve() if split_dir else train_dir.recorded_split()
     predictor = Predictor.from_checkpoint(checkpoint)
-    train = predictor.config.get("train", {})
-    threads = int(train.get("cpu_threads", 0)) if predictor.device.type == "cpu" else 0
+    threads = config.train.cpu_threads if predictor.device.type == "cpu" else 0
+    part = "val"
     with cpu_threads(threads):
         frame, y_true, y_pred, confidence = predict_split(
             predictor,
             split_dir,
-            VAL_FILENAME,
-            batch_size=int(train.get("batch_size", 64)),
-            num_workers=resolve_workers(int(train.get("num_workers", 0))),
+            part,
+            batch_size=config.train.batch_size,
+            num_workers=resolve_workers(config.train.num_workers),
         )
     label_space = predictor.label_space
     metrics = compute_metrics(y_true, y_pred, label_space)
-    metrics.update({"checkpoint": str(checkpoint), "split_dir": str(split_dir), "split": VAL_FILENAME})
+    metrics.update({"checkpoint": str(checkpoint), "split_dir": str(split_dir), "split": part})
 
-    eval_dir = run_dir / EVAL_DIRNAME
-    eval_dir.mkdir(parents=True, exist_ok=True)
-    metrics_path = write_json(eval_dir / "metrics.json", metrics)
+    out = train_dir.eval
+    out.dir.mkdir(parents=True, exist_ok=True)
+    metrics_path = write_json(out.metrics, metrics)
     for attribute, m in metrics["attributes"].items():
         per_class = pd.DataFrame.from_dict(m["per_class"], orient="index").rename_axis("class").reset_index()
-        per_class.to_csv(eval_dir / f"per_class_{attribute}.csv", index=False)
+        per_class.to_csv(out.per_class(attribute), index=False)
         pd.DataFrame(m["confusion_matrix"], index=m["classes"], columns=m["classes"]).rename_axis(
             "true \\ predicted"
-        ).to_csv(eval_dir / f"confusion_{attribute}.csv")
-    _write_predictions(frame, y_true, y_pred, confidence, label_space, eval_dir / "predictions.parquet")
-    plots = plot_metrics(metrics, eval_dir)
+        ).to_csv(out.confusion(attribute))
+    _write_predictions(frame, y_true, y_pred, confidence, label_space, out.predictions)
+    plots = plot_metrics(metrics, out)
     log.info("evaluated %s on %d rows: headline macro-F1 %.4f", checkpoint, metrics["rows"],
              metrics["headline_macro_f1"])
     return EvalResult(
-        run_dir=run_dir,
-        eval_dir=eval_dir,
+        run_dir=train_dir.dir,
+        eval_dir=out.dir,
         metrics_path=metrics_path,
         checkpoint=checkpoint,
         split_dir=split_dir,
@@ -254,7 +150,7 @@ def _write_predictions(
     write_parquet(out, path)
 
 
-def plot_metrics(metrics: Mapping[str, Any], out_dir: Path) -> list[Path]:
+def plot_metrics(metrics: Mapping[str, Any], out: EvalDir) -> list[Path]:
     """Per-class F1 bars and a row-normalised confusion heatmap per attribute, as PNGs."""
     import matplotlib
 
@@ -276,7 +172,7 @@ def plot_metrics(metrics: Mapping[str, Any], out_dir: Path) -> list[Path]:
         ax.set_title(f"{attribute}: per-class F1")
         ax.legend(loc="lower right", fontsize=8)
         fig.tight_layout()
-        paths.append(out_dir / f"per_class_f1_{attribute}.png")
+        paths.append(out.per_class_plot(attribute))
         fig.savefig(paths[-1], dpi=100)
         plt.close(fig)
 
@@ -297,7 +193,7 @@ def plot_metrics(metrics: Mapping[str, Any], out_dir: Path) -> list[Path]:
         ax.set_title(f"{attribute}: confusion (row-normalised, counts)")
         fig.colorbar(image, ax=ax, fraction=0.046)
         fig.tight_layout()
-        paths.append(out_dir / f"confusion_{attribute}.png")
+        paths.append(out.confusion_plot(attribute))
         fig.savefig(paths[-1], dpi=100)
         plt.close(fig)
     return paths

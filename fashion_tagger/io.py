@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import tempfile
 from collections.abc import Iterator
@@ -14,6 +15,8 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import pandas as pd
+
+log = logging.getLogger(__name__)
 
 COMPLETE_MARKER = "_COMPLETE"
 
@@ -38,16 +41,32 @@ class StageResult:
         return _jsonable(dataclasses.asdict(self))
 
 
+def process_umask() -> int:
+    """This process's umask, read without changing it (os.umask can only be read by setting it)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    current = os.umask(0o022)  # not thread-safe, hence only where /proc is missing
+    os.umask(current)
+    return current
+
+
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """A temp path beside `path` to write to; renamed onto `path` only when the block succeeds.
 
     A reader never sees half a file, and concurrent writers of the same file (two runs, pool workers) each
-    write their own temp file, so the last complete one wins.
+    write their own temp file, so the last complete one wins. The file gets the mode a plain `open` would
+    give it (0644 under the usual umask), not mkstemp's private 0600, so other service accounts can read it.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.fchmod(fd, 0o666 & ~process_umask())
     os.close(fd)
     tmp = Path(name)
     try:
@@ -55,6 +74,43 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+@contextmanager
+def file_lock(path: str | Path, what: str) -> Iterator[None]:
+    """Hold an exclusive lock on PATH (created as needed) for the block; another process holding it is waited for,
+    and the wait is logged. The kernel releases the lock when its holder dies, so a killed process never wedges it."""
+    from filelock import FileLock, Timeout
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(path, mode=0o666 & ~process_umask())
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        log.info("waiting for %s: another process holds %s", what, path)
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+    return Path(path)
+
+
+def remove_stale_temporaries(directory: str | Path, *, depth: int = 1) -> int:
+    """Delete what killed writers left (atomic_path temporaries); call it only while no writer is active."""
+    from fashion_tagger.layout import stale_temporaries
+
+    removed = 0
+    for path in stale_temporaries(directory, depth=depth):
+        path.unlink(missing_ok=True)
+        removed += 1
+    return removed
 
 
 def write_json(path: str | Path, data: Any) -> Path:

@@ -17,9 +17,9 @@ import pandas as pd
 
 from fashion_tagger.errors import DataError
 from fashion_tagger.io import read_json, write_json
+from fashion_tagger.layout import SplitDir
 from fashion_tagger.schema import IGNORE_INDEX, NONE_LABEL
 
-LABELS_FILENAME = "labels.json"
 FORMAT_VERSION = 1
 
 
@@ -127,14 +127,16 @@ class LabelSpace:
             counts={a: dict(v.get("counts", {})) for a, v in attributes.items()},
         )
 
-    def save(self, directory: str | Path) -> Path:
-        return write_json(Path(directory) / LABELS_FILENAME, self.to_dict())
+    def save(self, path: str | Path) -> Path:
+        """Write labels.json: into a split folder, or to the file path given."""
+        path = Path(path)
+        return write_json(SplitDir(path).labels if path.is_dir() else path, self.to_dict())
 
     @classmethod
     def load(cls, path: str | Path) -> LabelSpace:
         path = Path(path)
         if path.is_dir():
-            path = path / LABELS_FILENAME
+            path = SplitDir(path).labels
         if not path.is_file():
             raise DataError(f"{path} does not exist: run `fashion-tagger split` first")
         return cls.from_dict(read_json(path))

@@ -15,11 +15,9 @@ import torch
 from timm.data import resolve_data_config
 from torch import nn
 
-from fashion_tagger.errors import FashionTaggerError
+from fashion_tagger.errors import ModelError, ModelUnavailableError
 
-
-class ModelError(FashionTaggerError):
-    """A backbone that cannot be built or weights that cannot be loaded."""
+__all__ = ["FashionTagger", "ModelError", "create_backbone"]
 
 
 class AttributeHead(nn.Sequential):
@@ -122,7 +120,7 @@ def create_backbone(
         # The hub raises a zoo of connection/HTTP/offline errors; all mean the same thing to the user.
         hub_id = getattr(timm.models.get_pretrained_cfg(name), "hf_hub_id", None) or f"timm/{name}"
         reason = (str(exc).splitlines() or [""])[0].rstrip(".")
-        raise ModelError(
+        raise ModelUnavailableError(
             f"cannot download pretrained weights for {name!r} from the timm hub (hf.co/{hub_id}): "
             f"{type(exc).__name__}: {reason}. Without network access either set model.pretrained_path to a "
             f"local weights file (model.safetensors of hf.co/{hub_id}, or torch.save(model.state_dict()) of "

@@ -1,12 +1,11 @@
-"""What an orchestrator needs around the stages: trigger parameters -> `Config`, run-scoped output paths, and
-stage commands run as child processes whose output streams line by line into the caller's log.
+"""What an orchestrator needs around the stages: the trigger form generated from the config schema, trigger
+parameters -> `Config`, and stages run as child processes whose output streams line by line into the caller's log.
 
 No Airflow import: the DAG in dags/ composes these helpers, and plain unit tests cover them.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -18,12 +17,12 @@ import sys
 import threading
 from collections import deque
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fashion_tagger.config import CONFIG_FILENAME, Config, ConfigError, load_config, merge_overrides, save_config
-from fashion_tagger.errors import FashionTaggerError
+from fashion_tagger.config import Config, load_config, merge_overrides, preset_names
+from fashion_tagger.errors import BAD_INPUT_EXIT_CODE, TRANSIENT_EXIT_CODE, ConfigError, FashionTaggerError
 
 log = logging.getLogger(__name__)
 
@@ -31,88 +30,156 @@ SOURCE_ENV = "FASHION_TAGGER_SOURCE"
 PRESET_ENV = "FASHION_TAGGER_PRESET"
 KAGGLE_SMALL = "kaggle:paramaggarwal/fashion-product-images-small"
 SYNTHETIC_DEFAULT = "synthetic:3000"
-
-# Trigger parameter -> configuration key. `preset` picks the base the others override; a parameter left
-# empty (None) keeps the preset's value.
-PARAM_CONFIG_KEYS: dict[str, str] = {
-    "source": "data.source",
-    "max_rows": "data.max_rows",
-    "backbone": "model.backbone",
-    "pretrained": "model.pretrained",
-    "image_width": "images.width",
-    "image_height": "images.height",
-    "epochs": "train.epochs",
-    "batch_size": "train.batch_size",
-    "learning_rate": "train.lr",
-    "min_class_count": "labels.min_class_count",
-    "promote": "registry.promote",
-    "min_delta": "registry.min_delta",
-}
 PRESET_PARAM = "preset"
-BAD_INPUT_EXIT_CODE = 2  # what `fashion-tagger` exits with on a FashionTaggerError
+KEEP, YES, NO = "keep", "yes", "no"  # the three answers of a yes/no field whose empty value keeps the preset's
+
+SECTION_DATA = "Data"
+SECTION_MODEL = "Model and training"
+SECTION_REGISTRY = "Registration"
+EMPTY_KEEPS_PRESET = " Leave empty to keep the preset's value."
+
+
+@dataclass(frozen=True)
+class FormField:
+    """One field of the trigger form: its parameter name, the config key it sets, and how the form shows it.
+
+    Type, bounds, choices and the description come from the config schema, never from here.
+    """
+
+    name: str
+    key: str
+    title: str
+    section: str
+    examples: tuple[str, ...] = ()
+    pattern: str | None = None  # only what the form can check as text; the stages check the rest
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+# The one table of the trigger form. `preset` picks the base that the others override.
+FORM_FIELDS: tuple[FormField, ...] = (
+    FormField("source", "data.source", "Dataset source", SECTION_DATA,
+              examples=("kaggle:paramaggarwal/fashion-product-images-dataset", KAGGLE_SMALL,
+                        "s3://fashion-data/fashion-dataset", "synthetic:3000"),
+              pattern=r"^(kaggle:[\w.-]+/[\w.-]+|s3://[^/\s]+(/\S*)?|synthetic:[1-9][0-9]*|[/~.]\S*)$"),
+    FormField("max_rows", "data.max_rows", "Maximum rows", SECTION_DATA),
+    FormField("min_class_count", "labels.min_class_count", "Minimum class count", SECTION_DATA),
+    FormField("backbone", "model.backbone", "Backbone", SECTION_MODEL,
+              examples=("efficientnet_b3", "efficientnet_b0", "tf_efficientnet_lite0", "convnext_tiny", "resnet50"),
+              pattern=r"^[a-z0-9_.]+$"),
+    FormField("pretrained", "model.pretrained", "Pretrained weights", SECTION_MODEL),
+    FormField("image_width", "images.width", "Image width", SECTION_MODEL),
+    FormField("image_height", "images.height", "Image height", SECTION_MODEL),
+    FormField("epochs", "train.epochs", "Epochs", SECTION_MODEL),
+    FormField("batch_size", "train.batch_size", "Batch size", SECTION_MODEL),
+    FormField("learning_rate", "train.lr", "Learning rate", SECTION_MODEL),
+    FormField("promote", "registry.promote", "Promote", SECTION_REGISTRY),
+    FormField("min_delta", "registry.min_delta", "Minimum improvement", SECTION_REGISTRY),
+)
+PARAM_CONFIG_KEYS: dict[str, str] = {f.name: f.key for f in FORM_FIELDS}
 
 
 class StageProcessError(FashionTaggerError):
-    """A stage run as a child process exited with an error; the message carries the end of its output."""
+    """A stage run as a child process exited with an error; the message carries the end of its output.
+
+    Its kind follows the child's exit code (the CLI's error contract): bad input is final, anything else is
+    worth a retry (a transient fault, a crash, a kill).
+    """
 
     def __init__(self, message: str, returncode: int | None = None):
         super().__init__(message)
         self.returncode = returncode
 
     @property
+    def exit_code(self) -> int:  # type: ignore[override]
+        return BAD_INPUT_EXIT_CODE if self.returncode == BAD_INPUT_EXIT_CODE else TRANSIENT_EXIT_CODE
+
+    @property
     def bad_input(self) -> bool:
-        """The CLI exits with BAD_INPUT_EXIT_CODE for bad data or configuration: a retry cannot fix those."""
-        return self.returncode == BAD_INPUT_EXIT_CODE
+        return not self.retryable
 
 
-# --- where a run's outputs go ----------------------------------------------------------------------------------------
-
-_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+# --- the trigger form, generated from the config schema -------------------------------------------------------------
 
 
-def run_dir_name(run_id: str) -> str:
-    """A folder name for an orchestrator's run id, unique per run id.
+def _field_schema(schema: Mapping[str, Any], key: str) -> dict[str, Any]:
+    """The JSON schema of config field KEY (`train.epochs`), with `Optional[...]` unwrapped."""
+    section, name = key.split(".")
+    ref = schema["properties"][section].get("$ref") or schema["properties"][section]["anyOf"][0]["$ref"]
+    section_schema = schema["$defs"][ref.rsplit("/", 1)[-1]]
+    prop = dict(section_schema["properties"][name])
+    for option in prop.pop("anyOf", []):
+        if option.get("type") != "null":
+            prop = {**option, **prop}
+    return prop
 
-    Airflow run ids hold ':' and '+' (`manual__2025-01-01T00:00:00+00:00`); those become '-', and a short hash
-    of the original id is appended whenever anything changed, so two ids never share a folder.
+
+def preset_display(name: str) -> str:
+    """`demo: tinynet_e, 4 epochs, 48x64, synthetic:3000`: what a preset sets, read from the preset itself.
+
+    The preset's YAML over the schema's defaults, unvalidated: this runs when the DAG file is parsed, where
+    validation (which may look up the backbone in timm) would be too heavy.
     """
-    if not run_id or not run_id.strip():
-        raise ConfigError("a run needs a non-empty run id to name its output folder")
-    safe = _UNSAFE.sub("-", run_id).strip(".-")[:180] or "run"
-    if safe != run_id:
-        safe = f"{safe}-{hashlib.sha256(run_id.encode()).hexdigest()[:8]}"
-    return safe
+    from fashion_tagger.config import read_config_source
+
+    data = read_config_source(name)
+    defaults = Config.model_construct()
+
+    def value(section: str, key: str) -> Any:
+        return (data.get(section) or {}).get(key, getattr(getattr(defaults, section), key))
+
+    return (f"{name}: {value('model', 'backbone')}, {value('train', 'epochs')} epochs, "
+            f"{value('images', 'width')}x{value('images', 'height')}, {value('data', 'source')}")
 
 
-@dataclass(frozen=True)
-class RunPaths:
-    """The folders one run writes; dataset-level caches (raw downloads, prepared images) live outside it."""
+def form_params(config_cls: type[Config] = Config) -> dict[str, dict[str, Any]]:
+    """The trigger form as keyword arguments of Airflow `Param`s, generated from CONFIG_CLS's schema and the presets.
 
-    root: Path
-
-    @property
-    def config(self) -> Path:
-        return self.root / CONFIG_FILENAME
-
-    @property
-    def validate(self) -> Path:
-        return self.root / "validate"
-
-    @property
-    def split(self) -> Path:
-        return self.root / "split"
-
-    @property
-    def train(self) -> Path:
-        """The training run dir: config.yaml, checkpoints/, metrics.json and, after evaluation, eval/."""
-        return self.root / "train"
-
-    def to_dict(self) -> dict[str, str]:
-        return {name: str(getattr(self, name)) for name in ("root", "config", "validate", "split", "train")}
-
-
-def run_paths(config: Config, run_id: str) -> RunPaths:
-    return RunPaths(config.runs_root / run_dir_name(run_id))
+    Every field may be left empty (null), which keeps the preset's value; yes/no fields offer a three-way choice
+    (keep the preset's value / yes / no) so that "empty" is never shown as "no".
+    """
+    schema = config_cls.model_json_schema()
+    presets = preset_names()
+    params: dict[str, dict[str, Any]] = {
+        PRESET_PARAM: {
+            "default": default_preset(),
+            "type": "string",
+            "enum": presets,
+            "values_display": {name: preset_display(name) for name in presets},
+            "title": "Preset",
+            "description": "Base configuration the other fields override.",
+            "section": SECTION_DATA,
+        }
+    }
+    for form_field in FORM_FIELDS:
+        prop = _field_schema(schema, form_field.key)
+        description = (prop.get("description") or prop.get("title") or form_field.title).rstrip(".") + "."
+        spec: dict[str, Any] = {"title": form_field.title, "section": form_field.section}
+        if prop.get("type") == "boolean":
+            spec |= {
+                "default": KEEP,
+                "type": "string",
+                "enum": [KEEP, YES, NO],
+                "values_display": {KEEP: "keep the preset's value", YES: "yes", NO: "no"},
+                "description": description,
+            }
+        else:
+            spec |= {
+                "default": None,
+                "type": ["null", prop["type"]],
+                "description": description + EMPTY_KEEPS_PRESET,
+            }
+            for bound in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "minLength", "maxLength"):
+                if bound in prop:
+                    spec[bound] = prop[bound]
+            if "enum" in prop:
+                spec["enum"] = [None, *prop["enum"]]
+        if form_field.examples:
+            spec["examples"] = list(form_field.examples)
+        if form_field.pattern:
+            spec["pattern"] = form_field.pattern
+        params[form_field.name] = spec | form_field.extra
+    params["source"]["default"] = default_source(default_preset())
+    return params
 
 
 # --- trigger parameters -> Config ------------------------------------------------------------------------------------
@@ -148,6 +215,16 @@ def default_preset() -> str:
     return os.environ.get(PRESET_ENV, "").strip() or "default"
 
 
+def _param_value(name: str, value: Any) -> Any:
+    """A form value as the config wants it: yes/no -> True/False; None, blank and `keep` mean "keep the preset"."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    if isinstance(value, str) and value.strip().lower() in (KEEP, YES, NO):
+        answer = value.strip().lower()
+        return None if answer == KEEP else answer == YES
+    return value
+
+
 def param_overrides(params: Mapping[str, Any]) -> dict[str, Any]:
     """Nested config overrides from trigger parameters; unknown names are an error, empty values are skipped."""
     unknown = sorted(set(params) - set(PARAM_CONFIG_KEYS) - {PRESET_PARAM})
@@ -158,11 +235,11 @@ def param_overrides(params: Mapping[str, Any]) -> dict[str, Any]:
         )
     nested: dict[str, Any] = {}
     for name, key in PARAM_CONFIG_KEYS.items():
-        value = params.get(name)
-        if value is None or (isinstance(value, str) and not value.strip()):
+        value = _param_value(name, params.get(name))
+        if value is None:
             continue
-        section, field = key.split(".")
-        nested.setdefault(section, {})[field] = value
+        section, field_name = key.split(".")
+        nested.setdefault(section, {})[field_name] = value
     return nested
 
 
@@ -181,24 +258,6 @@ def config_from_params(params: Mapping[str, Any], *, fixed: Mapping[str, Any] | 
         for name, key in PARAM_CONFIG_KEYS.items():
             message = message.replace(f"{key}:", f"{name} ({key}):")
         raise ConfigError(f"bad parameters: {message}") from None
-
-
-def start_run(
-    params: Mapping[str, Any], run_id: str, *, fixed: Mapping[str, Any] | None = None
-) -> tuple[Config, RunPaths]:
-    """Validate the parameters and write the run's config.yaml, which every later step reads back."""
-    config = config_from_params(params, fixed=fixed)
-    paths = run_paths(config, run_id)
-    save_config(config, paths.root)
-    return config, paths
-
-
-def resume_run(run_root: str | Path) -> tuple[Config, RunPaths]:
-    """The config and paths of a run that `start_run` began."""
-    paths = RunPaths(Path(run_root))
-    if not paths.config.is_file():
-        raise ConfigError(f"{paths.config} does not exist: the run's first step (fetch_dataset) did not finish")
-    return load_config(paths.config), paths
 
 
 # --- stages as child processes ---------------------------------------------------------------------------------------
@@ -221,36 +280,14 @@ def gpu_processes(devices: str | int | None) -> int:
     return 1
 
 
-def stage_command(stage: str, args: Sequence[str | Path], *, nproc: int = 1, python: str | None = None) -> list[str]:
-    """`python -m fashion_tagger STAGE ARGS`, or the same under torchrun with NPROC processes on this node."""
+def stage_command(stage: str, run_root: str | Path, *, nproc: int = 1, python: str | None = None) -> list[str]:
+    """The one entry point of a stage child process: `python -m fashion_tagger STAGE RUN_ROOT`, or the same under
+    torchrun with NPROC processes on this node. Every setting comes from the run's own config.yaml."""
     python = python or sys.executable
-    tail = ["-m", "fashion_tagger", stage, *(str(a) for a in args)]
+    tail = ["-m", "fashion_tagger", stage, str(run_root)]
     if nproc > 1:
         return [python, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *tail]
     return [python, *tail]
-
-
-def train_command(config_path: Path, run_dir: Path, split_dir: Path, *, nproc: int = 1) -> list[str]:
-    return stage_command(
-        "train",
-        ["--config", config_path, "--run-dir", run_dir, "--split-dir", split_dir],
-        nproc=nproc,
-    )
-
-
-def validate_command(config_path: Path, raw_dir: Path, out_dir: Path) -> list[str]:
-    return stage_command("validate", [raw_dir, out_dir, "--config", config_path])
-
-
-def prepare_command(config_path: Path, split_dir: Path, cache_root: Path) -> list[str]:
-    return stage_command("prepare", [split_dir, "--cache-dir", cache_root, "--config", config_path])
-
-
-def evaluate_command(run_dir: Path, split_dir: Path | None = None) -> list[str]:
-    args: list[str | Path] = ["--run-dir", run_dir]
-    if split_dir is not None:
-        args += ["--split-dir", split_dir]
-    return stage_command("evaluate", args)
 
 
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
@@ -351,17 +388,29 @@ def _terminate(proc: subprocess.Popen, logger: logging.Logger, grace_s: float = 
         proc.wait()
 
 
-def run_stage(
+def run_stage_process(
+    stage: str,
+    run_root: str | Path,
+    *,
+    nproc: int = 1,
+    logger: logging.Logger | None = None,
+    env: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
+    """Run stage STAGE of the run at RUN_ROOT in a child process and return the result it printed.
+
+    Its output is logged as `fashion_tagger.<stage>` unless another logger is given.
+    """
+    return run_json_command(stage, stage_command(stage, run_root, nproc=nproc), logger=logger, env=env)
+
+
+def run_json_command(
     stage: str,
     cmd: Sequence[str],
     *,
     logger: logging.Logger | None = None,
     env: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
-    """Run a stage command and return the result it printed; an error if it printed none.
-
-    Its output is logged as `fashion_tagger.<stage>` unless another logger is given.
-    """
+    """Run CMD (a stage command) and return the JSON object it printed last; an error if it printed none."""
     output = run_logged(cmd, logger=logger or logging.getLogger(f"fashion_tagger.{stage}"), env=env)
     if output.result is None:
         raise StageProcessError(f"`fashion_tagger {stage}` finished but printed no JSON result")

@@ -1,10 +1,12 @@
-"""How many worker processes a stage's pool may use here, shared by validate and prepare."""
+"""How much of this machine a stage may use: pool workers (validate, prepare) and torch threads (train, evaluate)."""
 
 from __future__ import annotations
 
 import logging
 import multiprocessing
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 log = logging.getLogger(__name__)
 
@@ -28,3 +30,18 @@ def resolve_workers(requested: int, tasks: int) -> int:
         log.warning("running in a daemon process, which may not start a pool: using 1 worker instead of %d", workers)
         return 1
     return workers
+
+
+@contextmanager
+def cpu_threads(threads: int) -> Iterator[None]:
+    """Limit torch's intra-op threads for the duration (0: leave them). On a small shared CPU, two OpenMP
+    threads wait at every barrier for a core the loader workers or other processes hold; one does not."""
+    import torch
+
+    previous = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)

@@ -7,6 +7,7 @@ tagger.json) needs only torch, timm and Pillow; the MLflow pyfunc model is built
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -21,6 +22,7 @@ from PIL import Image
 
 from fashion_tagger.errors import DataError, FashionTaggerError
 from fashion_tagger.labels import LabelSpace
+from fashion_tagger.layout import RunLayout, TrainDir
 from fashion_tagger.model import FashionTagger
 from fashion_tagger.prepare import resize_image
 
@@ -117,6 +119,25 @@ class Predictor:
             config=hparams["config"],
         )
 
+    def identity(self) -> str:
+        """What this tagger computes, as a hash: its weights' tensors, the label space and the preprocessing.
+
+        Two checkpoints of the same weights hash alike, although their files differ (optimizer state, epoch
+        counters, pickling order), so a model registered once is recognised from any run that produced it.
+        """
+        digest = hashlib.sha256()
+        spec = {
+            "model": self.model_config,
+            "labels": {attribute: list(names) for attribute, names in self.label_space.classes.items()},
+            "image": {"width": self.image_size[0], "height": self.image_size[1], "mean": self.mean, "std": self.std},
+        }
+        digest.update(json.dumps(spec, sort_keys=True).encode())
+        for name, tensor in sorted(self.model.state_dict().items()):
+            tensor = tensor.detach().cpu().contiguous()
+            digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+            digest.update(tensor.flatten().view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()
+
     def export(self, directory: str | Path) -> Path:
         """Write weights.pt (state dict) and tagger.json (network, labels, image size, normalisation)."""
         directory = Path(directory)
@@ -171,15 +192,14 @@ class Predictor:
 
 
 def load_predictor(path: str | Path, device: str | torch.device | None = None) -> Predictor:
-    """A .ckpt file, an export directory (tagger.json), or a run directory (its best checkpoint)."""
+    """A .ckpt file, an export directory (tagger.json), a run folder or its train/ folder (the best checkpoint)."""
     path = Path(path).expanduser()
     if path.is_dir() and (path / EXPORT_FILENAME).is_file():
         return Predictor.from_export(path, device)
     if path.is_dir():
-        for candidate in (path / "checkpoints" / "best.ckpt", path / "checkpoints" / "last.ckpt"):
-            if candidate.is_file():
-                return Predictor.from_checkpoint(candidate, device)
-        raise FashionTaggerError(f"{path} holds neither {EXPORT_FILENAME} nor checkpoints/best.ckpt")
+        in_run = RunLayout(path).train
+        train_dir = in_run if in_run.dir.is_dir() else TrainDir(path)
+        return Predictor.from_checkpoint(train_dir.checkpoint(), device)
     return Predictor.from_checkpoint(path, device)
 
 

@@ -6,6 +6,7 @@ epochs then read small cached JPEGs instead of decoding full-size ones again.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from multiprocessing import get_context
@@ -17,12 +18,12 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from fashion_tagger import io
-from fashion_tagger.cache import PREPARED_FILENAME, cached_image_path
 from fashion_tagger.errors import DataError
+from fashion_tagger.layout import SPLIT_PARTS, SplitDir, cache_size_dir, cached_image_path
 from fashion_tagger.parallel import resolve_workers
 
-SPLIT_FILES = ("train.parquet", "val.parquet")
-FAILURES_FILENAME = "prepare_failures.json"
+log = logging.getLogger(__name__)
+
 BACKGROUND = (255, 255, 255)  # the product photos are shot on white, so padding on white adds no edge
 
 
@@ -104,10 +105,10 @@ def _prepare_task(task: tuple[str, str, str, int, int, int]) -> tuple[str, str |
 def load_split_images(split_dir: Path) -> pd.DataFrame:
     """One row per distinct image content (image_sha256, image_path) over train and val."""
     frames = []
-    for filename in SPLIT_FILES:
-        path = split_dir / filename
+    for part in SPLIT_PARTS:
+        path = SplitDir(split_dir).part(part)
         if not path.is_file():
-            raise DataError(f"{path} does not exist: run `fashion-tagger split` to create {split_dir} first")
+            raise DataError(f"{path} does not exist: run the split stage to create {split_dir} first")
         frame = pd.read_parquet(path, columns=None)
         missing = [col for col in ("image_path", "image_sha256") if col not in frame.columns]
         if missing:
@@ -134,29 +135,35 @@ def prepare_images(
     """Write every distinct image of train/val into the cache at width x height; cached ones are skipped."""
     started = time.perf_counter()
     split_dir, cache_root = Path(split_dir), Path(cache_root)
+    split = SplitDir(split_dir)
     images = load_split_images(split_dir)
-    tasks = []
-    for sha, source in zip(images["image_sha256"], images["image_path"], strict=True):
-        dest = cached_image_path(cache_root, sha, width, height)
-        # Writes are atomic, so an existing file is a complete one.
-        if not dest.is_file():
-            tasks.append((sha, str(source), str(dest), width, height, jpeg_quality))
-    cached = len(images) - len(tasks)
-    errors = _run_tasks(tasks, workers)
+    size_dir = cache_size_dir(cache_root, width, height)
+    # Two runs preparing into one cache would write the same images twice: the second waits, then finds them.
+    with io.file_lock(size_dir.with_name(f"{size_dir.name}.lock"), f"the image cache {size_dir}"):
+        if removed := io.remove_stale_temporaries(size_dir, depth=2):
+            log.info("removed %d partial images left by an interrupted prepare in %s", removed, size_dir)
+        tasks = []
+        for sha, source in zip(images["image_sha256"], images["image_path"], strict=True):
+            dest = cached_image_path(cache_root, sha, width, height)
+            # Writes are atomic, so an existing file is a complete one.
+            if not dest.is_file():
+                tasks.append((sha, str(source), str(dest), width, height, jpeg_quality))
+        cached = len(images) - len(tasks)
+        errors = _run_tasks(tasks, workers)
 
     if errors:
         by_sha = dict(zip(images["image_sha256"], images["image_path"], strict=True))
         failures = [{"image_sha256": sha, "image_path": str(by_sha[sha]), "error": err} for sha, err in errors]
-        report = io.write_json(split_dir / FAILURES_FILENAME, failures)
+        report = io.write_json(split.prepare_failures, failures)
         # prepared.json promises every image is cached; a stale one must not survive a failed rerun.
-        (split_dir / PREPARED_FILENAME).unlink(missing_ok=True)
+        split.prepared.unlink(missing_ok=True)
         first = failures[0]
         raise DataError(
             f"{len(failures)} of {len(images)} images could not be prepared, e.g. {first['image_path']} "
             f"(sha256 {first['image_sha256']}): {first['error']}; all are listed in {report}. "
             "Validation should have rejected them: rerun validate and split"
         )
-    (split_dir / FAILURES_FILENAME).unlink(missing_ok=True)
+    split.prepare_failures.unlink(missing_ok=True)
     result = PrepareResult(
         split_dir=split_dir,
         cache_root=cache_root,
@@ -172,7 +179,7 @@ def prepare_images(
     del summary["split_dir"], summary["failures"]
     summary["cache_root"] = str(cache_root.resolve())
     summary["jpeg_quality"] = jpeg_quality
-    io.write_json(split_dir / PREPARED_FILENAME, summary)
+    io.write_json(split.prepared, summary)
     return result
 
 

@@ -22,12 +22,11 @@ from typing import Any
 from tqdm import tqdm
 
 from fashion_tagger import io
-from fashion_tagger.errors import SourceError
+from fashion_tagger.errors import SourceError, SourceUnavailableError
+from fashion_tagger.layout import IMAGES_DIRNAME, STYLES_FILENAME
 
 log = logging.getLogger(__name__)
 
-STYLES_FILENAME = "styles.csv"
-IMAGES_DIRNAME = "images"
 # Where styles.csv sits in the published archives: the full dataset, the 60x80 one, then a flat layout.
 KAGGLE_LAYOUTS = ("fashion-dataset", "myntradataset", "")
 ACCEPTED_FORMS = (
@@ -133,35 +132,43 @@ def _local_dir(folder: Path) -> Path:
 
 
 def _materialize(raw_root: Path, name: str, fill: Callable[[Path], dict[str, Any]]) -> tuple[Path, bool]:
-    """Reuse raw_root/name when complete; else fill a fresh partial folder, mark it complete, rename it into place."""
+    """Reuse raw_root/name when complete; else fill a fresh partial folder, mark it complete, rename it into place.
+
+    A lock per dataset makes a second process fetching the same source wait and then reuse the first one's
+    download, instead of deleting its partial folder as a leftover.
+    """
     dest = raw_root / name
     if io.is_complete(dest):
         log.info("%s is complete, skipping the download", dest)
         return dest, False
     raw_root.mkdir(parents=True, exist_ok=True)
-    if dest.exists():
-        # Only complete folders are ever renamed here, so one without the marker is a leftover: redo it.
-        log.warning("%s has no completion marker: removing it and fetching again", dest)
-        shutil.rmtree(dest)
-    partial = raw_root / f".{name}.partial"
-    if partial.exists():
-        log.warning("removing the leftover of an interrupted fetch: %s", partial)
+    with io.file_lock(raw_root / f".{name}.lock", f"the fetch of {name}"):
+        if io.is_complete(dest):
+            log.info("%s was fetched by another process meanwhile: reusing it", dest)
+            return dest, False
+        if dest.exists():
+            # Only complete folders are ever renamed here, so one without the marker is a leftover: redo it.
+            log.warning("%s has no completion marker: removing it and fetching again", dest)
+            shutil.rmtree(dest)
+        partial = raw_root / f".{name}.partial"
+        if partial.exists():
+            log.warning("removing the leftover of an interrupted fetch: %s", partial)
+            shutil.rmtree(partial)
+        partial.mkdir()
+        staged = partial / "data"
+        staged.mkdir()
+        try:
+            info = fill(staged)
+            if not (staged / STYLES_FILENAME).is_file():
+                raise SourceError(f"fetching {name} produced no {STYLES_FILENAME}")
+        except Exception:
+            # A failed fetch can leave gigabytes behind; a killed one is cleaned by the next run instead.
+            shutil.rmtree(partial, ignore_errors=True)
+            raise
+        (staged / IMAGES_DIRNAME).mkdir(exist_ok=True)
+        io.mark_complete(staged, {"name": name, "fetched_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **info})
+        os.replace(staged, dest)
         shutil.rmtree(partial)
-    partial.mkdir()
-    staged = partial / "data"
-    staged.mkdir()
-    try:
-        info = fill(staged)
-        if not (staged / STYLES_FILENAME).is_file():
-            raise SourceError(f"fetching {name} produced no {STYLES_FILENAME}")
-    except Exception:
-        # A failed fetch can leave gigabytes behind; a killed one is cleaned by the next run instead.
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
-    (staged / IMAGES_DIRNAME).mkdir(exist_ok=True)
-    io.mark_complete(staged, {"name": name, "fetched_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **info})
-    os.replace(staged, dest)
-    shutil.rmtree(partial)
     return dest, True
 
 
@@ -237,7 +244,9 @@ def _fetch_kaggle(slug: str, raw_root: Path, api: Any) -> tuple[Path, str, bool]
         try:
             client.dataset_download_files(slug, path=str(download_dir), unzip=False, quiet=False)
         except Exception as exc:  # network, HTTP and API errors all mean the same thing to the caller
-            raise SourceError(f"downloading kaggle:{slug} failed: {exc}; rerun fetch to start again") from exc
+            raise SourceUnavailableError(
+                f"downloading kaggle:{slug} failed: {exc}; rerun fetch to start again"
+            ) from exc
         archives = sorted(download_dir.glob("*.zip"))
         if len(archives) != 1:
             found = sorted(p.name for p in download_dir.iterdir())
@@ -326,7 +335,13 @@ def _default_s3_client(endpoint_url: str | None) -> Any:
 
 
 def _fetch_s3(uri: str, raw_root: Path, client: Any, endpoint_url: str | None) -> tuple[Path, str, bool]:
-    from botocore.exceptions import BotoCoreError, ClientError
+    from botocore.exceptions import (
+        BotoCoreError,
+        ClientError,
+        ConnectTimeoutError,
+        EndpointConnectionError,
+        ReadTimeoutError,
+    )
 
     bucket, prefix = parse_s3_uri(uri)
     name = s3_dataset_name(bucket, prefix)
@@ -354,6 +369,8 @@ def _fetch_s3(uri: str, raw_root: Path, client: Any, endpoint_url: str | None) -
                 done = pool.map(lambda job: s3.download_file(bucket, job[0], str(job[1])), jobs)
                 for _ in tqdm(done, total=len(jobs), desc=f"s3://{bucket}/{base}", unit="file", disable=None):
                     pass
+        except (EndpointConnectionError, ConnectTimeoutError, ReadTimeoutError) as exc:
+            raise SourceUnavailableError(f"reading {uri} failed: {exc}; the S3 endpoint did not answer") from exc
         except (BotoCoreError, ClientError) as exc:
             raise SourceError(
                 f"reading {uri} failed: {exc} (endpoint: set data.s3_endpoint_url or AWS_ENDPOINT_URL)"

@@ -19,14 +19,12 @@ from iterstrat.ml_stratifiers import MultilabelStratifiedShuffleSplit
 from fashion_tagger.errors import DataError
 from fashion_tagger.io import StageResult, read_json, write_json, write_parquet
 from fashion_tagger.labels import LabelSpace, label_column
+from fashion_tagger.layout import SplitDir, ValidateDir
 from fashion_tagger.schema import ATTRIBUTES
-from fashion_tagger.validate import CLEAN_FILENAME, REPORT_FILENAME, table_sha256
+from fashion_tagger.validate import table_sha256
 
 log = logging.getLogger(__name__)
 
-TRAIN_FILENAME = "train.parquet"
-VAL_FILENAME = "val.parquet"
-SPLIT_REPORT_FILENAME = "split_report.json"
 
 
 @dataclass
@@ -46,11 +44,11 @@ class SplitResult(StageResult):
 def load_clean(clean_dir: str | Path) -> tuple[pd.DataFrame, str]:
     """The clean table sorted by id, and its content hash (from report.json, else computed)."""
     clean_dir = Path(clean_dir).expanduser().resolve()
-    clean_path = clean_dir / CLEAN_FILENAME
+    clean_path = ValidateDir(clean_dir).clean
     if not clean_path.is_file():
-        raise DataError(f"{clean_path} does not exist: run `fashion-tagger validate RAW_DIR {clean_dir}` first")
+        raise DataError(f"{clean_path} does not exist: run the validate stage first")
     clean = pd.read_parquet(clean_path).sort_values("id", kind="stable").reset_index(drop=True)
-    report_path = clean_dir / REPORT_FILENAME
+    report_path = ValidateDir(clean_dir).report
     source_hash = read_json(report_path).get("clean_sha256", "") if report_path.is_file() else ""
     return clean, source_hash or table_sha256(clean)
 
@@ -204,8 +202,9 @@ def split_dataset(
 
     out_dir = Path(out_dir).expanduser().resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
-    labels_path = labels.save(out_dir)
-    train_path, val_path = out_dir / TRAIN_FILENAME, out_dir / VAL_FILENAME
+    out = SplitDir(out_dir)
+    labels_path = labels.save(out.labels)
+    train_path, val_path = out.train, out.val
     write_parquet(train, train_path)
     write_parquet(val, val_path)
     report = {
@@ -228,7 +227,7 @@ def split_dataset(
         "max_share_deviation": round(deviation, 6),
         "shares": shares,
     }
-    report_path = write_json(out_dir / SPLIT_REPORT_FILENAME, report)
+    report_path = write_json(out.report, report)
     log.info("split %d rows: %d train, %d val, max share deviation %.4f", len(encoded), len(train), len(val),
              deviation)
     return SplitResult(

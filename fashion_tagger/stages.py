@@ -1,28 +1,44 @@
-"""The data stages called with their settings taken from one `Config`.
+"""The seven stages of a run, each with one shape: `stage(run) -> result`, its settings from the run's own config.
 
-The one place that maps configuration fields to stage arguments, shared by the CLI, `fashion-tagger run`
-and the DAG, so the three cannot drift apart. Heavy modules are imported inside each function.
+`run_stage(run, name)` is what every caller uses (the CLI stage commands, `fashion-tagger run`, the DAG's
+in-process tasks and its child processes): it holds the run's lock, removes what a killed writer of this stage
+left behind, and records the stage as started, complete (with its result) or failed in the run's state.
+Heavy modules are imported inside each function.
 """
 
 from __future__ import annotations
 
+import logging
+import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
-from fashion_tagger.config import Config
+from fashion_tagger import io
+from fashion_tagger.io import StageResult
+from fashion_tagger.runs import (
+    STAGE_COMPLETE,
+    STAGE_FAILED,
+    STAGE_STARTED,
+    STAGES,
+    Run,
+    is_rank_zero,
+    record_stage,
+    run_lock,
+    stage_result,
+    stage_state,
+)
 
-if TYPE_CHECKING:
-    from fashion_tagger.prepare import PrepareResult
-    from fashion_tagger.sources import FetchResult
-    from fashion_tagger.split import SplitResult
-    from fashion_tagger.validate import ValidationResult
+log = logging.getLogger(__name__)
 
 
-def fetch(config: Config, source: str | None = None) -> FetchResult:
+def fetch(run: Run) -> StageResult:
+    """Make the configured source available under `<home>/raw/<name>/` (a complete earlier copy is reused)."""
     from fashion_tagger.sources import fetch_dataset
 
+    config = run.config
     return fetch_dataset(
-        source or config.data.source,
+        config.data.source,
         config.raw_root,
         s3_endpoint_url=config.data.s3_endpoint_url,
         synthetic_size=config.data.synthetic_size,
@@ -30,27 +46,29 @@ def fetch(config: Config, source: str | None = None) -> FetchResult:
     )
 
 
-def validate(
-    config: Config, raw_dir: str | Path, out_dir: str | Path, *, metadata_only: bool = False
-) -> ValidationResult:
+def validate(run: Run) -> StageResult:
+    """Check styles.csv and every image of the fetched dataset: `validate/` (clean table, rejects, report)."""
     from fashion_tagger.validate import validate_dataset
 
+    config = run.config
     return validate_dataset(
-        raw_dir,
-        out_dir,
-        metadata_only=metadata_only or config.data.metadata_only,
+        stage_result(run.layout, "fetch")["raw_dir"],
+        run.layout.validate.dir,
+        metadata_only=config.data.metadata_only,
         max_reject_fraction=config.data.max_reject_fraction,
         min_rows=config.data.min_rows,
         workers=config.images.workers,
     )
 
 
-def split(config: Config, clean_dir: str | Path, out_dir: str | Path) -> SplitResult:
+def split(run: Run) -> StageResult:
+    """Encode the labels and split the clean table: `split/` (parts, labels.json, split report)."""
     from fashion_tagger.split import split_dataset
 
+    config = run.config
     return split_dataset(
-        clean_dir,
-        out_dir,
+        run.layout.validate.dir,
+        run.layout.split.dir,
         attributes=config.labels.attributes,
         min_class_count=config.labels.min_class_count,
         val_fraction=config.split.val_fraction,
@@ -59,14 +77,94 @@ def split(config: Config, clean_dir: str | Path, out_dir: str | Path) -> SplitRe
     )
 
 
-def prepare(config: Config, split_dir: str | Path, cache_root: str | Path | None = None) -> PrepareResult:
+def prepare(run: Run) -> StageResult:
+    """Resize every image of the split once into the shared cache `<home>/cache/`."""
     from fashion_tagger.prepare import prepare_images
 
+    config = run.config
     return prepare_images(
-        split_dir,
-        cache_root or config.cache_root,
+        run.layout.split.dir,
+        config.cache_root,
         width=config.images.width,
         height=config.images.height,
         jpeg_quality=config.images.jpeg_quality,
         workers=config.images.workers,
     )
+
+
+def train(run: Run) -> StageResult:
+    """Train, or resume from `train/checkpoints/last.ckpt`: no completed epoch is trained again."""
+    from fashion_tagger.train import train_model
+
+    return train_model(run.config, split_dir=run.layout.split.dir, run_dir=run.layout.train.dir)
+
+
+def evaluate(run: Run) -> StageResult:
+    """Score the best checkpoint on the validation part: `train/eval/`."""
+    from fashion_tagger.evaluate import evaluate_run
+
+    return evaluate_run(run.layout.train.dir, run.config, split_dir=run.layout.split.dir)
+
+
+def register(run: Run) -> StageResult:
+    """Register the model in MLflow and apply the promotion gate."""
+    from fashion_tagger.registry import register_run
+
+    return register_run(run.layout.train.dir, run.config)
+
+
+STAGE_FUNCTIONS: dict[str, Callable[[Run], StageResult]] = {
+    "fetch": fetch,
+    "validate": validate,
+    "split": split,
+    "prepare": prepare,
+    "train": train,
+    "evaluate": evaluate,
+    "register": register,
+}
+assert tuple(STAGE_FUNCTIONS) == STAGES
+
+
+def _output_dir(run: Run, name: str) -> Path | None:
+    """Where a stage writes inside the run (its atomic-write temporaries are cleaned from there)."""
+    layout = run.layout
+    return {
+        "validate": layout.validate.dir,
+        "split": layout.split.dir,
+        "prepare": layout.split.dir,
+        "train": layout.train.dir,
+        "evaluate": layout.train.eval.dir,
+        "register": layout.train.dir,
+    }.get(name)
+
+
+def run_stage(run: Run, name: str) -> dict[str, Any]:
+    """Execute stage NAME of RUN and return its result as a dict; the stage before it must have completed."""
+    if name not in STAGE_FUNCTIONS:
+        from fashion_tagger.errors import RunError
+
+        raise RunError(f"unknown stage {name!r}: the stages are {', '.join(STAGES)}")
+    index = STAGES.index(name)
+    if index:
+        stage_result(run.layout, STAGES[index - 1])  # raises, naming the stage to run first
+    if not is_rank_zero():
+        # torchrun's other ranks join rank 0's training; rank 0 alone locks the run and records its state.
+        return STAGE_FUNCTIONS[name](run).to_dict()
+    with run_lock(run.layout):
+        output_dir = _output_dir(run, name)
+        if output_dir is not None and (removed := io.remove_stale_temporaries(output_dir)):
+            log.info("stage %s: removed %d temporary file(s) left by an interrupted attempt", name, removed)
+        attempts = int(stage_state(run.layout, name).get("attempts", 0))
+        log.info("run %s: stage %s%s", run.id, name, f" (attempt {attempts + 1})" if attempts else "")
+        record_stage(run.layout, name, STAGE_STARTED)
+        started = time.perf_counter()
+        try:
+            result = STAGE_FUNCTIONS[name](run).to_dict()
+        except Exception as exc:  # Ctrl-C or a kill leaves the stage "started": the run shows as interrupted
+            record_stage(run.layout, name, STAGE_FAILED, error=f"{type(exc).__name__}: {exc}"[:2000],
+                         seconds=round(time.perf_counter() - started, 2))
+            raise
+        seconds = round(time.perf_counter() - started, 2)
+        record_stage(run.layout, name, STAGE_COMPLETE, result=result, seconds=seconds)
+        log.info("run %s: stage %s done in %.1f s", run.id, name, seconds)
+        return result

@@ -1,4 +1,4 @@
-"""Where runs are tracked and what each one records: MLflow store resolution, run tags, params and the model card.
+"""Where runs are tracked and what each one records: MLflow store resolution, run tags, params and epoch history.
 
 The embedded default is a SQLite store in the project home with artifacts under `<home>/mlartifacts`; any
 tracking server comes in through `MLFLOW_TRACKING_URI` (or `registry.tracking_uri`), S3/MinIO artifacts through boto3.
@@ -18,16 +18,14 @@ from typing import TYPE_CHECKING, Any
 from fashion_tagger import __version__
 from fashion_tagger.config import Config, config_to_flat_dict
 from fashion_tagger.io import read_json, write_json
+from fashion_tagger.layout import SplitDir, TrainDir
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
 
-    from fashion_tagger.labels import LabelSpace
 
 log = logging.getLogger(__name__)
 
-RUN_ID_FILENAME = "mlflow_run.json"  # in a run dir: the MLflow run that tracks it, so later stages log into it
-ARTIFACTS_DIRNAME = "mlartifacts"
 S3_ENDPOINT_ENV = "MLFLOW_S3_ENDPOINT_URL"
 AIRFLOW_RUN_ID_ENV = "AIRFLOW_CTX_DAG_RUN_ID"
 
@@ -61,7 +59,7 @@ def artifact_location(config: Config, experiment: str | None = None) -> str | No
     if config.registry.artifact_location:
         return f"{config.registry.artifact_location.rstrip('/')}/{_slug(experiment)}"
     if is_local_store(tracking_uri(config)):
-        return (config.home_dir / ARTIFACTS_DIRNAME / _slug(experiment)).as_uri()
+        return (config.layout.mlflow_artifacts / _slug(experiment)).as_uri()
     return None
 
 
@@ -88,11 +86,39 @@ def tracking_session(config: Config) -> Iterator[MlflowClient]:
         os.environ[S3_ENDPOINT_ENV] = endpoint
     mlflow.set_tracking_uri(uri)
     try:
-        yield mlflow.MlflowClient(tracking_uri=uri)
+        yield new_client(uri)
     finally:
         mlflow.set_tracking_uri(previous_uri)
         if endpoint and not previous_endpoint:
             os.environ.pop(S3_ENDPOINT_ENV, None)
+
+
+def new_client(uri: str) -> MlflowClient:
+    """An MlflowClient of URI. A SQLite store's schema is created (or migrated) under a lock beside its file:
+    building the client creates the tracking store and its first registry call the registry store, and two
+    processes doing either at once collide."""
+    import mlflow
+
+    from fashion_tagger.io import file_lock
+
+    if not uri.startswith("sqlite:///"):
+        return mlflow.MlflowClient(tracking_uri=uri)
+    database = Path(uri.removeprefix("sqlite:///")).expanduser()
+    with file_lock(database.with_name(f"{database.name}.lock"), f"the MLflow store {database}"):
+        client = mlflow.MlflowClient(tracking_uri=uri)
+        client.search_registered_models(max_results=1)
+    return client
+
+
+def registry_lock(config: Config, model_name: str) -> Path:
+    """The lock that orders registrations of MODEL_NAME on this machine: beside a SQLite store's file, else in the
+    home. (Processes on other machines registering into one tracking server are ordered by the gate's own
+    retry-safe tagging, not by this lock.)"""
+    uri = tracking_uri(config)
+    if uri.startswith("sqlite:///"):
+        database = Path(uri.removeprefix("sqlite:///")).expanduser()
+        return database.with_name(f"{database.name}.register-{_slug(model_name)}.lock")
+    return config.layout.lock_file(f"register-{model_name}")
 
 
 def ensure_experiment(client: MlflowClient, config: Config) -> str:
@@ -152,7 +178,7 @@ def dataset_hash_of(split_dir: str | Path | None) -> str | None:
     """The content hash of the clean table a split came from (labels.json `source_hash`)."""
     if split_dir is None:
         return None
-    labels_path = Path(split_dir) / "labels.json"
+    labels_path = SplitDir(Path(split_dir)).labels
     if not labels_path.is_file():
         return None
     return read_json(labels_path).get("source_hash") or None
@@ -180,7 +206,7 @@ def log_params_once(client: MlflowClient, run_id: str, params: Mapping[str, str]
 
 def read_run_id(run_dir: str | Path, client: MlflowClient | None = None) -> str | None:
     """The MLflow run recorded in RUN_DIR, if any, and (given a client) only if that store knows it."""
-    path = Path(run_dir) / RUN_ID_FILENAME
+    path = TrainDir(Path(run_dir)).mlflow_run
     if not path.is_file():
         return None
     run_id = read_json(path).get("run_id")
@@ -198,7 +224,7 @@ def read_run_id(run_dir: str | Path, client: MlflowClient | None = None) -> str 
 
 def write_run_id(run_dir: str | Path, run_id: str, experiment_id: str, uri: str) -> Path:
     return write_json(
-        Path(run_dir) / RUN_ID_FILENAME, {"run_id": run_id, "experiment_id": experiment_id, "tracking_uri": uri}
+        TrainDir(Path(run_dir)).mlflow_run, {"run_id": run_id, "experiment_id": experiment_id, "tracking_uri": uri}
     )
 
 
@@ -254,14 +280,13 @@ def mlflow_logger(config: Config, run_dir: str | Path, *, split_dir: str | Path 
     flattened config as params, and its id is written to RUN_DIR/mlflow_run.json, which `register` reads
     to log the model into the same run. Other ranks get a logger that Lightning keeps silent.
     """
-    import mlflow
     from lightning.pytorch.loggers import MLFlowLogger
     from lightning.pytorch.utilities import rank_zero_only
 
     uri = tracking_uri(config)
     if rank_zero_only.rank != 0:
         return MLFlowLogger(experiment_name=config.registry.experiment, tracking_uri=uri)
-    client = mlflow.MlflowClient(tracking_uri=uri)
+    client = new_client(uri)
     run_id = start_or_resume_run(client, config, run_dir, dataset_hash=dataset_hash_of(split_dir))
     log_params_once(client, run_id, flat_params(config))
     return MLFlowLogger(
@@ -270,104 +295,3 @@ def mlflow_logger(config: Config, run_dir: str | Path, *, split_dir: str | Path 
         run_id=run_id,
         artifact_location=artifact_location(config),
     )
-
-
-def _fmt(value: Any, digits: int = 4) -> str:
-    if value is None:
-        return "–"
-    if isinstance(value, float):
-        return f"{value:.{digits}f}"
-    return str(value)
-
-
-def model_card(
-    *,
-    config: Config,
-    labels: LabelSpace,
-    metrics: Mapping[str, Any] | None = None,
-    validation_report: Mapping[str, Any] | None = None,
-    split_report: Mapping[str, Any] | None = None,
-    gate: Mapping[str, Any] | None = None,
-    model_name: str | None = None,
-    version: str | None = None,
-) -> str:
-    """Markdown model card: data source and hash, row counts, classes per attribute, metrics, config, limits."""
-    validation_report = validation_report or {}
-    split_report = split_report or {}
-    metrics = metrics or {}
-    title = f"{model_name or config.registry.model_name}" + (f" version {version}" if version else "")
-    lines = [f"# Model card: {title}", "", "Tags a product photo with one value per attribute and a confidence.", ""]
-
-    lines += ["## Data", ""]
-    lines.append(f"- source: `{config.data.source}`")
-    lines.append(f"- clean table hash (sha256): `{labels.source_hash or 'unknown'}`")
-    if validation_report:
-        lines.append(
-            f"- validation: {_fmt(validation_report.get('lines_read'))} lines read, "
-            f"{_fmt(validation_report.get('rows_clean'))} clean rows, "
-            f"{_fmt(validation_report.get('rows_rejected'))} rejected"
-        )
-    if split_report:
-        lines.append(
-            f"- split: {_fmt(split_report.get('train_rows'))} train rows, {_fmt(split_report.get('val_rows'))} "
-            f"validation rows (val_fraction {split_report.get('val_fraction')}, seed {split_report.get('seed')}, "
-            "duplicate images kept on one side)"
-        )
-    lines.append(f"- classes rarer than {labels.min_class_count} rows are labelled 'None' and never trained on")
-    lines.append("")
-
-    lines += ["## Classes per attribute", "", "| attribute | classes | trained classes | mapped to 'None' |",
-              "| --- | ---: | --- | ---: |"]
-    for attribute, names in labels.classes.items():
-        shown = ", ".join(names[:12]) + (f", … (+{len(names) - 12})" if len(names) > 12 else "")
-        lines.append(f"| {attribute} | {len(names)} | {shown} | {len(labels.mapped_to_none(attribute))} |")
-    lines.append("")
-
-    lines += ["## Validation metrics", ""]
-    if metrics:
-        lines.append(f"Headline (mean macro-F1 over attributes): **{_fmt(metrics.get('headline_macro_f1'))}**; "
-                     f"exact match over all attributes: {_fmt(metrics.get('exact_match'))}.")
-        lines += ["", "| attribute | accuracy | macro-F1 | weighted-F1 |", "| --- | ---: | ---: | ---: |"]
-        for attribute, row in (metrics.get("attributes") or {}).items():
-            lines.append(f"| {attribute} | {_fmt(row.get('accuracy'))} | {_fmt(row.get('macro_f1'))} | "
-                         f"{_fmt(row.get('weighted_f1'))} |")
-    else:
-        lines.append("No evaluation was recorded for this run.")
-    lines.append("")
-
-    if gate:
-        lines += ["## Promotion gate", ""]
-        lines.append(f"- decision: **{gate.get('decision')}** ({gate.get('reason')})")
-        lines.append(f"- challenger headline on the gate split: {_fmt(gate.get('challenger_headline'))}")
-        if gate.get("champion_version"):
-            lines.append(f"- champion version {gate['champion_version']} re-scored on the same split: "
-                         f"{_fmt(gate.get('champion_headline'))}")
-        lines.append("")
-
-    model, train, images = config.model, config.train, config.images
-    lines += ["## Training configuration", "", "| setting | value |", "| --- | --- |"]
-    for key, value in (
-        ("backbone", f"{model.backbone} (pretrained: {model.pretrained})"),
-        ("heads", f"hidden {model.hidden_dim or 'none'}, dropout {model.dropout}"),
-        ("input", f"{images.width}x{images.height} RGB, padded white to 3:4"),
-        ("loss", f"{train.loss}, label smoothing {train.label_smoothing}, 'None' masked"),
-        ("optimiser", f"AdamW lr {train.lr} (backbone x{train.backbone_lr_scale}), weight decay {train.weight_decay}"),
-        ("schedule", f"{train.schedule}, warmup {train.warmup_epochs} epochs"),
-        ("epochs / batch", f"{train.epochs} / {train.batch_size}"),
-        ("seed", str(train.seed)),
-    ):
-        lines.append(f"| {key} | {value} |")
-    lines += ["", "Full configuration: `config.yaml` among the run's artifacts and the run's params.", ""]
-
-    lines += ["## Known limits", ""]
-    lines.append("- Trained on catalogue photos (one product, plain background); other photos are out of distribution.")
-    lines.append("- It always answers with one of the trained classes: 'None' and rare classes are never predicted, "
-                 "so check the confidence.")
-    lines.append("- baseColour, season and usage come from catalogue metadata and are partly subjective; expect "
-                 "lower scores there than on category attributes.")
-    if config.data.source.startswith("synthetic"):
-        lines.append("- **Trained on generated data**: for demonstrating the workflow only, not for real photos.")
-    if not model.pretrained:
-        lines.append("- The backbone was trained from scratch (no pretrained weights).")
-    lines.append("")
-    return "\n".join(lines)

@@ -13,8 +13,7 @@ import os
 import sys
 import time
 import warnings
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,30 +31,28 @@ from lightning.pytorch.callbacks import (
     TQDMProgressBar,
 )
 from lightning.pytorch.loggers import CSVLogger, Logger
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.strategies import DDPStrategy
 
 from fashion_tagger.cache import read_prepared
 from fashion_tagger.config import Config, load_config, save_config
-from fashion_tagger.data import TRAIN_FILENAME, TaggerDataModule, normalize, pixel_stats
-from fashion_tagger.errors import FashionTaggerError
-from fashion_tagger.evaluate import macro_f1
-from fashion_tagger.io import StageResult, read_json, write_json
+from fashion_tagger.data import TaggerDataModule, normalize, pixel_stats
+from fashion_tagger.errors import RunError
+from fashion_tagger.io import StageResult, atomic_path, read_json, remove_stale_temporaries, write_json
 from fashion_tagger.labels import LabelSpace
+from fashion_tagger.layout import CHECKPOINT_BEST, SplitDir, TrainDir
 from fashion_tagger.losses import build_loss
+from fashion_tagger.metrics import macro_f1
 from fashion_tagger.model import FashionTagger
+from fashion_tagger.parallel import cpu_threads
 
 log = logging.getLogger(__name__)
 
 MONITOR = "val_macro_f1"  # mean over attributes of validation macro-F1: the headline metric
-CHECKPOINT_DIR = "checkpoints"
-BEST_NAME = "best"
-LAST_NAME = "last"
-RUN_FILENAME = "run.json"
-METRICS_FILENAME = "metrics.json"
 MIN_LR_RATIO = 0.01  # cosine ends at 1% of the peak, not 0, so the last epoch still learns
 
 
-class TrainError(FashionTaggerError):
+class TrainError(RunError):
     """A run directory or setting that training cannot use as it is."""
 
 
@@ -309,6 +306,15 @@ class EpochHistory(Callback):
                                            "history": self.history})
 
 
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoints written beside their final name and renamed into place: a process killed while saving leaves
+    the previous last.ckpt whole (and a temporary the next attempt removes), so resuming never meets half a file."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
+        with atomic_path(path) as tmp:
+            super().save_checkpoint(checkpoint, tmp, storage_options)
+
+
 def resolve_precision(precision: str, on_gpu: bool) -> str:
     """auto: bf16 mixed precision on GPUs that have it (fp16 mixed on older ones), fp32 on CPU."""
     if precision != "auto":
@@ -355,44 +361,22 @@ def resolve_hardware(config: Config) -> dict[str, Any]:
     }
 
 
-@contextmanager
-def cpu_threads(threads: int) -> Iterator[None]:
-    """Limit torch's intra-op threads for the duration (0: leave them). On a small shared CPU, two OpenMP
-    threads wait at every barrier for a core the loader workers or other processes hold; one does not."""
-    previous = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
-def _check_same_run(run_dir: Path, config: Config, split_dir: Path) -> None:
+def _check_same_run(train_dir: TrainDir, config: Config, split_dir: Path) -> None:
     """Resuming with another network or split would mix two runs in one directory."""
-    saved_config = run_dir / "config.yaml"
-    run_info = run_dir / RUN_FILENAME
-    if not (saved_config.is_file() and run_info.is_file()):
+    if not (train_dir.config.is_file() and train_dir.run_info.is_file()):
         return
-    previous = load_config(saved_config)
+    previous = load_config(train_dir.config)
     if previous.model != config.model:
         raise TrainError(
-            f"{run_dir} holds a run with another model config ({previous.model.model_dump()}); "
-            "train into a new --run-dir or delete this one"
+            f"{train_dir.dir} holds a run with another model config ({previous.model.model_dump()}); "
+            "train into a new run folder or delete this one"
         )
-    recorded = Path(read_json(run_info)["split_dir"])
+    recorded = Path(read_json(train_dir.run_info)["split_dir"])
     if recorded.resolve() != split_dir.resolve():
         raise TrainError(
-            f"{run_dir} was trained on {recorded}, not {split_dir}; train into a new --run-dir or delete this one"
+            f"{train_dir.dir} was trained on {recorded}, not {split_dir}; "
+            "train into a new run folder or delete this one"
         )
-
-
-def recorded_split_dir(run_dir: str | Path) -> Path:
-    """The split directory a run trained on, from run_dir/run.json."""
-    path = Path(run_dir) / RUN_FILENAME
-    if not path.is_file():
-        raise TrainError(f"{path} does not exist: give --split-dir (the run dir has not been trained yet)")
-    return Path(read_json(path)["split_dir"])
 
 
 def _finished(metrics_path: Path, epochs: int) -> dict[str, Any] | None:
@@ -406,13 +390,12 @@ def _finished(metrics_path: Path, epochs: int) -> dict[str, Any] | None:
     return None
 
 
-def _result_from_metrics(run_dir: Path, split_dir: Path, metrics: dict[str, Any], **extra: Any) -> TrainResult:
-    ckpt_dir = run_dir / CHECKPOINT_DIR
+def _result_from_metrics(train_dir: TrainDir, split_dir: Path, metrics: dict[str, Any], **extra: Any) -> TrainResult:
     return TrainResult(
-        run_dir=run_dir,
+        run_dir=train_dir.dir,
         split_dir=split_dir,
-        best_checkpoint=ckpt_dir / f"{BEST_NAME}.ckpt",
-        last_checkpoint=ckpt_dir / f"{LAST_NAME}.ckpt",
+        best_checkpoint=train_dir.best_checkpoint,
+        last_checkpoint=train_dir.last_checkpoint,
         epochs_completed=int(metrics["epochs_completed"]),
         best_score=float(metrics["best_score"]),
         best_epoch=int(metrics["best_epoch"]),
@@ -420,7 +403,7 @@ def _result_from_metrics(run_dir: Path, split_dir: Path, metrics: dict[str, Any]
         stopped_early=bool(metrics.get("stopped_early", False)),
         images_per_s=float(metrics.get("images_per_s", 0.0)),
         seconds=float(metrics.get("seconds", 0.0)),
-        metrics_path=run_dir / METRICS_FILENAME,
+        metrics_path=train_dir.metrics,
         scores=dict(metrics.get("best_scores", {})),
         **extra,
     )
@@ -429,7 +412,7 @@ def _result_from_metrics(run_dir: Path, split_dir: Path, metrics: dict[str, Any]
 def train_model(
     config: Config,
     *,
-    split_dir: str | Path | None,
+    split_dir: str | Path,
     run_dir: str | Path,
     loggers: Sequence[Logger] | None = None,
     callbacks: Sequence[Callback] | None = None,
@@ -440,18 +423,21 @@ def train_model(
     `loggers`/`callbacks` are added to Lightning's (the MLflow helper passes an MLFlowLogger).
     """
     started = time.perf_counter()
-    run_dir = Path(run_dir).expanduser().resolve()
-    split_dir = Path(split_dir).expanduser().resolve() if split_dir else recorded_split_dir(run_dir)
-    metrics_path = run_dir / METRICS_FILENAME
-    ckpt_dir = run_dir / CHECKPOINT_DIR
-    last_ckpt = ckpt_dir / f"{LAST_NAME}.ckpt"
+    train_dir = TrainDir(Path(run_dir).expanduser().resolve())
+    run_dir = train_dir.dir
+    split_dir = Path(split_dir).expanduser().resolve()
+    metrics_path = train_dir.metrics
+    ckpt_dir = train_dir.checkpoints
+    last_ckpt = train_dir.last_checkpoint
     train = config.train
 
-    _check_same_run(run_dir, config, split_dir)
+    _check_same_run(train_dir, config, split_dir)
+    if removed := remove_stale_temporaries(train_dir.checkpoints):
+        log.info("removed %d partial checkpoint file(s) left by an interrupted attempt", removed)
     finished = _finished(metrics_path, train.epochs)
     if finished and last_ckpt.is_file():
         log.info("%s is already trained (%d epochs): nothing to do", run_dir, finished["epochs_completed"])
-        return _result_from_metrics(run_dir, split_dir, finished, already_complete=True)
+        return _result_from_metrics(train_dir, split_dir, finished, already_complete=True)
 
     L.seed_everything(train.seed, workers=True)
     hardware = resolve_hardware(config)
@@ -480,7 +466,7 @@ def train_model(
     history = EpochHistory(metrics_path)
     checkpoint = ModelCheckpoint(
         dirpath=ckpt_dir,
-        filename=BEST_NAME,
+        filename=CHECKPOINT_BEST,
         monitor=MONITOR,
         mode="max",
         save_top_k=1,
@@ -492,7 +478,7 @@ def train_model(
     all_callbacks: list[Callback] = [history, checkpoint, early_stopping, LearningRateMonitor("epoch")]
     if train.freeze_backbone_epochs:
         all_callbacks.append(BackboneFreeze(train.freeze_backbone_epochs))
-    train_rows = pq.ParquetFile(split_dir / TRAIN_FILENAME).metadata.num_rows
+    train_rows = pq.ParquetFile(SplitDir(split_dir).train).metadata.num_rows
     steps_per_epoch = max(1, train_rows // train.batch_size)
     if train.progress_bar:
         # In a task log (no terminal) every refresh is a new line: a few per epoch are enough there.
@@ -503,7 +489,7 @@ def train_model(
         default_root_dir=run_dir,
         max_epochs=train.epochs,
         callbacks=all_callbacks,
-        logger=[CSVLogger(run_dir, name="logs"), *(loggers or [])],
+        logger=[CSVLogger(train_dir.logs.parent, name=train_dir.logs.name), *(loggers or [])],
         gradient_clip_val=train.gradient_clip_val or None,
         enable_progress_bar=train.progress_bar,
         limit_train_batches=train.limit_train_batches,
@@ -511,13 +497,14 @@ def train_model(
         log_every_n_steps=max(1, min(50, steps_per_epoch)),
         benchmark=hardware["accelerator"] == "gpu",
         num_sanity_val_steps=0 if resume else 2,
+        plugins=[AtomicCheckpointIO()],
         **hardware,
     )
     if trainer.is_global_zero:
         save_config(config, run_dir)
-        attempts = read_json(run_dir / RUN_FILENAME).get("attempts", 0) if (run_dir / RUN_FILENAME).is_file() else 0
+        attempts = read_json(train_dir.run_info).get("attempts", 0) if train_dir.run_info.is_file() else 0
         write_json(
-            run_dir / RUN_FILENAME,
+            train_dir.run_info,
             {
                 "split_dir": str(split_dir),
                 "labels_source_hash": label_space.source_hash,
@@ -554,10 +541,10 @@ def train_model(
         "seconds": round(time.perf_counter() - started, 2),
         "world_size": trainer.world_size,
         "precision": hardware["precision"],
-        "best_checkpoint": str(ckpt_dir / f"{BEST_NAME}.ckpt"),
+        "best_checkpoint": str(train_dir.best_checkpoint),
         "last_checkpoint": str(last_ckpt),
         "history": history.history,
     }
     if trainer.is_global_zero:
         write_json(metrics_path, metrics)
-    return _result_from_metrics(run_dir, split_dir, metrics)
+    return _result_from_metrics(train_dir, split_dir, metrics)

@@ -24,17 +24,13 @@ from tqdm import tqdm
 
 from fashion_tagger.errors import DataError, QualityGateError
 from fashion_tagger.io import StageResult, atomic_path, sha256_bytes, write_json, write_parquet
+from fashion_tagger.layout import IMAGES_DIRNAME, STYLES_FILENAME, ValidateDir
 from fashion_tagger.parallel import resolve_workers
 from fashion_tagger.schema import STYLE_COLUMNS
 
 log = logging.getLogger(__name__)
 
-STYLES_FILENAME = "styles.csv"
-IMAGES_DIRNAME = "images"
 IMAGE_SUFFIX = ".jpg"
-CLEAN_FILENAME = "clean.parquet"
-REJECTS_FILENAME = "rejects.csv"
-REPORT_FILENAME = "report.json"
 
 # The real file writes missing values both as empty fields and as the literal `NA` (pandas' reading of both).
 # Pandas' full default list would also swallow real words such as "None" or "null", so only these two count.
@@ -314,8 +310,8 @@ def validate_dataset(
         raise AssertionError(f"lines_read {parsed.lines_read} != clean {len(clean)} + rejected {len(rejects)}")
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    clean_path, rejects_path, report_path = (out_dir / CLEAN_FILENAME, out_dir / REJECTS_FILENAME,
-                                             out_dir / REPORT_FILENAME)
+    out = ValidateDir(out_dir)
+    clean_path, rejects_path, report_path = out.clean, out.rejects, out.report
     report = _report(raw_dir, parsed, clean, rejects, clean_records, metadata_only, max_reject_fraction, min_rows)
     _write_rejects(rejects, rejects_path)
     gate = report["quality_gate"]

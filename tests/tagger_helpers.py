@@ -13,10 +13,10 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from fashion_tagger.cache import PREPARED_FILENAME, cached_image_path
 from fashion_tagger.config import Config, load_config
 from fashion_tagger.io import write_json
 from fashion_tagger.labels import LabelSpace
+from fashion_tagger.layout import SplitDir, cached_image_path
 
 COLOURS = {"Black": (20, 20, 20), "Red": (200, 30, 30), "Blue": (30, 60, 200)}
 MASTER = ("Apparel", "Footwear")
@@ -70,7 +70,7 @@ def make_split(root: Path, rows: int = 48, seed: int = 0) -> Path:
     is_val = rng.permutation(rows) < rows // 4
     frame[~is_val].to_parquet(split_dir / "train.parquet", index=False)
     frame[is_val].to_parquet(split_dir / "val.parquet", index=False)
-    write_json(split_dir / PREPARED_FILENAME, {"cache_root": str(cache_root), "width": WIDTH, "height": HEIGHT})
+    write_json(SplitDir(split_dir).prepared, {"cache_root": str(cache_root), "width": WIDTH, "height": HEIGHT})
     return split_dir
 
 

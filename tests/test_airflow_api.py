@@ -33,13 +33,13 @@ FORM = {  # what the trigger form sends: typed values, empty fields as null
     "max_rows": None,
     "min_class_count": 10,
     "backbone": "test_efficientnet",
-    "pretrained": False,
+    "pretrained": "no",
     "image_width": 32,
     "image_height": 40,
     "epochs": 1,
     "batch_size": 32,
     "learning_rate": None,
-    "promote": True,
+    "promote": "yes",
     "min_delta": 0.0,
 }
 

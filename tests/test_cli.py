@@ -28,40 +28,60 @@ def last_json(stdout: str) -> dict:
     return json.loads(stdout[stdout.index("{") :])
 
 
-def test_data_stages_chain_through_the_paths_they_print(tmp_path, isolated_home):
+def test_stage_commands_take_the_run_and_chain_through_its_state(tmp_path, isolated_home):
     synth = last_json(cli("synth", tmp_path / "raw", "--rows", "300", "--seed", "3").stdout)
     assert synth["rows"] == 300 and Path(synth["out_dir"], "styles.csv").is_file()
 
-    overrides = ["--set", "labels.min_class_count=10", "--set", "images.width=24", "--set", "images.height=32"]
-    validated = last_json(cli("validate", synth["out_dir"], tmp_path / "clean", *overrides).stdout)
-    assert validated["lines_read"] == validated["rows_clean"] + validated["rows_rejected"] == 300
-    assert (tmp_path / "clean" / "config.yaml").is_file()
+    overrides = ["--set", f"data.source={synth['out_dir']}", "--set", "labels.min_class_count=10",
+                 "--set", "images.width=24", "--set", "images.height=32"]
+    created = last_json(cli("new", "--config", "demo", *overrides).stdout)
+    run_id, run_root = created["run_id"], Path(created["run_root"])
+    assert run_root == isolated_home.resolve() / "runs" / run_id and (run_root / "config.yaml").is_file()
 
-    split = last_json(cli("split", tmp_path / "clean", tmp_path / "split", *overrides).stdout)
+    # A stage before the one it needs names what to run first.
+    early = cli("split", run_id, check=False)
+    assert early.returncode == 2 and "no completed validate stage" in early.stderr
+
+    fetched = last_json(cli("fetch", run_id).stdout)
+    assert fetched["raw_dir"] == str(Path(synth["out_dir"]).resolve())
+    validated = last_json(cli("validate", run_id).stdout)
+    assert validated["lines_read"] == validated["rows_clean"] + validated["rows_rejected"] == 300
+    split = last_json(cli("split", str(run_root)).stdout)  # by folder as well as by id
     assert split["train_rows"] + split["val_rows"] == validated["rows_clean"]
 
-    prepared = last_json(cli("prepare", tmp_path / "split", *overrides).stdout)
+    prepared = last_json(cli("prepare", run_id).stdout)
     assert prepared["cache_root"] == str(isolated_home.resolve() / "cache")
     assert (prepared["width"], prepared["height"]) == (24, 32)
-    again = last_json(cli("prepare", tmp_path / "split", *overrides).stdout)
+    again = last_json(cli("prepare", run_id).stdout)
     assert again["written"] == 0 and again["cached"] == prepared["images"]
+
+    runs = json.loads(cli("runs", "--json").stdout)
+    assert [(r["run_id"], r["status"], r["last_completed_stage"]) for r in runs] == [
+        (run_id, "interrupted", "prepare")]
 
 
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["split", "nowhere", "out"], "clean.parquet does not exist"),
-        (["fetch", "ftp://example/data"], "ftp://example/data"),
+        (["split", "nowhere"], "run 'nowhere' not found"),
+        (["run", "--set", "data.source=ftp://example/data"], "ftp://example/data"),
         (["config", "--set", "train.epochs=0"], "train.epochs"),
-        (["fetch", "kaggle:paramaggarwal/fashion-product-images-dataset"], "KAGGLE_USERNAME"),
+        (["run", "--set", "data.source=kaggle:paramaggarwal/fashion-product-images-dataset"], "KAGGLE_USERNAME"),
+        (["run", "--resume", "never-started"], "run 'never-started' not found"),
     ],
 )
-def test_bad_input_is_one_line_without_a_traceback(args, message, tmp_path, monkeypatch):
+def test_bad_input_is_one_line_without_a_traceback(args, message, tmp_path, monkeypatch, isolated_home):
     monkeypatch.setenv("KAGGLE_CONFIG_DIR", str(tmp_path / "no-kaggle"))
     proc = cli(*args, check=False)
     assert proc.returncode == 2
     assert message in proc.stderr
     assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: ")
+
+
+def test_verbose_shows_the_traceback_of_an_understood_error(isolated_home):
+    proc = cli("--verbose", "split", "nowhere", check=False)
+    assert proc.returncode == 2 and "Traceback" in proc.stderr and "run 'nowhere' not found" in proc.stderr
 
 
 @pytest.mark.slow
@@ -79,3 +99,5 @@ def test_run_executes_every_stage_and_registers_a_champion(isolated_home):
     assert Path(result["run_root"]).parent == isolated_home.resolve() / "runs"
     assert "champion" in result["stages"]["register"]["aliases"]
     assert "registered fashion-tagger version 1" in proc.stderr
+    runs = json.loads(cli("runs", "--json").stdout)
+    assert [(r["run_id"], r["status"], r["model_version"]) for r in runs] == [(result["run_id"], "complete", "1")]

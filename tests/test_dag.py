@@ -202,13 +202,13 @@ EXPECTED_TYPES = {
     "max_rows": ["null", "integer"],
     "min_class_count": ["null", "integer"],
     "backbone": ["null", "string"],
-    "pretrained": ["null", "boolean"],
+    "pretrained": "string",
     "image_width": ["null", "integer"],
     "image_height": ["null", "integer"],
     "epochs": ["null", "integer"],
     "batch_size": ["null", "integer"],
     "learning_rate": ["null", "number"],
-    "promote": ["null", "boolean"],
+    "promote": "string",
     "min_delta": ["null", "number"],
 }
 
@@ -230,6 +230,10 @@ def test_params_are_typed_titled_and_described(dag):
 def test_enums_and_bounds(dag):
     assert _param(dag, "preset").schema["enum"] == preset_names()
     assert set(_param(dag, "preset").schema["values_display"]) == set(preset_names())
+    # The DAG shows exactly the form generated from the config schema, nothing restated by hand.
+    for name, spec in orchestration.form_params().items():
+        assert {k: v for k, v in _param(dag, name).schema.items() if k in spec} == {
+            k: v for k, v in spec.items() if k not in ("default", "description")}, name
     bounded = {"max_rows", "min_class_count", "image_width", "image_height", "epochs", "batch_size", "min_delta"}
     for name in bounded:
         assert "minimum" in _param(dag, name).schema, name
@@ -255,6 +259,7 @@ def test_every_value_the_form_accepts_at_its_bounds_builds_a_config(dag, name):
     if "exclusiveMinimum" in schema:
         values.append(schema["exclusiveMinimum"] + 1e-6)
     values += [v for v in schema.get("examples", []) if name == "source"]
+    values += [v for v in schema.get("enum", []) if v is not None]
     for value in values:
         _param(dag, name).resolve(value)  # the form accepts it ...
         orchestration.config_from_params({"preset": "demo", name: value})  # ... and so does the configuration
@@ -263,7 +268,7 @@ def test_every_value_the_form_accepts_at_its_bounds_builds_a_config(dag, name):
 @pytest.mark.parametrize(
     ("name", "value"),
     [("epochs", 0), ("image_width", 4), ("learning_rate", 0), ("preset", "huge"), ("source", "ftp://x"),
-     ("max_rows", 5), ("pretrained", "yes"), ("batch_size", 1.5)],
+     ("max_rows", 0), ("pretrained", True), ("pretrained", "maybe"), ("batch_size", 1.5)],
 )
 def test_the_form_rejects_out_of_range_values(dag, name, value):
     from airflow.sdk.exceptions import ParamValidationError
@@ -287,3 +292,19 @@ def test_bad_params_fail_the_first_task_without_retry(dag, params, message):
     with pytest.raises(AirflowFailException) as excinfo:
         fetch(params=params, run_id="manual__2025-01-01T00:00:00+00:00", outlet_events={})
     assert message in str(excinfo.value)
+
+
+def test_transient_faults_are_raised_for_airflow_to_retry(dag_module):
+    """The DAG's side of the error contract: bad input fails now, a transient fault or a crash is retried."""
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from fashion_tagger.errors import DataError, ModelUnavailableError, SourceUnavailableError
+    from fashion_tagger.orchestration import StageProcessError
+
+    for bad in (DataError("bad"), StageProcessError("child said bad input", returncode=2)):
+        with pytest.raises(AirflowFailException), dag_module.errors_follow_the_contract():
+            raise bad
+    for transient in (SourceUnavailableError("net"), ModelUnavailableError("hub"),
+                      StageProcessError("killed", returncode=-9), StageProcessError("crash", returncode=1)):
+        with pytest.raises(type(transient)), dag_module.errors_follow_the_contract():
+            raise transient

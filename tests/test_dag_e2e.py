@@ -22,7 +22,7 @@ TINY = [
     "epochs=1",
     "batch_size=32",
     "min_class_count=10",
-    "pretrained=false",
+    "pretrained=no",
 ]
 
 
@@ -108,18 +108,24 @@ def test_a_second_run_reuses_the_caches_and_meets_the_gate(first_run):
 def test_several_training_processes_start_through_torchrun(first_run, tmp_path, caplog):
     """The multi-GPU launch (FASHION_TAGGER_TRAIN_GPUS > 1), here as two CPU ranks over gloo."""
     from fashion_tagger import orchestration
-    from fashion_tagger.config import load_config, save_config
+    from fashion_tagger.config import load_config
+    from fashion_tagger.runs import create_run
+    from fashion_tagger.stages import run_stage
 
-    _, first, _ = first_run
+    home, first, _ = first_run
     run_root = Path(first["results"]["fetch_dataset"]["run_root"])
-    overrides = ['train.devices="2"', "train.accelerator=cpu", "train.num_workers=0"]
-    config = load_config(run_root / "config.yaml", overrides)
-    save_config(config, tmp_path)
-    nproc = orchestration.gpu_processes(config.train.devices)
-    command = orchestration.train_command(tmp_path / "config.yaml", tmp_path / "train", run_root / "split", nproc=nproc)
-    assert "torch.distributed.run" in command
+    overrides = [f"home={home}", 'train.devices="2"', "train.accelerator=cpu", "train.num_workers=0"]
+    run = create_run(load_config(run_root / "config.yaml", overrides))
+    for stage in ("fetch", "validate", "split", "prepare"):
+        run_stage(run, stage)  # the dataset and the prepared images are reused from the first run
+    nproc = orchestration.gpu_processes(run.config.train.devices)
+    assert "torch.distributed.run" in orchestration.stage_command("train", run.root, nproc=nproc)
     with caplog.at_level(logging.INFO, logger="fashion_tagger.train"):
-        result = orchestration.run_stage("train", command)
+        result = orchestration.run_stage_process("train", run.root, nproc=nproc)
     assert result["epochs_completed"] == 1
     log = "\n".join(r.getMessage() for r in caplog.records)
     assert "GLOBAL_RANK: 1" in log and "Starting with 2 processes" in log
+    # Rank 0 alone recorded the stage in the run's state.
+    from fashion_tagger.runs import read_state
+
+    assert read_state(run.layout)["stages"]["train"]["status"] == "complete"

@@ -8,8 +8,9 @@ import pytest
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
 from tagger_helpers import make_split, tiny_config
 
-from fashion_tagger.evaluate import compute_metrics, evaluate_run, macro_f1
+from fashion_tagger.evaluate import evaluate_run
 from fashion_tagger.labels import LabelSpace
+from fashion_tagger.metrics import compute_metrics, macro_f1
 from fashion_tagger.schema import IGNORE_INDEX
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -92,8 +93,9 @@ def test_evaluate_run_writes_metrics_tables_and_plots(tmp_path):
 
     split_dir = make_split(tmp_path)
     run_dir = tmp_path / "run"
-    train_model(tiny_config(epochs=1), split_dir=split_dir, run_dir=run_dir)
-    result = evaluate_run(run_dir)
+    config = tiny_config(epochs=1)
+    train_model(config, split_dir=split_dir, run_dir=run_dir)
+    result = evaluate_run(run_dir, config)
 
     eval_dir = run_dir / "eval"
     metrics = pd.read_json(eval_dir / "metrics.json", typ="series")

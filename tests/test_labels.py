@@ -8,8 +8,10 @@ import pandas as pd
 import pytest
 
 from fashion_tagger.errors import DataError
-from fashion_tagger.labels import LABELS_FILENAME, LabelSpace, label_column
+from fashion_tagger.labels import LabelSpace, label_column
 from fashion_tagger.schema import IGNORE_INDEX, NONE_LABEL
+
+LABELS_FILENAME = "labels.json"  # the file name the split folder promises (layout.SplitDir.labels)
 
 
 @pytest.fixture

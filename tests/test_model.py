@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from fashion_tagger.errors import ModelUnavailableError
 from fashion_tagger.losses import MaskedMultiHeadLoss, ReferenceBCELoss, build_loss
 from fashion_tagger.model import FashionTagger, ModelError, create_backbone
 from fashion_tagger.schema import IGNORE_INDEX
@@ -139,8 +140,9 @@ def test_hub_failure_explains_how_to_supply_weights(monkeypatch):
         raise OSError("We couldn't connect to 'https://huggingface.co'")
 
     monkeypatch.setattr(timm, "create_model", offline)
-    with pytest.raises(ModelError) as info:
+    with pytest.raises(ModelUnavailableError) as info:  # transient: the orchestrator retries it
         create_backbone("efficientnet_b3", pretrained=True)
+    assert info.value.retryable and info.value.exit_code == 75
     message = str(info.value)
     assert "model.pretrained_path" in message and "model.pretrained=false" in message
     assert "hf.co/timm/efficientnet_b3" in message

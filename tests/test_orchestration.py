@@ -11,7 +11,8 @@ import time
 import pytest
 
 from fashion_tagger import orchestration as orch
-from fashion_tagger.config import Config, ConfigError, load_config
+from fashion_tagger.config import Config, ConfigError, load_config, preset_names
+from fashion_tagger.layout import run_dir_name
 
 AIRFLOW_RUN_ID = "manual__2025-06-01T10:20:30.123456+00:00"
 
@@ -20,25 +21,24 @@ AIRFLOW_RUN_ID = "manual__2025-06-01T10:20:30.123456+00:00"
 
 
 def test_run_dir_name_is_path_safe_deterministic_and_unique():
-    name = orch.run_dir_name(AIRFLOW_RUN_ID)
-    assert name == orch.run_dir_name(AIRFLOW_RUN_ID)
+    name = run_dir_name(AIRFLOW_RUN_ID)
+    assert name == run_dir_name(AIRFLOW_RUN_ID)
     assert name.startswith("manual__2025-06-01T10-20-30.123456-00-00-")
     assert set(name) <= set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
     # Ids that differ only in unsafe characters must not share a folder.
-    assert orch.run_dir_name("a:b") != orch.run_dir_name("a/b") != orch.run_dir_name("a-b")
-    assert orch.run_dir_name("scheduled_2025-01-01") == "scheduled_2025-01-01"  # safe ids stay readable
-    assert orch.run_dir_name("../../etc") not in ("..", "../../etc") and "/" not in orch.run_dir_name("../../etc")
+    assert run_dir_name("a:b") != run_dir_name("a/b") != run_dir_name("a-b")
+    assert run_dir_name("scheduled_2025-01-01") == "scheduled_2025-01-01"  # safe ids stay readable
+    assert run_dir_name("../../etc") not in ("..", "../../etc") and "/" not in run_dir_name("../../etc")
     with pytest.raises(ConfigError):
-        orch.run_dir_name("  ")
+        run_dir_name("  ")
 
 
-def test_run_paths_live_under_the_runs_root(isolated_home):
-    config = load_config("demo")
-    paths = orch.run_paths(config, AIRFLOW_RUN_ID)
-    assert paths.root.parent == isolated_home / "runs"
-    assert {p.parent for p in (paths.config, paths.validate, paths.split, paths.train)} == {paths.root}
-    assert paths.to_dict()["train"] == str(paths.root / "train")
-    assert orch.run_paths(config, AIRFLOW_RUN_ID.replace("10:20", "10:21")).root != paths.root
+def test_run_layouts_live_under_the_runs_root(isolated_home):
+    layout = load_config("demo").layout.run(AIRFLOW_RUN_ID)
+    assert layout.root.parent == isolated_home / "runs"
+    assert {p.parent for p in (layout.config, layout.validate.dir, layout.split.dir, layout.train.dir)} == {layout.root}
+    assert layout.to_dict()["train"] == str(layout.root / "train")
+    assert load_config("demo").layout.run(AIRFLOW_RUN_ID.replace("10:20", "10:21")).root != layout.root
 
 
 # --- parameters -> Config --------------------------------------------------------------------------------------------
@@ -64,6 +64,45 @@ def test_params_override_the_preset_and_empty_values_keep_it():
     assert (config.data.max_rows, config.data.source) == (250, "synthetic:300")
     assert config.train.batch_size == demo.train.batch_size  # None keeps the preset's value
     assert orch.config_from_params({"preset": "demo", "source": ""}).data.source == demo.data.source
+
+
+def test_the_form_is_generated_from_the_config_schema():
+    form = orch.form_params()
+    assert list(form) == ["preset", *orch.PARAM_CONFIG_KEYS]
+    # Bounds and descriptions are the schema's: max_rows >= 1 as in DataConfig, epochs within TrainConfig's.
+    assert form["max_rows"]["minimum"] == Config.model_fields["data"].default_factory().model_fields[
+        "max_rows"].metadata[0].ge
+    epochs = Config.model_json_schema()["$defs"]["TrainConfig"]["properties"]["epochs"]
+    assert (form["epochs"]["minimum"], form["epochs"]["maximum"]) == (epochs["minimum"], epochs["maximum"])
+    assert form["epochs"]["description"].startswith(epochs["description"])
+    # The preset choices and what each one does are read from the presets themselves.
+    assert form["preset"]["enum"] == preset_names()
+    demo = load_config("demo")
+    assert f"{demo.train.epochs} epochs" in form["preset"]["values_display"]["demo"]
+    assert demo.model.backbone in form["preset"]["values_display"]["demo"]
+
+
+def test_changing_a_bound_in_the_config_changes_the_form():
+    from pydantic import Field, create_model
+
+    from fashion_tagger.config import TrainConfig
+
+    stricter = create_model("TrainConfig", __base__=TrainConfig, epochs=(int, Field(30, ge=2, le=9)))
+    config_cls = create_model("Config", __base__=Config, train=(stricter, Field(default_factory=stricter)))
+    form = orch.form_params(config_cls)
+    assert (form["epochs"]["minimum"], form["epochs"]["maximum"]) == (2, 9)
+    assert orch.form_params()["epochs"]["minimum"] == 1
+
+
+def test_yes_no_fields_offer_keep_yes_and_no():
+    form = orch.form_params()
+    for name in ("pretrained", "promote"):
+        assert form[name]["enum"] == ["keep", "yes", "no"] and form[name]["default"] == "keep", name
+        assert form[name]["values_display"]["keep"] == "keep the preset's value"
+    demo = load_config("demo")
+    assert orch.config_from_params({"preset": "demo", "promote": "keep"}).registry.promote == demo.registry.promote
+    assert orch.config_from_params({"preset": "demo", "promote": "no"}).registry.promote is False
+    assert orch.config_from_params({"preset": "demo", "pretrained": "yes"}).model.pretrained is True
 
 
 def test_fixed_overrides_win_over_params():
@@ -93,19 +132,6 @@ def test_bad_params_raise_a_config_error_naming_the_field(params, expected):
         orch.config_from_params(params)
 
 
-def test_start_run_writes_the_config_that_resume_run_reads(isolated_home):
-    config, paths = orch.start_run({"preset": "demo", "epochs": 2}, AIRFLOW_RUN_ID)
-    assert paths.config.is_file()
-    again, same_paths = orch.resume_run(paths.root)
-    assert again == config and same_paths == paths
-    # Rerunning the first step gives the same file (tasks are transactions).
-    before = paths.config.read_bytes()
-    orch.start_run({"preset": "demo", "epochs": 2}, AIRFLOW_RUN_ID)
-    assert paths.config.read_bytes() == before
-    with pytest.raises(ConfigError, match="fetch_dataset"):
-        orch.resume_run(isolated_home / "runs" / "never-started")
-
-
 def test_default_source_follows_env_then_kaggle_credentials(monkeypatch, tmp_path):
     monkeypatch.delenv(orch.SOURCE_ENV, raising=False)
     monkeypatch.delenv("KAGGLE_API_TOKEN", raising=False)
@@ -130,33 +156,22 @@ def test_gpu_processes(devices, expected):
     assert orch.gpu_processes(devices) == expected
 
 
-def test_train_command_uses_torchrun_only_for_several_gpus(tmp_path):
-    single = orch.train_command(tmp_path / "c.yaml", tmp_path / "train", tmp_path / "split")
-    assert single[:4] == [sys.executable, "-m", "fashion_tagger", "train"]
-    assert single[4:] == ["--config", str(tmp_path / "c.yaml"), "--run-dir", str(tmp_path / "train"),
-                          "--split-dir", str(tmp_path / "split")]
-    multi = orch.train_command(tmp_path / "c.yaml", tmp_path / "train", tmp_path / "split", nproc=4)
+def test_a_stage_child_is_the_stage_name_and_the_run_and_torchrun_only_for_several_gpus(tmp_path):
+    single = orch.stage_command("train", tmp_path / "run")
+    assert single == [sys.executable, "-m", "fashion_tagger", "train", str(tmp_path / "run")]
+    multi = orch.stage_command("train", tmp_path / "run", nproc=4)
     assert multi[:5] == [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=4"]
     assert multi[5:] == single[1:]
-    assert orch.prepare_command(tmp_path / "c.yaml", tmp_path / "split", tmp_path / "cache") == [
-        sys.executable, "-m", "fashion_tagger", "prepare", str(tmp_path / "split"), "--cache-dir",
-        str(tmp_path / "cache"), "--config", str(tmp_path / "c.yaml")]
-    assert orch.evaluate_command(tmp_path / "train") == [
-        sys.executable, "-m", "fashion_tagger", "evaluate", "--run-dir", str(tmp_path / "train")]
+    assert orch.stage_command("prepare", tmp_path / "run")[3:] == ["prepare", str(tmp_path / "run")]
 
 
-@pytest.mark.parametrize(
-    ("stage", "options"),
-    [("train", ["--config", "--run-dir", "--split-dir"]), ("prepare", ["--cache-dir", "--config"]),
-     ("evaluate", ["--run-dir", "--split-dir"])],
-)
-def test_the_stage_cli_accepts_the_options_the_dag_passes(stage, options):
+@pytest.mark.parametrize("stage", ["fetch", "validate", "split", "prepare", "train", "evaluate", "register"])
+def test_every_stage_command_takes_the_run_and_nothing_else(stage):
     result = subprocess.run(
         [sys.executable, "-m", "fashion_tagger", stage, "--help"], capture_output=True, text=True, timeout=120
     )
     assert result.returncode == 0, result.stderr
-    for option in options:
-        assert option in result.stdout
+    assert "RUN" in result.stdout and "--config" not in result.stdout and "--set" not in result.stdout
 
 
 CHILD = """
@@ -180,7 +195,7 @@ def test_run_logged_streams_every_line_and_returns_the_last_json(caplog):
         assert line in messages
     assert messages.index("step 1") < messages.index("step 2")
     assert output.result == {"run_dir": "/x", "best_score": 0.5}
-    assert orch.run_stage("train", [sys.executable, "-c", CHILD], logger=logger)["best_score"] == 0.5
+    assert orch.run_logged([sys.executable, "-c", CHILD], logger=logger).result["best_score"] == 0.5
 
 
 def test_a_failing_child_raises_with_its_last_lines():
@@ -188,7 +203,16 @@ def test_a_failing_child_raises_with_its_last_lines():
     with pytest.raises(orch.StageProcessError, match=r"exited with code 3(.|\n)*CUDA out of memory"):
         orch.run_logged([sys.executable, "-c", code])
     with pytest.raises(orch.StageProcessError, match="printed no JSON result"):
-        orch.run_stage("evaluate", [sys.executable, "-c", "print('no result')"])
+        orch.run_json_command("evaluate", [sys.executable, "-c", "print('no result')"])
+
+
+@pytest.mark.parametrize(("code", "retryable"), [(2, False), (75, True), (1, True), (-9, True)])
+def test_a_child_error_follows_the_exit_code_contract(code, retryable):
+    """2 is bad input (fail now); 75 (transient), a crash (1) or a kill (-9) are retried."""
+    script = "import os, signal; os.kill(os.getpid(), signal.SIGKILL)" if code == -9 else f"raise SystemExit({code})"
+    with pytest.raises(orch.StageProcessError) as caught:
+        orch.run_logged([sys.executable, "-c", script])
+    assert caught.value.returncode == code and caught.value.retryable is retryable
 
 
 class _Interrupt(Exception):

@@ -11,9 +11,11 @@ import pytest
 from PIL import Image
 
 from fashion_tagger import io
-from fashion_tagger.cache import PREPARED_FILENAME, cached_image_path
 from fashion_tagger.errors import DataError
-from fashion_tagger.prepare import FAILURES_FILENAME, fitted_size, prepare_image, prepare_images
+from fashion_tagger.layout import cached_image_path
+from fashion_tagger.prepare import fitted_size, prepare_image, prepare_images
+
+PREPARED_FILENAME, FAILURES_FILENAME = "prepared.json", "prepare_failures.json"  # as layout.SplitDir names them
 
 W, H = 60, 80
 
@@ -123,7 +125,7 @@ def test_prepare_images_writes_each_distinct_image_once_and_hits_the_cache(image
     for _, sha in rows:
         with Image.open(cached_image_path(cache, sha, W, H)) as out:
             assert out.size == (W, H) and out.mode == "RGB"
-    written = sorted(p for p in (cache / "images").rglob("*") if p.is_file())
+    written = sorted(p for p in (cache / "images").rglob("*") if p.is_file() and not p.name.endswith(".lock"))
     assert len(written) == 6 and not [p for p in written if p.name.endswith(".tmp")]
 
     prepared = io.read_json(split / PREPARED_FILENAME)

@@ -13,10 +13,10 @@ import pandas as pd
 import pytest
 from tagger_fixtures import make_run, make_split, tiny_config, true_labels
 
-from fashion_tagger import registry, tracking
-from fashion_tagger.evaluate import compute_metrics
+from fashion_tagger import gate, registry, tracking
 from fashion_tagger.io import read_json, sha256_file
 from fashion_tagger.labels import LabelSpace
+from fashion_tagger.metrics import compute_metrics
 
 
 @pytest.fixture(scope="module")
@@ -54,22 +54,22 @@ def _scores(headline: float, **attributes: float) -> dict:
 
 def test_decide_needs_min_delta_and_tolerates_only_small_attribute_drops():
     champion = _scores(0.70, a=0.8, b=0.6)
-    decision, reason, _ = registry.decide(_scores(0.70, a=0.8, b=0.6), None, min_delta=0.0, max_attribute_drop=0.02)
+    decision, reason, _ = gate.decide(_scores(0.70, a=0.8, b=0.6), None, min_delta=0.0, max_attribute_drop=0.02)
     assert decision == registry.PROMOTED and "no champion" in reason
     # An equal model never replaces the champion; anything higher does when min_delta is 0.
-    assert registry.decide(_scores(0.70, a=0.8, b=0.6), champion, min_delta=0.0, max_attribute_drop=0.02)[0] == (
+    assert gate.decide(_scores(0.70, a=0.8, b=0.6), champion, min_delta=0.0, max_attribute_drop=0.02)[0] == (
         registry.REJECTED)
-    assert registry.decide(_scores(0.701, a=0.801, b=0.6), champion, min_delta=0.0, max_attribute_drop=0.02)[0] == (
+    assert gate.decide(_scores(0.701, a=0.801, b=0.6), champion, min_delta=0.0, max_attribute_drop=0.02)[0] == (
         registry.PROMOTED)
-    decision, reason, _ = registry.decide(_scores(0.705, a=0.81, b=0.6), champion, min_delta=0.01,
+    decision, reason, _ = gate.decide(_scores(0.705, a=0.81, b=0.6), champion, min_delta=0.01,
                                           max_attribute_drop=0.02)
     assert decision == registry.REJECTED and "min_delta" in reason
     # Better on average but one attribute collapses.
-    decision, reason, drops = registry.decide(_scores(0.75, a=0.95, b=0.55), champion, min_delta=0.0,
+    decision, reason, drops = gate.decide(_scores(0.75, a=0.95, b=0.55), champion, min_delta=0.0,
                                               max_attribute_drop=0.02)
     assert decision == registry.REJECTED and reason.startswith("b macro-F1 drops")
     assert drops == pytest.approx({"a": -0.15, "b": 0.05})
-    assert registry.decide(_scores(0.75, a=0.95, b=0.55), champion, min_delta=0.0, max_attribute_drop=0.06)[0] == (
+    assert gate.decide(_scores(0.75, a=0.95, b=0.55), champion, min_delta=0.0, max_attribute_drop=0.06)[0] == (
         registry.PROMOTED)
 
 
@@ -79,7 +79,7 @@ def test_predictions_are_mapped_onto_the_challengers_classes_by_name():
     # A champion trained on another label space: same names at other indices, a class the split lacks,
     # and no season head at all.
     predictions = pd.DataFrame({"baseColour": ["Red", "Blue", "Purple", "Green"]})
-    encoded = registry.encode_predictions(predictions, labels)
+    encoded = gate.encode_predictions(predictions, labels)
     assert encoded["baseColour"].tolist() == [2, 0, -1, 1]
     assert encoded["season"].tolist() == [-1, -1, -1, -1]
 
@@ -97,7 +97,7 @@ def test_first_model_becomes_champion_and_registering_again_is_a_no_op(tmp_path,
     for epoch, score in enumerate([0.4, 0.6]):
         logger.log_metrics({"val_macro_f1": score}, step=epoch)
     logger.finalize("success")
-    assert read_json(run_dir / tracking.RUN_ID_FILENAME)["run_id"] == logger.run_id
+    assert read_json(run_dir / "mlflow_run.json")["run_id"] == logger.run_id
 
     first = registry.register_run(run_dir, config)
     assert first.run_id == logger.run_id

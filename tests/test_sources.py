@@ -14,7 +14,7 @@ from moto import mock_aws
 from PIL import Image
 
 from fashion_tagger import io
-from fashion_tagger.errors import SourceError
+from fashion_tagger.errors import SourceError, SourceUnavailableError
 from fashion_tagger.sources import extract_dataset_zip, fetch_dataset
 
 SLUG = "paramaggarwal/fashion-product-images-small"
@@ -26,6 +26,11 @@ STYLES = (
     "59263,Women,Accessories,Watches,Watches,Silver,Winter,2016,Casual,Titan Women Silver Watch\n"
 )
 IDS = (15970, 39386, 59263)
+
+
+def datasets_in(raw_root):
+    """What a fetch left in raw/, leaving out its lock files (kept so that waiting processes share one inode)."""
+    return sorted(p.name for p in raw_root.iterdir() if not p.name.endswith(".lock"))
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +88,7 @@ def _assert_normalised(result, raw_root: Path, name: str = NAME) -> None:
     assert io.is_complete(result.raw_dir)
     assert (result.rows, result.images) == (3, 3)
     # Nothing else survives: no zip, no partial folder, no unused parts of the archive.
-    assert sorted(p.name for p in raw_root.iterdir()) == [name]
+    assert datasets_in(raw_root) == [name]
     assert sorted(p.name for p in result.raw_dir.iterdir()) == [io.COMPLETE_MARKER, "images", "styles.csv"]
 
 
@@ -108,7 +113,7 @@ def test_kaggle_layouts_are_normalised_and_a_rerun_skips(dataset, tmp_path, layo
 def test_interrupted_download_is_never_taken_for_complete(dataset, tmp_path):
     archive = _zip(dataset, tmp_path / "archive.zip", ("myntradataset",))
     raw_root = tmp_path / "raw"
-    with pytest.raises(SourceError, match="downloading kaggle:.*failed.*connection reset"):
+    with pytest.raises(SourceUnavailableError, match="downloading kaggle:.*failed.*connection reset"):
         fetch_dataset(f"kaggle:{SLUG}", raw_root, kaggle_api=FakeKaggleApi(archive, fail_after_bytes=300))
     assert not (raw_root / NAME).exists()
 
@@ -139,7 +144,7 @@ def test_a_truncated_zip_is_a_clear_error(dataset, tmp_path):
     truncated.write_bytes(archive.read_bytes()[:-40])
     with pytest.raises(SourceError, match="not a complete zip archive.*rerun fetch"):
         fetch_dataset(f"kaggle:{SLUG}", tmp_path / "raw", kaggle_api=FakeKaggleApi(truncated))
-    assert list((tmp_path / "raw").iterdir()) == []
+    assert datasets_in(tmp_path / "raw") == []
 
 
 def test_a_zip_of_something_else_names_what_it_holds(tmp_path):
@@ -266,7 +271,7 @@ def test_s3_prefix_is_downloaded_once(dataset, tmp_path, monkeypatch, layout):
             fetch_dataset("s3://fashion/nothing", raw_root, s3_client=s3)
         with pytest.raises(SourceError, match="reading s3://missing-bucket/x failed.*NoSuchBucket"):
             fetch_dataset("s3://missing-bucket/x", raw_root, s3_client=s3)
-        assert sorted(p.name for p in raw_root.iterdir()) == ["fashion__datasets-v1"]
+        assert datasets_in(raw_root) == ["fashion__datasets-v1"]
 
 
 def test_synthetic_source_generates_once(tmp_path, monkeypatch):
@@ -294,7 +299,7 @@ def test_synthetic_source_runs_the_generator(tmp_path):
     result = fetch_dataset("synthetic:40", tmp_path / "raw", synthetic_seed=3)
     assert result.raw_dir == tmp_path / "raw" / "synthetic-40-small-seed3" and result.downloaded is True
     assert result.rows == 40 and 0 < result.images <= 40 and io.is_complete(result.raw_dir)
-    assert sorted(p.name for p in (tmp_path / "raw").iterdir()) == ["synthetic-40-small-seed3"]
+    assert datasets_in(tmp_path / "raw") == ["synthetic-40-small-seed3"]
 
 
 def test_generated_dataset_served_as_the_full_kaggle_archive(synthetic_raw, tmp_path):

@@ -158,7 +158,7 @@ def test_metadata_only_table_splits_row_by_row(tmp_path):
 
 
 def test_missing_clean_table_says_to_validate_first(tmp_path):
-    with pytest.raises(DataError, match=r"clean\.parquet does not exist: run `fashion-tagger validate"):
+    with pytest.raises(DataError, match=r"clean\.parquet does not exist: run the validate stage first"):
         split_dataset(tmp_path / "nothing", tmp_path / "split")
 
 

@@ -14,17 +14,16 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger
 from tagger_helpers import make_split, tiny_config
-from typer.testing import CliRunner
 
 from fashion_tagger.config import load_config
 from fashion_tagger.data import eval_transform, normalize, pixel_stats, train_transform
 from fashion_tagger.evaluate import evaluate_run
 from fashion_tagger.io import read_json
+from fashion_tagger.layout import TrainDir
 from fashion_tagger.train import (
     MIN_LR_RATIO,
     TrainError,
     lr_factor_fn,
-    recorded_split_dir,
     resolve_hardware,
     train_model,
 )
@@ -72,7 +71,7 @@ def resumed_run(prepared_split, tmp_path_factory):
 @pytest.mark.slow
 def test_training_beats_the_majority_baseline(resumed_run):
     run_dir, _, _, result = resumed_run
-    evaluation = evaluate_run(run_dir)
+    evaluation = evaluate_run(run_dir, _config(epochs=3))
     for attribute in ("masterCategory", "baseColour"):
         scores = evaluation.attributes[attribute]
         assert scores["accuracy"] > scores["majority_baseline_accuracy"] + 0.05, (attribute, scores)
@@ -102,10 +101,10 @@ def test_a_finished_run_is_returned_as_it_is(resumed_run, prepared_split):
     run_dir, _, _, second = resumed_run
     last = run_dir / "checkpoints" / "last.ckpt"
     before = last.stat().st_mtime_ns
-    again = train_model(_config(epochs=3), split_dir=None, run_dir=run_dir)
+    again = train_model(_config(epochs=3), split_dir=prepared_split, run_dir=run_dir)
     assert again.already_complete and again.epochs_completed == 3
     assert again.best_score == second.best_score
-    assert again.split_dir == prepared_split.resolve() == recorded_split_dir(run_dir)
+    assert again.split_dir == prepared_split.resolve() == TrainDir(run_dir).recorded_split()
     assert last.stat().st_mtime_ns == before
 
 
@@ -134,17 +133,6 @@ def test_another_model_in_the_same_run_dir_is_refused(resumed_run, prepared_spli
     other.model.hidden_dim = 16
     with pytest.raises(TrainError, match="another model config"):
         train_model(other, split_dir=prepared_split, run_dir=run_dir)
-
-
-@pytest.mark.slow
-def test_cli_train_prints_the_result(resumed_run):
-    from fashion_tagger.cli import app
-
-    run_dir = resumed_run[0]
-    args = ["train", "--run-dir", str(run_dir), "-c", str(run_dir / "config.yaml")]
-    outcome = CliRunner().invoke(app, args)
-    assert outcome.exit_code == 0, outcome.output
-    assert '"already_complete": true' in outcome.output
 
 
 class _BackboneSnapshots(Callback):
@@ -237,7 +225,7 @@ def test_short_training_on_real_small_images_beats_the_majority_baseline(real_sm
         "train": {"epochs": 3, "batch_size": 64, "num_workers": 0, "progress_bar": False},
     })
     train_model(config, split_dir=tmp_path / "split", run_dir=tmp_path / "run")
-    evaluation = evaluate_run(tmp_path / "run")
+    evaluation = evaluate_run(tmp_path / "run", config)
     for attribute in ("masterCategory", "subCategory"):
         scores = evaluation.attributes[attribute]
         assert scores["accuracy"] > scores["majority_baseline_accuracy"] + 0.05, (attribute, scores)
