@@ -286,8 +286,8 @@ def test_only_the_workers_sign_in_to_mlflow_and_as_the_service_user(services):
             assert env["MLFLOW_TRACKING_PASSWORD"].startswith("${MLFLOW_ADMIN_PASSWORD:?")
         else:
             assert "MLFLOW_TRACKING_PASSWORD" not in env, f"{name} has no business signing in to MLflow"
-        if name != "mlflow-init":
-            assert not any("MLFLOW_ADMIN_PASSWORD" in v for v in env.values()) or name == "mlflow", name
+        holds_admin = any("MLFLOW_ADMIN_PASSWORD" in value for value in env.values())
+        assert holds_admin == (name in ("mlflow", "mlflow-init")), f"{name} and the MLflow admin password"
     for name in WORKERS:
         assert services[name]["depends_on"]["mlflow-init"]["condition"] == "service_completed_successfully"
     assert services["mlflow-init"]["depends_on"]["mlflow"]["condition"] == "service_healthy"
