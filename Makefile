@@ -12,10 +12,10 @@ PIP_INSTALL := $(PY) -m pip install --quiet --disable-pip-version-check -c const
 export FASHION_TAGGER_HOME ?= $(CURDIR)/.home
 export PYTHONUNBUFFERED := 1
 
-.PHONY: help venv run up down test test-fast lint format bench clean
+.PHONY: help venv run up down test test-fast lint lint-deploy format bench clean
 
 help:  ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -38,6 +38,7 @@ down:  ## stop what `make up` started
 test: $(STAMP)  ## run the whole test suite (installs PostgreSQL and Redis when missing)
 	scripts/ensure_services.sh
 	$(VENV)/bin/ruff check .
+	$(MAKE) --no-print-directory lint-deploy
 	$(VENV)/bin/pytest
 
 test-fast: $(STAMP)  ## tests without the slow tier
@@ -45,6 +46,13 @@ test-fast: $(STAMP)  ## tests without the slow tier
 
 lint: $(STAMP)  ## ruff
 	$(VENV)/bin/ruff check .
+
+# hadolint fails on any finding of level info or above; compose-lint on any medium or higher one that
+# .compose-lint.yml does not exclude with a reason. --no-env: grade the committed file, not a local .env.
+lint-deploy: $(STAMP)  ## hadolint on docker/*.Dockerfile, compose-lint on docker-compose.yaml
+	$(VENV)/bin/hadolint --failure-threshold info docker/*.Dockerfile
+	$(VENV)/bin/compose-lint check --quiet --no-env --strict-config --config .compose-lint.yml --fail-on medium \
+		docker-compose.yaml
 
 format: $(STAMP)  ## ruff fix + format
 	$(VENV)/bin/ruff check --fix .

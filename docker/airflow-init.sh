@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One-shot setup run by the airflow-init service before any other Airflow component starts: migrate the
 # metadata DB, create the admin user and the `gpu` pool. Idempotent: `docker compose up` runs it on every start.
+# It runs as AIRFLOW_UID like every Airflow container, never as root.
 set -euo pipefail
 
 for var in AIRFLOW_UID AIRFLOW_ADMIN_USERNAME AIRFLOW_ADMIN_PASSWORD GPU_POOL_SLOTS; do
@@ -10,10 +11,15 @@ for var in AIRFLOW_UID AIRFLOW_ADMIN_USERNAME AIRFLOW_ADMIN_PASSWORD GPU_POOL_SL
   fi
 done
 
-# Named volumes are created root-owned; the Airflow processes run as AIRFLOW_UID with group 0, and create
-# everything below these folders themselves (not recursive: the data volume may hold a large image cache).
-mkdir -p /opt/airflow/logs /opt/fashion-tagger-data
-chown "${AIRFLOW_UID}:0" /opt/airflow/logs /opt/fashion-tagger-data
+# A new named volume takes the owner and mode of the image's folder: group 0, group-writable (see
+# docker/airflow.Dockerfile), so any AIRFLOW_UID in group 0 can write it and nothing needs chown.
+for dir in /opt/airflow/logs /opt/fashion-tagger-data; do
+  if [[ ! -w "$dir" ]]; then
+    echo "airflow-init: $dir is not writable by uid $(id -u) gid $(id -g) ($(stat -c '%U:%G %A' "$dir"));" \
+      "give it to group 0 once: docker compose run --rm --user 0 --entrypoint chmod airflow-init -R g+rwX $dir" >&2
+    exit 1
+  fi
+done
 
 # The official entrypoint migrates the DB (_AIRFLOW_DB_MIGRATE) and creates the user (_AIRFLOW_WWW_USER_CREATE)
 # before running the command it is given.

@@ -13,27 +13,30 @@ ARG TORCHVISION_VERSION=0.29.1
 # PyTorch's CPU-only wheel index: the same torch API, none of the CUDA wheels (several GB smaller).
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 
-USER root
+# Numeric users: 0 is root, 50000 the image's `airflow`. The data folder is group 0 and group-writable, so a new
+# volume mounted there can be written by any AIRFLOW_UID (they all run in group 0) without a chown as root.
+USER 0
 RUN mkdir -p /opt/fashion-tagger /opt/fashion-tagger-data \
-    && chown -R airflow:0 /opt/fashion-tagger /opt/fashion-tagger-data
-USER airflow
+    && chown -R 50000:0 /opt/fashion-tagger /opt/fashion-tagger-data \
+    && chmod 2775 /opt/fashion-tagger-data
+USER 50000
 
 # torch first, in its own layer: editing the project must not download it again.
 RUN pip install --no-cache-dir --no-deps --index-url "${TORCH_INDEX_URL}" \
         "torch==${TORCH_VERSION}" "torchvision==${TORCHVISION_VERSION}"
 
 WORKDIR /opt/fashion-tagger
-COPY --chown=airflow:0 pyproject.toml README.md ./
-COPY --chown=airflow:0 fashion_tagger ./fashion_tagger
+COPY --chown=50000:0 pyproject.toml README.md ./
+COPY --chown=50000:0 fashion_tagger ./fashion_tagger
 # Pinning apache-airflow keeps pip from moving the image's own Airflow while it resolves the project.
 RUN pip install --no-cache-dir "apache-airflow==${AIRFLOW_VERSION}" "torch==${TORCH_VERSION}" \
         "torchvision==${TORCHVISION_VERSION}" "/opt/fashion-tagger[airflow]" \
     && python -c "import torch; assert not torch.version.cuda, 'the Airflow image must carry the CPU build of torch'"
 
-COPY --chown=airflow:0 docker/airflow-init.sh /opt/fashion-tagger/docker/airflow-init.sh
+COPY --chown=50000:0 docker/airflow-init.sh /opt/fashion-tagger/docker/airflow-init.sh
 # DAGs are baked in so that a worker on another machine needs nothing but the image;
 # docker-compose.yaml bind-mounts ./dags over them for development.
-COPY --chown=airflow:0 dags /opt/airflow/dags
+COPY --chown=50000:0 dags /opt/airflow/dags
 
 ENV FASHION_TAGGER_HOME=/opt/fashion-tagger-data
 WORKDIR /opt/airflow

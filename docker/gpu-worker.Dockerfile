@@ -11,26 +11,29 @@ FROM apache/airflow:${AIRFLOW_VERSION}-python${PYTHON_VERSION}
 ARG AIRFLOW_VERSION
 ARG TORCH_VERSION=2.14.1
 ARG TORCHVISION_VERSION=0.29.1
-# Empty: the default index, whose Linux torch wheels bundle the newest CUDA runtime. For an older host
-# driver point this at a PyTorch CUDA wheel index (cu126, cu128, ...) matching it.
-ARG TORCH_INDEX_URL=
+# PyPI, whose Linux torch wheels bundle the newest CUDA runtime. For an older host driver point this at a
+# PyTorch CUDA wheel index (cu126, cu128, ...) matching it.
+ARG TORCH_INDEX_URL=https://pypi.org/simple
 
-USER root
+# Numeric users: 0 is root, 50000 the image's `airflow`. The data folder is group 0 and group-writable, so a new
+# volume mounted there can be written by any AIRFLOW_UID (they all run in group 0) without a chown as root.
+USER 0
 RUN mkdir -p /opt/fashion-tagger /opt/fashion-tagger-data \
-    && chown -R airflow:0 /opt/fashion-tagger /opt/fashion-tagger-data
-USER airflow
+    && chown -R 50000:0 /opt/fashion-tagger /opt/fashion-tagger-data \
+    && chmod 2775 /opt/fashion-tagger-data
+USER 50000
 
-RUN pip install --no-cache-dir ${TORCH_INDEX_URL:+--index-url "${TORCH_INDEX_URL}"} \
+RUN pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" \
         "torch==${TORCH_VERSION}" "torchvision==${TORCHVISION_VERSION}"
 
 WORKDIR /opt/fashion-tagger
-COPY --chown=airflow:0 pyproject.toml README.md ./
-COPY --chown=airflow:0 fashion_tagger ./fashion_tagger
+COPY --chown=50000:0 pyproject.toml README.md ./
+COPY --chown=50000:0 fashion_tagger ./fashion_tagger
 RUN pip install --no-cache-dir "apache-airflow==${AIRFLOW_VERSION}" "torch==${TORCH_VERSION}" \
         "torchvision==${TORCHVISION_VERSION}" "/opt/fashion-tagger[airflow]" \
     && python -c "import torch; assert torch.version.cuda, 'the gpu worker needs a CUDA build of torch'"
 
-COPY --chown=airflow:0 dags /opt/airflow/dags
+COPY --chown=50000:0 dags /opt/airflow/dags
 
 ENV FASHION_TAGGER_HOME=/opt/fashion-tagger-data \
     NVIDIA_VISIBLE_DEVICES=all \

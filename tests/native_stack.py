@@ -1,6 +1,8 @@
 """The topology of docker-compose.yaml started natively on loopback ports, for CI where Docker cannot run:
-PostgreSQL, Redis, moto's S3 server, an MLflow server on both, and Airflow 3 with the CeleryExecutor
-(api-server, scheduler, dag-processor, one Celery worker on queue `default` and one on queue `gpu`).
+PostgreSQL, Redis, moto's S3 server, an MLflow server on both with its authentication (started by
+docker/mlflow-server.sh, its users made by docker/mlflow-init.py, as in the compose file), and Airflow 3 with the
+CeleryExecutor (api-server, scheduler, dag-processor, one Celery worker on queue `default` and one on queue `gpu`,
+both signed in to MLflow as the service user).
 
 `with NativeStack() as stack:` starts everything and stops every process group on exit, also on failure.
 `python tests/native_stack.py` keeps a stack up until Ctrl-C and prints where everything is.
@@ -30,6 +32,11 @@ REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 ADMIN_USER = "admin"
 BUCKET = "mlflow"
+# The MLflow users docker-compose.yaml defaults to (MLFLOW_*_USERNAME in .env.example).
+MLFLOW_ADMIN = "admin"
+MLFLOW_SERVICE_USER = "fashion-tagger-worker"
+MLFLOW_READER = "fashion-tagger-reader"
+MLFLOW_USERS = {MLFLOW_ADMIN: "mlflow_admin", MLFLOW_SERVICE_USER: "mlflow_service", MLFLOW_READER: "mlflow_reader"}
 # Each Celery worker stands for a machine of its own: its celery nodename and the hostname it reports on
 # task instances (through [core] hostname_callable) are the same, as they are in a container.
 WORKER_QUEUES = {"default-worker": "default", "gpu-worker": "gpu"}
@@ -107,7 +114,8 @@ class NativeStack:
         self.ports = {name: free_port() for name in ("postgres", "redis", "s3", "mlflow", "api")}
         self.secrets = {
             name: secrets.token_hex(16)
-            for name in ("airflow_db", "mlflow_db", "redis", "api", "admin", "aws_key", "aws_secret")
+            for name in ("airflow_db", "mlflow_db", "redis", "api", "admin", "aws_key", "aws_secret",
+                         "mlflow_admin", "mlflow_service", "mlflow_reader", "mlflow_flask")
         }
         # 64 bytes: Airflow signs with HS512, and PyJWT warns about shorter keys.
         self.secrets["jwt"] = secrets.token_hex(32)
@@ -139,6 +147,16 @@ class NativeStack:
     @property
     def admin_password(self) -> str:
         return self.secrets["admin"]
+
+    def mlflow_auth(self, username: str) -> tuple[str, str]:
+        """(username, password) of one of MLFLOW_USERS, for requests' `auth=` or MLFLOW_TRACKING_*."""
+        return username, self.secrets[MLFLOW_USERS[username]]
+
+    def mlflow_env(self, username: str) -> dict[str, str]:
+        """What a client of the MLflow server needs to act as USERNAME."""
+        user, password = self.mlflow_auth(username)
+        return {"MLFLOW_TRACKING_URI": self.mlflow_url, "MLFLOW_TRACKING_USERNAME": user,
+                "MLFLOW_TRACKING_PASSWORD": password}
 
     def s3_client(self):
         import boto3
@@ -288,6 +306,8 @@ class NativeStack:
             "CREATE DATABASE airflow OWNER airflow;"
             f"CREATE ROLE mlflow LOGIN PASSWORD '{self.secrets['mlflow_db']}';"
             "CREATE DATABASE mlflow OWNER mlflow;"
+            # MLflow's user store: its own database on the same server, as docker/postgres-init.sh makes it.
+            "CREATE DATABASE mlflow_auth OWNER mlflow;"
         )
         for statement in sql.rstrip(";").split(";"):
             self._run("psql", [str(pg_bin / "psql"), "-v", "ON_ERROR_STOP=1", "-h", str(data),
@@ -308,20 +328,37 @@ class NativeStack:
                                           "-p", str(self.ports["s3"])], env)
 
     def _start_mlflow(self) -> Service:
+        """docker/mlflow-server.sh with the environment docker-compose.yaml gives the `mlflow` service."""
         env = self.base_env() | {
+            "PATH": os.pathsep.join([str(VENV_BIN), os.environ.get("PATH", "")]),
+            "MLFLOW_BACKEND_STORE_URI": self.pg_url("mlflow", "mlflow"),
+            "MLFLOW_AUTH_DATABASE_URI": self.pg_url("mlflow", "mlflow_auth"),
+            "MLFLOW_AUTH_CONFIG_PATH": str(self.root / "mlflow-auth" / "basic_auth.ini"),
+            "MLFLOW_AUTH_ADMIN_USERNAME": MLFLOW_ADMIN,
+            "MLFLOW_AUTH_ADMIN_PASSWORD": self.secrets["mlflow_admin"],
+            "MLFLOW_FLASK_SERVER_SECRET_KEY": self.secrets["mlflow_flask"],
+            "MLFLOW_ARTIFACTS_DESTINATION": f"s3://{BUCKET}/",
+            "MLFLOW_HOST": "127.0.0.1",
+            "MLFLOW_PORT": str(self.ports["mlflow"]),
+            "MLFLOW_WORKERS": "1",
             "MLFLOW_S3_ENDPOINT_URL": self.s3_url,
             "AWS_ACCESS_KEY_ID": self.secrets["aws_key"],
             "AWS_SECRET_ACCESS_KEY": self.secrets["aws_secret"],
             "AWS_DEFAULT_REGION": "us-east-1",
         }
-        self.mlflow = self._spawn("mlflow", [
-            self._bin("mlflow"), "server",
-            "--backend-store-uri", self.pg_url("mlflow", "mlflow"),
-            "--artifacts-destination", f"s3://{BUCKET}/",
-            "--serve-artifacts",
-            "--host", "127.0.0.1", "--port", str(self.ports["mlflow"]), "--workers", "1",
-        ], env)
+        self.mlflow = self._spawn("mlflow", ["bash", str(REPO / "docker" / "mlflow-server.sh")], env)
         return self.mlflow
+
+    def _init_mlflow_users(self, deadline: float) -> None:
+        """docker/mlflow-init.py as the admin, as the compose file's `mlflow-init` service runs it."""
+        env = self.base_env() | self.mlflow_env(MLFLOW_ADMIN) | {
+            "MLFLOW_SERVICE_USERNAME": MLFLOW_SERVICE_USER,
+            "MLFLOW_SERVICE_PASSWORD": self.secrets["mlflow_service"],
+            "MLFLOW_READER_USERNAME": MLFLOW_READER,
+            "MLFLOW_READER_PASSWORD": self.secrets["mlflow_reader"],
+        }
+        self._run("mlflow-init", [sys.executable, str(REPO / "docker" / "mlflow-init.py")], env,
+                  timeout=max(30.0, deadline - time.monotonic()))
 
     # --- Airflow --------------------------------------------------------------------------------------
     def airflow_env(self) -> dict[str, str]:
@@ -388,6 +425,8 @@ class NativeStack:
             worker_env = env | {
                 "AIRFLOW__CORE__HOSTNAME_CALLABLE": "native_stack_hostname.hostname",
                 "NATIVE_STACK_HOSTNAME": hostname,
+                # Only the workers talk to MLflow, as its service user (docker-compose.yaml does the same).
+                **self.mlflow_env(MLFLOW_SERVICE_USER),
                 "PYTHONPATH": os.pathsep.join(filter(None, [str(self.root / "pylib"), env.get("PYTHONPATH")])),
             }
             # Logs land on the shared local disk, where the api-server reads them: no log server per worker.
@@ -416,6 +455,7 @@ class NativeStack:
         report["s3"] = self._wait(f"the S3 bucket {BUCKET}", make_bucket, deadline, self.s3)
         report["mlflow"] = self._wait(
             "MLflow /health", lambda: requests.get(f"{self.mlflow_url}/health", timeout=5).ok, deadline, mlflow)
+        self._init_mlflow_users(deadline)
 
         def airflow_health() -> dict | None:
             health = requests.get(f"{self.api_url}/api/v2/monitor/health", timeout=5).json()
@@ -503,7 +543,9 @@ def main() -> None:
     with stack:
         print(f"native stack up in {time.monotonic() - started:.0f}s (root {stack.root})")
         print(f"  Airflow  {stack.api_url}  user {ADMIN_USER} password {stack.admin_password}")
-        print(f"  MLflow   {stack.mlflow_url}\n  S3       {stack.s3_url} bucket {BUCKET}")
+        print(f"  MLflow   {stack.mlflow_url}  users " + ", ".join(
+            "{} password {}".format(*stack.mlflow_auth(user)) for user in MLFLOW_USERS))
+        print(f"  S3       {stack.s3_url} bucket {BUCKET}")
         print(f"  workers  {stack.health['celery']}")
         print("Ctrl-C stops everything.")
         with contextlib.suppress(KeyboardInterrupt):

@@ -1,8 +1,14 @@
 """docker-compose.yaml and docker/ without Docker: the compose specification's schema, files it names,
-service dependencies, secrets only from .env, and the GPU worker's queue and device reservation."""
+service dependencies, secrets only from .env, the GPU worker's queue and device reservation, and the production
+security of the stack: MLflow's sign-in and who holds which credential, loopback-only ports, container hardening,
+the MinIO users, and the two linters `make lint-deploy` runs (hadolint, compose-lint) able to fail.
+
+Docker's engine cannot run here, so nothing starts a container: the scripts the containers run are executed
+with stand-ins for `mc` and `mlflow` on PATH, and tests/test_native_stack.py runs the MLflow scripts for real."""
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -137,7 +143,7 @@ def test_depends_on_names_defined_services_with_conditions(services):
 
 
 def test_long_running_services_have_health_checks(services):
-    one_shots = {"airflow-init", "minio-init", "airflow-cli"}
+    one_shots = {"airflow-init", "minio-init", "mlflow-init", "airflow-cli"}
     for name, service in services.items():
         if name not in one_shots:
             assert "test" in service.get("healthcheck", {}), f"{name} has no healthcheck"
@@ -213,17 +219,22 @@ def test_images_route_torch_builds_to_the_right_workers():
     assert "whl/cpu" in airflow and "torch.version.cuda" in airflow
     assert "whl/cpu" not in gpu and '"--queues", "gpu"' in gpu
     mlflow = (REPO / "docker" / "mlflow.Dockerfile").read_text()
-    assert all(p in mlflow for p in ("mlflow==", "psycopg2", "boto3"))
+    assert all(p in mlflow for p in ("mlflow[auth]==", "psycopg2", "boto3"))
 
 
 def test_mlflow_serves_artifacts_from_the_bucket_on_its_own_database(services):
     mlflow = services["mlflow"]
-    command = " ".join(mlflow["command"]) if isinstance(mlflow["command"], list) else mlflow["command"]
-    assert "--serve-artifacts" in command
-    assert re.search(r"--artifacts-destination \"?s3://", command)
-    assert re.search(r"--backend-store-uri \"?postgresql://mlflow:[^@]+@postgres:5432/mlflow", command)
-    assert _environment(mlflow)["MLFLOW_S3_ENDPOINT_URL"] == "http://minio:9000"
-    init = " ".join(services["minio-init"]["command"])
+    assert mlflow["command"] == ["mlflow-server"]
+    env = _environment(mlflow)
+    assert re.fullmatch(r"postgresql://mlflow:\$\{MLFLOW_DB_PASSWORD:\?[^}]*\}@postgres:5432/mlflow",
+                        env["MLFLOW_BACKEND_STORE_URI"])
+    assert env["MLFLOW_ARTIFACTS_DESTINATION"].startswith("s3://${MLFLOW_BUCKET")
+    assert env["MLFLOW_S3_ENDPOINT_URL"] == "http://minio:9000"
+    server = (REPO / "docker" / "mlflow-server.sh").read_text()
+    assert "--serve-artifacts" in server and "--artifacts-destination" in server
+    dockerfile = (REPO / "docker" / "mlflow.Dockerfile").read_text()
+    assert "docker/mlflow-server.sh /usr/local/bin/mlflow-server" in dockerfile
+    init = (REPO / "docker" / "minio-init.sh").read_text()
     assert "mc mb" in init and "MLFLOW_BUCKET" in init
     assert services["mlflow"]["depends_on"]["minio-init"]["condition"] == "service_completed_successfully"
 
@@ -240,3 +251,283 @@ def test_airflow_components_share_one_data_volume_and_the_jwt_secret(compose, se
     assert "fashion-tagger-data" in compose["volumes"]
     init = (REPO / "docker" / "airflow-init.sh").read_text()
     assert re.search(r"airflow pools set gpu ", init)
+
+
+# --- production security -------------------------------------------------------------------------------------
+ENV_DEFAULT = re.compile(r"\$\{(?P<name>[A-Z0-9_]+):-(?P<default>[^}]+)\}")
+# What each service adds back after dropping every capability, and why (see the compose file's comments).
+CAPABILITIES = {
+    "postgres": {"CHOWN", "DAC_OVERRIDE", "SETGID", "SETUID"},  # chown of the data folder, then gosu
+    "redis": {"CHOWN", "SETGID", "SETUID"},  # the same, for /data
+}
+WORKERS = ("airflow-worker", "airflow-worker-gpu")
+
+
+def test_mlflow_requires_sign_in_with_its_user_store_in_postgres(services):
+    env = _environment(services["mlflow"])
+    assert re.fullmatch(r"postgresql://mlflow:\$\{MLFLOW_DB_PASSWORD:\?[^}]*\}@postgres:5432/mlflow_auth",
+                        env["MLFLOW_AUTH_DATABASE_URI"])
+    for name in ("MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY"):
+        assert env[name].startswith("${") and ":?" in env[name], f"{name} must be required from .env"
+    postgres_init = (REPO / "docker" / "postgres-init.sh").read_text()
+    assert "CREATE DATABASE mlflow_auth OWNER mlflow" in postgres_init
+    dockerfile = (REPO / "docker" / "mlflow.Dockerfile").read_text()
+    assert '"mlflow[auth]==' in dockerfile, "the auth app needs the mlflow[auth] extra (Flask-WTF)"
+
+
+def test_only_the_workers_sign_in_to_mlflow_and_as_the_service_user(services):
+    for name, service in services.items():
+        env = _environment(service)
+        if name in WORKERS:
+            assert env["MLFLOW_TRACKING_USERNAME"].startswith("${MLFLOW_SERVICE_USERNAME:-"), name
+            assert env["MLFLOW_TRACKING_PASSWORD"].startswith("${MLFLOW_SERVICE_PASSWORD:?"), name
+        elif name == "mlflow-init":
+            assert env["MLFLOW_TRACKING_USERNAME"].startswith("${MLFLOW_ADMIN_USERNAME:-")
+            assert env["MLFLOW_TRACKING_PASSWORD"].startswith("${MLFLOW_ADMIN_PASSWORD:?")
+        else:
+            assert "MLFLOW_TRACKING_PASSWORD" not in env, f"{name} has no business signing in to MLflow"
+        holds_admin = any("MLFLOW_ADMIN_PASSWORD" in value for value in env.values())
+        assert holds_admin == (name in ("mlflow", "mlflow-init")), f"{name} and the MLflow admin password"
+    for name in WORKERS:
+        assert services[name]["depends_on"]["mlflow-init"]["condition"] == "service_completed_successfully"
+    assert services["mlflow-init"]["depends_on"]["mlflow"]["condition"] == "service_healthy"
+
+
+def test_minio_root_credentials_stay_with_minio_and_minio_init(services):
+    for name, service in services.items():
+        holds_root = any("MINIO_ROOT_" in value for value in _environment(service).values())
+        assert holds_root == (name in ("minio", "minio-init")), name
+    mlflow = _environment(services["mlflow"])
+    assert mlflow["AWS_ACCESS_KEY_ID"].startswith("${MINIO_MLFLOW_USER:?")
+    assert mlflow["AWS_SECRET_ACCESS_KEY"].startswith("${MINIO_MLFLOW_PASSWORD:?")
+    worker = _environment(services["airflow-worker"])
+    assert worker["AWS_ACCESS_KEY_ID"].startswith("${MINIO_DATA_READER_USER:?")
+    assert worker["AWS_SECRET_ACCESS_KEY"].startswith("${MINIO_DATA_READER_PASSWORD:?")
+    assert worker["AWS_ENDPOINT_URL"] == "http://minio:9000"
+    assert "AWS_SECRET_ACCESS_KEY" not in _environment(services["airflow-worker-gpu"])
+
+
+def test_published_ports_listen_on_the_bind_address_loopback_by_default(services):
+    published = {name: service["ports"] for name, service in services.items() if service.get("ports")}
+    assert published.keys() == {"airflow-apiserver", "mlflow", "minio"}
+    for name, ports in published.items():
+        for port in ports:
+            assert str(port).startswith("${BIND_ADDRESS:-127.0.0.1}:"), f"{name}: {port} binds every interface"
+    assert _env_example()["BIND_ADDRESS"] == "127.0.0.1"
+
+
+def test_every_service_drops_privileges_and_has_limits_from_env(services):
+    example = _env_example()
+    for name, service in services.items():
+        assert service.get("security_opt") == ["no-new-privileges:true"], name
+        assert service.get("cap_drop") == ["ALL"], name
+        assert set(service.get("cap_add", [])) == CAPABILITIES.get(name, set()), name
+        assert str(service.get("user", "")).split(":")[0] not in ("0", "root"), f"{name} runs as root"
+        assert not service.get("privileged"), name
+        for key in ("mem_limit", "cpus"):
+            match = ENV_DEFAULT.fullmatch(str(service.get(key, "")))
+            assert match, f"{name}: {key} must come from .env with a default, got {service.get(key)!r}"
+            assert example.get(match["name"]) == match["default"], f".env.example must show {match['name']}"
+
+
+def test_images_have_pinned_versions_overridable_from_env(services):
+    example = _env_example()
+    for name, service in services.items():
+        match = ENV_DEFAULT.fullmatch(service["image"])
+        assert match, f"{name}: image {service['image']!r} should be ${{VAR:-image:tag}} (a digest goes in .env)"
+        image = match["default"]
+        tag = image.rsplit(":", 1)[1] if ":" in image.rsplit("/", 1)[-1] else ""
+        assert tag and tag not in ("latest", "stable", "edge"), f"{name}: {image} has no pinned version"
+        assert example[match["name"]] == image, f".env.example must show {match['name']}={image}"
+
+
+def test_dockerfiles_use_numeric_users_and_pinned_pip_installs():
+    for dockerfile in sorted((REPO / "docker").glob("*.Dockerfile")):
+        text = dockerfile.read_text()
+        users = re.findall(r"^USER\s+(\S+)", text, re.M)
+        assert users and all(u.split(":")[0].isdigit() for u in users), f"{dockerfile.name}: USER {users}"
+        assert users[-1].split(":")[0] != "0", f"{dockerfile.name} must not end as root"
+        for command in re.findall(r"^RUN (pip install .*?)(?:&&|$)", text.replace("\\\n", " "), re.M):
+            packages = [w.strip('"') for w in command.split() if not w.startswith("-") and "/" not in w]
+            packages = [p for p in packages[2:] if not p.startswith("$") and p != '"${TORCH_INDEX_URL}"']
+            for package in packages:
+                assert "==" in package, f"{dockerfile.name}: unpinned pip install {package!r}"
+
+
+def test_every_variable_of_the_compose_file_is_documented_in_env_example():
+    example = _env_example()
+    text = _compose_text()
+    # $${VAR} is the container's own variable, escaped from compose.
+    names = {ref["name"] for ref in INTERPOLATION.finditer(text) if text[ref.start() - 1] != "$"}
+    # AIRFLOW_PROJ_DIR only moves the dags bind mount of a development checkout, as in Airflow's compose file.
+    missing = names - example.keys() - {"AIRFLOW_PROJ_DIR"}
+    assert not missing, f"missing from .env.example: {sorted(missing)}"
+
+
+def _stub(bin_dir: Path, name: str, body: str) -> None:
+    path = bin_dir / name
+    path.write_text("#!/bin/sh\n" + body)
+    path.chmod(0o755)
+
+
+def _minio_env(tmp_path: Path) -> dict[str, str]:
+    return {
+        "PATH": f"{tmp_path / 'bin'}:/usr/bin:/bin", "MC_LOG": str(tmp_path / "mc.log"),
+        "POLICY_DIR": str(tmp_path / "policies"),
+        "MINIO_ROOT_USER": "root-user", "MINIO_ROOT_PASSWORD": "root-password",
+        "MLFLOW_BUCKET": "mlflow", "DATA_BUCKET": "fashion-data",
+        "MINIO_MLFLOW_USER": "mlflow-artifacts", "MINIO_MLFLOW_PASSWORD": "mlflow-secret-0123456789",
+        "MINIO_DATA_READER_USER": "fashion-data-reader", "MINIO_DATA_READER_PASSWORD": "reader-secret-0123456789",
+    }
+
+
+@pytest.fixture()
+def fake_mc(tmp_path):
+    """An `mc` that logs its arguments, keeps each policy it is given, and answers a second attach of the same
+    policy the way MinIO does."""
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "policies").mkdir()
+    _stub(tmp_path / "bin", "mc", '''echo "$*" >>"$MC_LOG"
+case "$1 $2 $3" in
+  "admin policy create") cp "$6" "$POLICY_DIR/$5.json" ;;
+  "admin policy attach")
+    if [ -n "${MC_ATTACH_ERROR:-}" ]; then echo "mc: <ERROR> $MC_ATTACH_ERROR" >&2; exit 1; fi ;;
+esac
+''')
+    return tmp_path
+
+
+def test_minio_init_gives_each_client_a_user_limited_to_its_bucket(fake_mc):
+    env = _minio_env(fake_mc)
+    result = subprocess.run(["sh", str(REPO / "docker" / "minio-init.sh")], env=env, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    calls = (fake_mc / "mc.log").read_text().splitlines()
+    assert calls[0] == "alias set local http://minio:9000 root-user root-password"
+    assert "admin user add local mlflow-artifacts mlflow-secret-0123456789" in calls
+    assert "admin user add local fashion-data-reader reader-secret-0123456789" in calls
+    assert "admin policy attach local mlflow-artifacts --user mlflow-artifacts" in calls
+    assert "admin policy attach local fashion-data-read --user fashion-data-reader" in calls
+    # Root appears only in the alias: no user is given root's keys.
+    assert sum("root-password" in call for call in calls) == 1
+
+    def grants(policy: str) -> dict[str, set[str]]:
+        document = json.loads((fake_mc / "policies" / f"{policy}.json").read_text())
+        out: dict[str, set[str]] = {}
+        for statement in document["Statement"]:
+            assert statement["Effect"] == "Allow"
+            for resource in statement["Resource"]:
+                out.setdefault(resource, set()).update(statement["Action"])
+        return out
+
+    mlflow = grants("mlflow-artifacts")
+    assert mlflow.keys() == {"arn:aws:s3:::mlflow", "arn:aws:s3:::mlflow/*"}
+    assert {"s3:GetObject", "s3:PutObject", "s3:DeleteObject"} <= mlflow["arn:aws:s3:::mlflow/*"]
+    reader = grants("fashion-data-read")
+    assert reader == {"arn:aws:s3:::fashion-data": {"s3:GetBucketLocation", "s3:ListBucket"},
+                      "arn:aws:s3:::fashion-data/*": {"s3:GetObject"}}
+
+
+def test_minio_init_reruns_cleanly_and_fails_on_a_real_error(fake_mc):
+    script = str(REPO / "docker" / "minio-init.sh")
+    env = _minio_env(fake_mc)
+    again = subprocess.run(["sh", script], env=env | {"MC_ATTACH_ERROR": "The specified policy change is already "
+                                                      "in effect."}, capture_output=True, text=True, timeout=60)
+    assert again.returncode == 0, again.stderr
+    broken = subprocess.run(["sh", script], env=env | {"MC_ATTACH_ERROR": "Access Denied."}, capture_output=True,
+                            text=True, timeout=60)
+    assert broken.returncode != 0 and "Access Denied" in broken.stderr
+    missing = subprocess.run(["sh", script], env=env | {"MINIO_DATA_READER_PASSWORD": ""}, capture_output=True,
+                             text=True, timeout=60)
+    assert missing.returncode == 1
+    assert "MINIO_DATA_READER_PASSWORD is empty; set it in .env" in missing.stderr
+
+
+def _mlflow_server_env(tmp_path: Path) -> dict[str, str]:
+    (tmp_path / "bin").mkdir(exist_ok=True)
+    # Prints what the real `mlflow` would receive: its arguments and the auth app's settings file.
+    _stub(tmp_path / "bin", "mlflow", 'echo "ARGS $*"; stat -c "MODE %a" "$MLFLOW_AUTH_CONFIG_PATH"; '
+                                      'cat "$MLFLOW_AUTH_CONFIG_PATH"\n')
+    return {
+        "PATH": f"{tmp_path / 'bin'}:/usr/bin:/bin",
+        "MLFLOW_BACKEND_STORE_URI": "postgresql://mlflow:pw@postgres:5432/mlflow",
+        "MLFLOW_AUTH_DATABASE_URI": "postgresql://mlflow:p%40ss@postgres:5432/mlflow_auth",
+        "MLFLOW_ARTIFACTS_DESTINATION": "s3://mlflow/",
+        "MLFLOW_AUTH_ADMIN_USERNAME": "admin", "MLFLOW_AUTH_ADMIN_PASSWORD": "admin-secret",
+        "MLFLOW_FLASK_SERVER_SECRET_KEY": "flask-secret",
+        "MLFLOW_AUTH_CONFIG_PATH": str(tmp_path / "auth" / "basic_auth.ini"),
+        "MLFLOW_ALLOWED_HOSTS": "mlflow,localhost",
+    }
+
+
+def test_mlflow_server_starts_the_auth_app_with_no_default_permission(tmp_path):
+    import configparser
+
+    env = _mlflow_server_env(tmp_path)
+    result = subprocess.run(["bash", str(REPO / "docker" / "mlflow-server.sh")], env=env, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    args = lines[0].split()
+    assert args[1:5] == ["server", "--app-name", "basic-auth", "--backend-store-uri"]
+    assert "--serve-artifacts" in args and args[args.index("--allowed-hosts") + 1] == "mlflow,localhost"
+    assert lines[1] == "MODE 600", "the settings hold a database password: readable by their owner only"
+    config = configparser.ConfigParser()
+    config.read_string("\n".join(lines[2:]))
+    assert config["mlflow"]["default_permission"] == "NO_PERMISSIONS"
+    assert config["mlflow"]["auth_cache_ttl_seconds"] == "60"
+    # configparser reads %% back as %: the percent-encoded password arrives intact.
+    assert config["mlflow"]["database_uri"] == env["MLFLOW_AUTH_DATABASE_URI"]
+    assert "admin-secret" not in result.stdout, "the admin password stays in the environment, out of the file"
+
+
+def test_mlflow_server_refuses_to_start_without_the_admin_password(tmp_path):
+    env = _mlflow_server_env(tmp_path) | {"MLFLOW_AUTH_ADMIN_PASSWORD": ""}
+    result = subprocess.run(["bash", str(REPO / "docker" / "mlflow-server.sh")], env=env, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 1 and "ARGS" not in result.stdout
+    assert "MLFLOW_AUTH_ADMIN_PASSWORD is empty; set it in .env" in result.stderr
+
+
+# --- the linters of `make lint-deploy` ------------------------------------------------------------------------
+def _tool(name: str) -> str:
+    exe = Path(sys.executable).parent / name
+    return str(exe) if exe.exists() else (shutil.which(name) or name)
+
+
+def _compose_lint(path: Path) -> list[dict]:
+    """Unsuppressed findings, as `make lint-deploy` grades them."""
+    result = subprocess.run([_tool("compose-lint"), "check", "--format", "json", "--no-env", "--strict-config",
+                             "--config", str(REPO / ".compose-lint.yml"), str(path)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode in (0, 1), result.stderr
+    report = json.loads(result.stdout)
+    findings = report["findings"] if isinstance(report, dict) else report
+    return [f for f in findings if not f.get("suppressed")]
+
+
+def test_compose_lint_finds_nothing_of_medium_severity_or_above():
+    findings = _compose_lint(COMPOSE)
+    serious = [f"{f['service']}: {f['rule_id']} {f['message']}" for f in findings if f["severity"] != "low"]
+    assert not serious, "\n".join(serious)
+
+
+def test_compose_lint_catches_a_service_that_keeps_its_capabilities(tmp_path):
+    weakened = tmp_path / "docker-compose.yaml"
+    weakened.write_text(COMPOSE.read_text().replace("  cap_drop:\n    - ALL\n", "", 1)
+                        .replace('"${BIND_ADDRESS:-127.0.0.1}:5000:5000"', '"5000:5000"'))
+    rules = {(f["rule_id"], f["service"]) for f in _compose_lint(weakened)}
+    assert ("CL-0006", "airflow-scheduler") in rules and ("CL-0006", "minio") in rules
+    assert ("CL-0005", "mlflow") in rules
+
+
+def test_hadolint_passes_and_catches_a_named_user(tmp_path):
+    dockerfiles = sorted(str(p) for p in (REPO / "docker").glob("*.Dockerfile"))
+    clean = subprocess.run([_tool("hadolint"), "--failure-threshold", "info", *dockerfiles],
+                           capture_output=True, text=True, timeout=120)
+    assert clean.returncode == 0, clean.stdout + clean.stderr
+    named = tmp_path / "named.Dockerfile"
+    named.write_text((REPO / "docker" / "mlflow.Dockerfile").read_text().replace("USER 1000", "USER mlflow"))
+    caught = subprocess.run([_tool("hadolint"), "--failure-threshold", "info", str(named)],
+                            capture_output=True, text=True, timeout=120)
+    assert caught.returncode != 0 and "DL3066" in caught.stdout

@@ -1,6 +1,8 @@
 """The production topology of docker-compose.yaml, started natively (tests/native_stack.py): the DAG is
 triggered through the REST API v2 as a UI user would, training must run on the `gpu`-queue worker, the model's
 artifacts must land in the S3 bucket and its version must carry the alias champion in the MLflow server.
+MLflow runs with its authentication: anonymous requests are refused, the read-only user reads but cannot move
+an alias, and the workers register and promote as the service user.
 
 Needs PostgreSQL and Redis from Debian (scripts/ensure_services.sh installs them); about 4-6 minutes.
 """
@@ -14,7 +16,17 @@ import re
 import time
 
 import pytest
-from native_stack import BUCKET, GPU_POOL_SLOTS, WORKER_QUEUES, NativeStack, StackError, missing_prerequisites
+from native_stack import (
+    BUCKET,
+    GPU_POOL_SLOTS,
+    MLFLOW_ADMIN,
+    MLFLOW_READER,
+    MLFLOW_SERVICE_USER,
+    WORKER_QUEUES,
+    NativeStack,
+    StackError,
+    missing_prerequisites,
+)
 
 pytestmark = [pytest.mark.services, pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -74,6 +86,29 @@ def test_every_service_answers_its_health_check(stack):
     assert pools["gpu"] == GPU_POOL_SLOTS
 
 
+def test_mlflow_refuses_anonymous_requests_and_writes_outside_a_grant(stack):
+    import requests
+
+    api = f"{stack.mlflow_url}/api/2.0/mlflow"
+    anonymous = requests.get(f"{api}/experiments/search", params={"max_results": 10}, timeout=10)
+    assert anonymous.status_code == 401, anonymous.text
+    assert anonymous.headers["WWW-Authenticate"].startswith("Basic")
+    wrong = requests.get(f"{api}/experiments/search", params={"max_results": 10}, timeout=10,
+                         auth=(MLFLOW_READER, "not-the-password"))
+    assert wrong.status_code == 401
+    # The health check stays open: it is what the compose healthcheck and the proxies poll.
+    assert requests.get(f"{stack.mlflow_url}/health", timeout=10).status_code == 200
+    # Managing users is the admin's alone.
+    for user in (MLFLOW_SERVICE_USER, MLFLOW_READER):
+        reply = requests.post(f"{api}/users/create", json={"username": f"{user}-2", "password": "x" * 24},
+                              auth=stack.mlflow_auth(user), timeout=10)
+        assert reply.status_code == 403, (user, reply.text)
+    listing = requests.get(f"{api}/users/list", auth=stack.mlflow_auth(MLFLOW_ADMIN), timeout=10)
+    assert listing.status_code == 200, listing.text
+    users = {u["username"]: u["is_admin"] for u in listing.json()["users"]}
+    assert users == {MLFLOW_ADMIN: True, MLFLOW_SERVICE_USER: False, MLFLOW_READER: False}
+
+
 def _wait_for_dag(stack: NativeStack, deadline: float) -> dict:
     while time.monotonic() < deadline:
         errors = stack.api("GET", "importErrors")["import_errors"]
@@ -100,7 +135,48 @@ def _xcom(stack: NativeStack, run_id: str, task_id: str) -> dict:
     return value
 
 
-def test_dag_run_trains_on_the_gpu_worker_and_registers_a_champion(stack):
+def _assert_read_only_user_cannot_move_the_alias(stack: NativeStack, name: str, version: str) -> None:
+    """... but cannot set or delete an alias, nor register a version: 403 from the server."""
+    import requests
+
+    api = f"{stack.mlflow_url}/api/2.0/mlflow"
+    auth = stack.mlflow_auth(MLFLOW_READER)
+    attempts = {
+        "set alias": requests.post(f"{api}/registered-models/alias", auth=auth, timeout=10,
+                                   json={"name": name, "alias": "champion", "version": str(version)}),
+        "delete alias": requests.delete(f"{api}/registered-models/alias", auth=auth, timeout=10,
+                                        json={"name": name, "alias": "champion"}),
+        "new version": requests.post(f"{api}/model-versions/create", auth=auth, timeout=10,
+                                     json={"name": name, "source": "models:/m-0"}),
+    }
+    for what, reply in attempts.items():
+        assert reply.status_code == 403, f"read-only user, {what}: {reply.status_code} {reply.text[:300]}"
+
+
+def _assert_the_service_user_owns_the_pipeline(stack: NativeStack, name: str, experiment_id: str) -> None:
+    """The workers signed in as the service user: it created the experiment (MLflow makes the creator its
+    manager) and holds the model; the reader only reads both."""
+    import requests
+
+    def permission(user: str, kind: str, key: str) -> str:
+        reply = requests.get(f"{stack.mlflow_url}/api/3.0/mlflow/users/permissions/get", timeout=10,
+                             params={"username": user, "resource_type": kind, "resource_id": key},
+                             auth=stack.mlflow_auth(MLFLOW_ADMIN))
+        assert reply.ok, reply.text
+        return reply.json()["permission"]
+
+    granted = {
+        (user, kind): permission(user, kind, key)
+        for user in (MLFLOW_SERVICE_USER, MLFLOW_READER)
+        for kind, key in (("experiment", experiment_id), ("registered_model", name))
+    }
+    assert granted == {
+        (MLFLOW_SERVICE_USER, "experiment"): "MANAGE", (MLFLOW_SERVICE_USER, "registered_model"): "MANAGE",
+        (MLFLOW_READER, "experiment"): "READ", (MLFLOW_READER, "registered_model"): "READ",
+    }
+
+
+def test_dag_run_trains_on_the_gpu_worker_and_registers_a_champion(stack, monkeypatch):
     from mlflow import MlflowClient
 
     started = time.monotonic()
@@ -141,11 +217,18 @@ def test_dag_run_trains_on_the_gpu_worker_and_registers_a_champion(stack):
         assert (ti["queue"], ti["hostname"]) == ("default", "default-worker"), ti
 
     registered = _xcom(stack, run_id, "register_model")
+    name = registered["model_name"]
+    # The read-only user sees the champion the workers promoted ...
+    for key, value in stack.mlflow_env(MLFLOW_READER).items():
+        monkeypatch.setenv(key, value)
     client = MlflowClient(tracking_uri=stack.mlflow_url)
-    champion = client.get_model_version_by_alias(registered["model_name"], "champion")
+    champion = client.get_model_version_by_alias(name, "champion")
     assert str(champion.version) == str(registered["version"])
     assert champion.run_id == registered["run_id"]
     assert "champion" in registered["aliases"]
+    assert client.get_run(champion.run_id).info.status == "FINISHED"
+    _assert_read_only_user_cannot_move_the_alias(stack, name, champion.version)
+    _assert_the_service_user_owns_the_pipeline(stack, name, client.get_run(champion.run_id).info.experiment_id)
 
     # The artifacts went through the MLflow server into the bucket: the clients never held its keys.
     objects = {obj["Key"]: obj["Size"]
