@@ -6,6 +6,7 @@ on import, and `save_config` writes it next to every output it produced.
 
 from __future__ import annotations
 
+import difflib
 import os
 from collections.abc import Mapping
 from importlib import resources
@@ -49,6 +50,9 @@ class DataConfig(_Section):
     max_reject_fraction: float = Field(0.05, ge=0, le=1, description="quality gate on rejected lines")
     min_rows: int = Field(100, ge=1, description="quality gate on clean rows")
     metadata_only: bool = Field(False, description="skip decoding images during validation")
+    min_image_side: int = Field(32, ge=1, description="validation rejects images with a side below this (px)")
+    max_aspect_ratio: float = Field(4.0, ge=1, description="validation rejects images whose long side is more "
+                                    "than this times the short one")
 
 
 class LabelsConfig(_Section):
@@ -83,6 +87,27 @@ class ModelConfig(_Section):
     hidden_dim: int = Field(1024, ge=0, description="hidden layer per head; 0 for a linear head")
     dropout: float = Field(0.3, ge=0, lt=1)
     drop_path_rate: float = Field(0.1, ge=0, lt=1)
+
+    @field_validator("backbone")
+    @classmethod
+    def _known_backbone(cls, value: str) -> str:
+        # timm (and torch with it) is imported only when a backbone is actually given, never on import:
+        # the DAG file imports this module at parse time.
+        import timm
+
+        if timm.is_model(value):
+            return value
+        similar = difflib.get_close_matches(value, timm.list_models(), n=5, cutoff=0.6)
+        hint = f"similar names: {', '.join(similar)}" if similar else "see timm.list_models() for the names"
+        raise ValueError(f"{value!r} is not a timm model ({hint})")
+
+    @field_validator("pretrained_path")
+    @classmethod
+    def _existing_weights(cls, value: str | None) -> str | None:
+        if value is not None and not Path(value).expanduser().is_file():
+            raise ValueError(f"weights file {value!r} does not exist: give the path of a local weights file, "
+                             "or null to use the timm hub")
+        return value
 
 
 class TrainConfig(_Section):
@@ -173,17 +198,40 @@ def preset_names() -> list[str]:
                   if p.name.endswith(".yaml"))
 
 
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """`line 3, column 7: mapping values are not allowed here` from PyYAML's multi-line message."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}" if mark else problem
+
+
 def _read_yaml(source: str | Path) -> dict[str, Any]:
-    path = Path(source)
+    path = Path(source).expanduser()
     if not path.exists() and str(source) in preset_names():
         text = resources.files("fashion_tagger.presets").joinpath(f"{source}.yaml").read_text()
         origin = f"preset {source!r}"
+    elif path.is_dir():
+        raise ConfigError(f"config {path} is a directory: give a YAML file or a preset ({', '.join(preset_names())})")
     elif path.exists():
-        text = path.read_text()
         origin = str(path)
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"config {path} cannot be read: {exc.strerror or exc}") from None
+        try:
+            text = data.decode("utf-8-sig")
+        except UnicodeDecodeError as exc:
+            text, offset = "", exc.start
+        else:
+            offset = data.find(b"\0")  # valid UTF-8 and still binary
+        if offset >= 0:
+            raise ConfigError(f"config {path} is not a text file (byte {offset} is not UTF-8 text): give a YAML file")
     else:
         raise ConfigError(f"config {source!r} is neither a file nor a preset ({', '.join(preset_names())})")
-    data = yaml.safe_load(text) or {}
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config {origin} is not valid YAML: {_yaml_problem(exc)}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config {origin} must hold a mapping of sections, not {type(data).__name__}")
     return data
@@ -192,9 +240,19 @@ def _read_yaml(source: str | Path) -> dict[str, Any]:
 def parse_override(item: str) -> tuple[list[str], Any]:
     """`train.epochs=3` -> (['train', 'epochs'], 3); the value is parsed as YAML (numbers, bools, null)."""
     key, sep, raw = item.partition("=")
-    if not sep or not key.strip():
+    keys = [part.strip() for part in key.split(".")]
+    if not sep or not all(keys):
         raise ConfigError(f"override {item!r} must look like section.field=value, e.g. train.epochs=3")
-    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else None
+    try:
+        return keys, yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at column {mark.column + 1} of the value" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(
+            f"override {item!r}: the value {raw!r} is not valid YAML ({problem}{where}); "
+            "write a number, true/false, null, [a, b] or quoted text"
+        ) from None
 
 
 def merge_overrides(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:

@@ -22,7 +22,7 @@ def fetch(config: Config, source: str | None = None) -> FetchResult:
     from fashion_tagger.sources import fetch_dataset
 
     return fetch_dataset(
-        source or config.data.source,
+        config.data.source if source is None else source,  # "" is a mistake to report, not "use the default"
         config.raw_root,
         s3_endpoint_url=config.data.s3_endpoint_url,
         synthetic_size=config.data.synthetic_size,
@@ -42,6 +42,8 @@ def validate(
         max_reject_fraction=config.data.max_reject_fraction,
         min_rows=config.data.min_rows,
         workers=config.images.workers,
+        min_image_side=config.data.min_image_side,
+        max_aspect_ratio=config.data.max_aspect_ratio,
     )
 
 
