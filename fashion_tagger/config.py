@@ -218,12 +218,11 @@ def _read_yaml(source: str | Path) -> dict[str, Any]:
             data = path.read_bytes()
         except OSError as exc:
             raise ConfigError(f"config {path} cannot be read: {exc.strerror or exc}") from None
+        offset = data.find(b"\0")  # a NUL byte is binary even where the rest decodes
         try:
             text = data.decode("utf-8-sig")
         except UnicodeDecodeError as exc:
-            text, offset = "", exc.start
-        else:
-            offset = data.find(b"\0")  # valid UTF-8 and still binary
+            text, offset = "", exc.start if offset < 0 else min(offset, exc.start)
         if offset >= 0:
             raise ConfigError(f"config {path} is not a text file (byte {offset} is not UTF-8 text): give a YAML file")
     else:

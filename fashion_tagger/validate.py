@@ -236,7 +236,7 @@ def _check_image(path: str, min_side: int = 1, max_aspect_ratio: float = float("
         return {"reason": "too_small", "detail": f"{width}x{height} px, a side below data.min_image_side={min_side}"}
     if max(width, height) > max_aspect_ratio * min(width, height):
         return {"reason": "bad_aspect", "detail": f"{width}x{height} px, an aspect ratio of "
-                f"{max(width, height) / min(width, height):.1f}, above data.max_aspect_ratio={max_aspect_ratio:g}"}
+                f"{max(width, height) / min(width, height):.2f}, above data.max_aspect_ratio={max_aspect_ratio:g}"}
     result.update(width=width, height=height, mode=mode, format=fmt)
     return result
 

@@ -184,6 +184,7 @@ CASES: list[Case] = _cases()
 
 def write_corpus(root: Path, *, bom: bool = True) -> Path:
     """ROOT/raw/{styles.csv,images/} holding every case (line i+2 is CASES[i]) and ROOT/outside/ for link targets."""
+    root = root.resolve()  # symlink targets are absolute, wherever the corpus is read from
     raw, outside = root / "raw", root / "outside"
     images = raw / "images"
     images.mkdir(parents=True)
