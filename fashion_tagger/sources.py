@@ -91,11 +91,9 @@ def fetch_dataset(
 
 
 def count_data_lines(styles_csv: Path) -> int:
-    """Physical lines after the header; malformed lines count too (validation sorts them out)."""
+    """Physical lines after the header, ended by LF, CRLF or CR as validate reads them; malformed lines count too."""
     with open(styles_csv, "rb") as fh:
-        data = fh.read()
-    lines = data.count(b"\n") + (0 if data.endswith(b"\n") or not data else 1)
-    return max(lines - 1, 0)
+        return max(len(fh.read().splitlines()) - 1, 0)
 
 
 def _count_files(directory: Path) -> int:

@@ -420,3 +420,15 @@ def test_fetch_and_validate_of_missing_or_bad_sources_are_one_line_errors(tmp_pa
         code, _, err = run_cli(monkeypatch, capsys, *args)
         assert_one_line_error(code, err, str(fragment))
 
+
+
+@pytest.mark.parametrize("ending", [b"\n", b"\r\n", b"\r"])
+def test_fetch_counts_the_lines_validate_reads_whatever_the_line_ending(ending, tmp_path):
+    raw = tmp_path / "raw"
+    (raw / "images").mkdir(parents=True)
+    (raw / "styles.csv").write_bytes(ending.join([HEADER, line("1").encode(), line("2").encode(), b""]))
+    (raw / "images" / "1.jpg").write_bytes(picture(seed=1))
+    (raw / "images" / "2.jpg").write_bytes(picture(seed=2))
+    fetched = fetch_dataset(str(raw), tmp_path / "home" / "raw")
+    validated = validate_dataset(fetched.raw_dir, tmp_path / "out", min_rows=1, workers=1)
+    assert fetched.rows == validated.lines_read == validated.rows_clean == 2
