@@ -245,11 +245,8 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     try:
         return keys, yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at column {mark.column + 1} of the value" if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise ConfigError(
-            f"override {item!r}: the value {raw!r} is not valid YAML ({problem}{where}); "
+            f"override {item!r}: the value {raw!r} is not valid YAML ({_yaml_problem(exc)}); "
             "write a number, true/false, null, [a, b] or quoted text"
         ) from None
 

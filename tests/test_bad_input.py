@@ -16,8 +16,18 @@ from types import SimpleNamespace
 import pandas as pd
 import pytest
 import torch
-from bad_input_corpus import CASES, CLEAN, FILE_CASES, HEADER, decompression_bomb, line, picture, truncated_jpeg
-from bad_input_corpus import write_corpus as write_bad_input_corpus
+from bad_input_corpus import (
+    CASES,
+    CLEAN,
+    FILE_CASES,
+    HEADER,
+    decompression_bomb,
+    line,
+    picture,
+    truncated_jpeg,
+    write_corpus,
+)
+from PIL import Image
 
 from fashion_tagger import stages
 from fashion_tagger.config import ConfigError, load_config
@@ -66,7 +76,7 @@ def write_raw(root: Path, lines: list[str | bytes], images: dict[str, bytes], *,
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     root = tmp_path_factory.mktemp("corpus")
-    raw = write_bad_input_corpus(root)
+    raw = write_corpus(root)
     result = validate_dataset(raw, root / "out", max_reject_fraction=1.0, min_rows=1, workers=1)
     return SimpleNamespace(
         raw=raw,
@@ -269,8 +279,9 @@ def test_predict_tags_readable_images_and_reports_unreadable_ones_with_exit_code
                                                                                   tmp_path, monkeypatch, capsys,
                                                                                   caplog):
     out = tmp_path / "predictions.csv"
+    grid = tmp_path / "grid.png"
     code, stdout, err = run_cli(monkeypatch, capsys, "predict", mixed_photos, "--checkpoint", checkpoint,
-                                "--out", out, "--json")
+                                "--out", out, "--json", "--grid", grid)
     assert code == 1, err
     assert "Traceback" not in err and "3 of 5 images could not be read" in err + caplog.text
     records = {Path(r["image"]).name: r for r in json.loads(stdout[stdout.index("[") :])}
@@ -285,6 +296,8 @@ def test_predict_tags_readable_images_and_reports_unreadable_ones_with_exit_code
     for name in ("b-truncated.jpg", "c-bomb.png", "d-text.jpg"):
         assert records[name]["masterCategory"] is None and records[name]["masterCategory_confidence"] is None
     assert table["error"].notna().sum() == 3
+    with Image.open(grid) as image:  # the unreadable ones are drawn as their error text
+        assert image.width > 300
 
 
 def _bad_model_args(tmp_path: Path, kind: str) -> tuple[list[str], str]:
