@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import textwrap
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -216,14 +217,10 @@ def read_image(path: str | Path, width: int, height: int) -> Image.Image:
     """The image at PATH fully decoded and fitted into width x height as `prepare` does.
 
     Raises whatever Pillow raises for a file it cannot read: OSError (truncated, not an image),
-    DecompressionBombError, ValueError, SyntaxError... `image_error` turns that into a row's error.
+    DecompressionBombError, ValueError, SyntaxError..., which become that row's `error`.
     """
     with Image.open(path) as image:
         return resize_image(image, width, height)
-
-
-def image_error(exc: BaseException) -> str:
-    return f"cannot read the image: {_first_line(exc)}"
 
 
 def load_predictor(path: str | Path, device: str | torch.device | None = None) -> Predictor:
@@ -267,7 +264,7 @@ def _predict_files(predictor: Predictor, files: Sequence[Path], batch_size: int 
                 images.append(read_image(path, *predictor.image_size))
                 errors.append(None)
             except Exception as exc:  # noqa: BLE001 - Pillow raises many types for a bad file; each becomes a row
-                errors.append(image_error(exc))
+                errors.append(_first_line(exc))
         if images or not tables:  # an all-unreadable batch adds no rows; the first one still gives the columns
             tables.append(predictor.predict(images, batch_size=batch_size))
     return with_errors(pd.concat(tables, ignore_index=True), errors)
@@ -293,7 +290,7 @@ def _predict_with_mlflow(model_uri: str, files: Sequence[Path]) -> pd.DataFrame:
             read_image(path, 64, 64)
             errors.append(None)
         except Exception as exc:  # noqa: BLE001 - as in _predict_files
-            errors.append(image_error(exc))
+            errors.append(_first_line(exc))
     readable = [path for path, error in zip(files, errors, strict=True) if error is None]
     if not readable:
         return with_errors(pd.DataFrame(), errors)
@@ -329,8 +326,9 @@ def draw_grid(files: Sequence[Path], table: pd.DataFrame, out_path: str | Path, 
         ax.axis("off")
     for ax, path, (_, row) in zip(axes.flat, files, table.iterrows(), strict=False):
         if isinstance(row.get(ERROR_COLUMN), str):
-            ax.text(0.5, 0.5, row[ERROR_COLUMN], transform=ax.transAxes, ha="center", va="center", fontsize=7,
-                    wrap=True)
+            ax.imshow(Image.new("RGB", (240, 320), (235, 235, 235)))  # the same frame as a tagged image
+            ax.text(0.5, 0.5, textwrap.fill(row[ERROR_COLUMN][:200], 34), transform=ax.transAxes, ha="center",
+                    va="center", fontsize=7, color="darkred")
             tags = "(not tagged)"
         else:
             ax.imshow(read_image(path, 240, 320))
@@ -385,7 +383,7 @@ def run_predict(
         records = table.astype(object).where(table.notna(), None).to_dict(orient="records")  # null, not NaN
         print(json.dumps(records, indent=2))
     else:
-        print(table.to_string(index=False))
+        print(table.astype(object).where(table.notna(), "").to_string(index=False))
     if grid is not None:
         log.info("drew %s", draw_grid(files, table, grid))
     return table
