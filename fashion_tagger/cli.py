@@ -137,11 +137,13 @@ def predict(
     grid: Annotated[Path | None, typer.Option(help="draw the images with their tags into this PNG")] = None,
 ) -> None:
     """Tag product photos with a checkpoint or a registered model."""
-    from fashion_tagger.predict import run_predict
+    from fashion_tagger.predict import failed_images, run_predict
 
     if (checkpoint is None) == (model is None):
         _fail("give exactly one of --checkpoint FILE or --model URI")
-    run_predict(images, checkpoint=checkpoint, model_uri=model, as_json=as_json, out_csv=out, grid=grid)
+    table = run_predict(images, checkpoint=checkpoint, model_uri=model, as_json=as_json, out_csv=out, grid=grid)
+    if failed_images(table):  # the others are tagged and printed; the `error` column says what went wrong
+        raise typer.Exit(1)
 
 
 @app.command()

@@ -6,6 +6,7 @@ on import, and `save_config` writes it next to every output it produced.
 
 from __future__ import annotations
 
+import difflib
 import os
 from collections.abc import Mapping
 from importlib import resources
@@ -13,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from fashion_tagger.errors import ConfigError
 from fashion_tagger.layout import CONFIG_FILENAME, Home
@@ -32,6 +33,18 @@ def project_home() -> Path:
     return Path(os.environ.get(HOME_ENV) or DEFAULT_HOME).expanduser().resolve()
 
 
+def _checks_environment(info: ValidationInfo) -> bool:
+    """Whether to check what lies outside the file (the backbone in timm, a weights file on this disk).
+
+    A configuration being built (a preset, overrides, trigger parameters) is checked; a run's saved config
+    read back by a later stage, perhaps on another worker, is not: it was checked when the run began.
+    """
+    return (info.context or {}).get(CHECK_ENVIRONMENT, True)
+
+
+CHECK_ENVIRONMENT = "check_environment"
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -48,6 +61,9 @@ class DataConfig(_Section):
     max_reject_fraction: float = Field(0.05, ge=0, le=1, description="quality gate on rejected lines")
     min_rows: int = Field(100, ge=1, description="quality gate on clean rows")
     metadata_only: bool = Field(False, description="skip decoding images during validation")
+    min_image_side: int = Field(32, ge=1, description="validation rejects images with a side below this (px)")
+    max_aspect_ratio: float = Field(4.0, ge=1, description="validation rejects images whose long side is more "
+                                    "than this times the short one")
 
 
 class LabelsConfig(_Section):
@@ -82,6 +98,29 @@ class ModelConfig(_Section):
     hidden_dim: int = Field(1024, ge=0, description="hidden layer per head; 0 for a linear head")
     dropout: float = Field(0.3, ge=0, lt=1)
     drop_path_rate: float = Field(0.1, ge=0, lt=1)
+
+    @field_validator("backbone")
+    @classmethod
+    def _known_backbone(cls, value: str, info: ValidationInfo) -> str:
+        if not _checks_environment(info):
+            return value
+        # timm (and torch with it) is imported only when a backbone is actually given, never on import:
+        # the DAG file imports this module at parse time.
+        import timm
+
+        if timm.is_model(value):
+            return value
+        similar = difflib.get_close_matches(value, timm.list_models(), n=5, cutoff=0.6)
+        hint = f"similar names: {', '.join(similar)}" if similar else "see timm.list_models() for the names"
+        raise ValueError(f"{value!r} is not a timm model ({hint})")
+
+    @field_validator("pretrained_path")
+    @classmethod
+    def _existing_weights(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is not None and _checks_environment(info) and not Path(value).expanduser().is_file():
+            raise ValueError(f"weights file {value!r} does not exist: give the path of a local weights file, "
+                             "or null to use the timm hub")
+        return value
 
 
 class TrainConfig(_Section):
@@ -179,17 +218,39 @@ def preset_names() -> list[str]:
                   if p.name.endswith(".yaml"))
 
 
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """`line 3, column 7: mapping values are not allowed here` from PyYAML's multi-line message."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}" if mark else problem
+
+
 def _read_yaml(source: str | Path) -> dict[str, Any]:
-    path = Path(source)
+    path = Path(source).expanduser()
     if not path.exists() and str(source) in preset_names():
         text = resources.files("fashion_tagger.presets").joinpath(f"{source}.yaml").read_text()
         origin = f"preset {source!r}"
+    elif path.is_dir():
+        raise ConfigError(f"config {path} is a directory: give a YAML file or a preset ({', '.join(preset_names())})")
     elif path.exists():
-        text = path.read_text()
         origin = str(path)
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"config {path} cannot be read: {exc.strerror or exc}") from None
+        offset = data.find(b"\0")  # a NUL byte is binary even where the rest decodes
+        try:
+            text = data.decode("utf-8-sig")
+        except UnicodeDecodeError as exc:
+            text, offset = "", exc.start if offset < 0 else min(offset, exc.start)
+        if offset >= 0:
+            raise ConfigError(f"config {path} is not a text file (byte {offset} is not UTF-8 text): give a YAML file")
     else:
         raise ConfigError(f"config {source!r} is neither a file nor a preset ({', '.join(preset_names())})")
-    data = yaml.safe_load(text) or {}
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config {origin} is not valid YAML: {_yaml_problem(exc)}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config {origin} must hold a mapping of sections, not {type(data).__name__}")
     return data
@@ -203,9 +264,16 @@ def read_config_source(source: str | Path) -> dict[str, Any]:
 def parse_override(item: str) -> tuple[list[str], Any]:
     """`train.epochs=3` -> (['train', 'epochs'], 3); the value is parsed as YAML (numbers, bools, null)."""
     key, sep, raw = item.partition("=")
-    if not sep or not key.strip():
+    keys = [part.strip() for part in key.split(".")]
+    if not sep or not all(keys):
         raise ConfigError(f"override {item!r} must look like section.field=value, e.g. train.epochs=3")
-    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else None
+    try:
+        return keys, yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(
+            f"override {item!r}: the value {raw!r} is not valid YAML ({_yaml_problem(exc)}); "
+            "write a number, true/false, null, [a, b] or quoted text"
+        ) from None
 
 
 def merge_overrides(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
@@ -222,8 +290,14 @@ def merge_overrides(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict[
 def load_config(
     source: str | Path | None = None,
     overrides: list[str] | dict[str, Any] | None = None,
+    *,
+    check_environment: bool = True,
 ) -> Config:
-    """Defaults, then a YAML file or preset name, then overrides (`["train.epochs=3"]` or a nested dict)."""
+    """Defaults, then a YAML file or preset name, then overrides (`["train.epochs=3"]` or a nested dict).
+
+    `check_environment=False` skips the checks against this machine (timm's model names, the weights file),
+    for a saved run config that was checked when its run began.
+    """
     data: dict[str, Any] = _read_yaml(source) if source else {}
     if isinstance(overrides, dict):
         data = merge_overrides(data, overrides)
@@ -235,7 +309,7 @@ def load_config(
                 nested = {key: nested}
             data = merge_overrides(data, nested)
     try:
-        return Config.model_validate(data)
+        return Config.model_validate(data, context={CHECK_ENVIRONMENT: check_environment})
     except ValidationError as exc:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()

@@ -7,6 +7,7 @@ content hash of the clean table they came from, so training, evaluation and pred
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,22 @@ from fashion_tagger.layout import SplitDir
 from fashion_tagger.schema import IGNORE_INDEX, NONE_LABEL
 
 FORMAT_VERSION = 1
+
+
+def fold_case_variants(values: Iterable[str]) -> dict[str, str]:
+    """Spellings of one label that differ only in case (`men`, `MEN`, `Men`) -> the most frequent of them.
+
+    Ties go to the spelling that sorts first, so the choice does not depend on row order. Only spellings that
+    change are returned: an empty dict means nothing to fold.
+    """
+    groups: dict[str, list[tuple[int, str]]] = {}
+    for value, count in Counter(values).items():
+        groups.setdefault(value.casefold(), []).append((-count, value))
+    folded: dict[str, str] = {}
+    for spellings in groups.values():
+        canonical = min(spellings)[1]
+        folded.update({value: canonical for _, value in spellings if value != canonical})
+    return folded
 
 
 def label_column(attribute: str) -> str:

@@ -11,7 +11,9 @@ import hashlib
 import json
 import logging
 import math
-from collections.abc import Iterable, Sequence
+import textwrap
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +35,7 @@ EXPORT_FILENAME = "tagger.json"
 WEIGHTS_FILENAME = "weights.pt"
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
 CONFIDENCE_SUFFIX = "_confidence"
+ERROR_COLUMN = "error"  # None for a tagged image, else why it could not be read (its tags stay empty)
 MODEL_FIELDS = ("backbone", "hidden_dim", "dropout", "drop_path_rate")  # what rebuilds the network
 
 
@@ -109,15 +112,22 @@ class Predictor:
         path = Path(path)
         if not path.is_file():
             raise FashionTaggerError(f"checkpoint {path} does not exist")
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        hparams = checkpoint.get("hyper_parameters", {})
-        if not {"config", "labels", "image_size"} <= set(hparams):
+        try:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - torch raises UnpicklingError, RuntimeError, EOFError... for non-checkpoints
+            raise FashionTaggerError(
+                f"{path} is not a fashion-tagger checkpoint: torch cannot load it ({_first_line(exc)}); "
+                "give a .ckpt written by `fashion-tagger train`"
+            ) from exc
+        hparams = checkpoint.get("hyper_parameters", {}) if isinstance(checkpoint, dict) else {}
+        if not {"config", "labels", "image_size"} <= set(hparams) or "state_dict" not in checkpoint:
             raise FashionTaggerError(f"{path} is not a fashion-tagger checkpoint (no config/labels in its hparams)")
         state = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
-        return cls._build(
-            hparams["config"]["model"], hparams["labels"], hparams["image_size"], state, device,
-            config=hparams["config"],
-        )
+        with _rebuilding(path):
+            return cls._build(
+                hparams["config"]["model"], hparams["labels"], hparams["image_size"], state, device,
+                config=hparams["config"],
+            )
 
     def identity(self) -> str:
         """What this tagger computes, as a hash: its weights' tensors, the label space and the preprocessing.
@@ -158,15 +168,18 @@ class Predictor:
         spec_path = directory / EXPORT_FILENAME
         if not spec_path.is_file():
             raise FashionTaggerError(f"{directory} is not a tagger export: {EXPORT_FILENAME} is missing")
-        spec = json.loads(spec_path.read_text())
-        if spec.get("format_version") != EXPORT_FORMAT_VERSION:
-            raise FashionTaggerError(f"{spec_path}: format_version {spec.get('format_version')!r} is not supported")
-        state = torch.load(directory / WEIGHTS_FILENAME, map_location="cpu", weights_only=True)
-        image = spec["image"]
-        return cls._build(
-            spec["model"], spec["labels"], (image["width"], image["height"]), state, device,
-            mean=image["mean"], std=image["std"],
-        )
+        with _rebuilding(directory):
+            spec = json.loads(spec_path.read_text())
+            if spec.get("format_version") != EXPORT_FORMAT_VERSION:
+                raise FashionTaggerError(
+                    f"{spec_path}: format_version {spec.get('format_version')!r} is not supported"
+                )
+            state = torch.load(directory / WEIGHTS_FILENAME, map_location="cpu", weights_only=True)
+            image = spec["image"]
+            return cls._build(
+                spec["model"], spec["labels"], (image["width"], image["height"]), state, device,
+                mean=image["mean"], std=image["std"],
+            )
 
     def preprocess(self, images: Iterable[Image.Image]) -> torch.Tensor:
         return torch.stack([self.transform(image) for image in images])
@@ -189,6 +202,46 @@ class Predictor:
                 columns[attribute].extend(self.label_space.decode(attribute, index.cpu().tolist()))
                 columns[f"{attribute}{CONFIDENCE_SUFFIX}"].extend(confidence.cpu().tolist())
         return pd.DataFrame(columns)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
+
+
+@contextmanager
+def _rebuilding(source: Path) -> Iterator[None]:
+    """A checkpoint or export that loads but cannot be turned back into the tagger is named in one line."""
+    try:
+        yield
+    except FashionTaggerError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - JSON, torch and timm each raise their own types for a damaged file
+        raise FashionTaggerError(f"cannot rebuild the tagger from {source}: {_first_line(exc)}") from exc
+
+
+def with_errors(table: pd.DataFrame, errors: Sequence[str | None]) -> pd.DataFrame:
+    """One row per input: TABLE holds the predictions of the readable inputs (those whose error is None), in
+    order; an unreadable input gets empty tags and its error in the `error` column."""
+    readable = [i for i, error in enumerate(errors) if error is None]
+    out = table.reset_index(drop=True).set_axis(readable).reindex(range(len(errors)))
+    out[ERROR_COLUMN] = pd.Series(list(errors), dtype=object)
+    return out
+
+
+def failed_images(table: pd.DataFrame) -> int:
+    """How many rows of a prediction table hold an error instead of tags."""
+    return int(table[ERROR_COLUMN].notna().sum()) if ERROR_COLUMN in table.columns else 0
+
+
+def read_image(path: str | Path, width: int, height: int) -> Image.Image:
+    """The image at PATH fully decoded and fitted into width x height as `prepare` does.
+
+    Raises whatever Pillow raises for a file it cannot read: OSError (truncated, not an image),
+    DecompressionBombError, ValueError, SyntaxError..., which become that row's `error`.
+    """
+    with Image.open(path) as image:
+        return resize_image(image, width, height)
 
 
 def load_predictor(path: str | Path, device: str | torch.device | None = None) -> Predictor:
@@ -222,30 +275,55 @@ def collect_images(inputs: Iterable[str | Path]) -> tuple[list[Path], bool]:
 
 
 def _predict_files(predictor: Predictor, files: Sequence[Path], batch_size: int = 64) -> pd.DataFrame:
-    """Open at most one batch of files at a time, so a large folder does not hold thousands of handles."""
-    tables = []
+    """Decode (to the model's size) at most one batch of files at a time; an unreadable file becomes an error row."""
+    tables, errors = [], []
     for start in range(0, len(files), batch_size):
         images = []
-        try:
-            for path in files[start : start + batch_size]:
-                try:
-                    images.append(Image.open(path))
-                except OSError as exc:
-                    raise DataError(f"cannot read image {path}: {exc}") from exc
+        for path in files[start : start + batch_size]:
+            try:
+                images.append(read_image(path, *predictor.image_size))
+                errors.append(None)
+            except Exception as exc:  # noqa: BLE001 - Pillow raises many types for a bad file; each becomes a row
+                errors.append(_first_line(exc))
+        if images or not tables:  # an all-unreadable batch adds no rows; the first one still gives the columns
             tables.append(predictor.predict(images, batch_size=batch_size))
-        finally:
-            for image in images:
-                image.close()
-    return pd.concat(tables, ignore_index=True)
+    return with_errors(pd.concat(tables, ignore_index=True), errors)
 
 
 def _predict_with_mlflow(model_uri: str, files: Sequence[Path]) -> pd.DataFrame:
+    from mlflow.exceptions import MlflowException
+
     # Resolves models:/ URIs against this project's store even when MLFLOW_TRACKING_URI is unset.
     from fashion_tagger.tracking import load_model
 
-    model = load_model(model_uri)
-    table = model.predict(pd.DataFrame({"image": [path.read_bytes() for path in files]}))
-    return pd.DataFrame(table).reset_index(drop=True)
+    try:
+        model = load_model(model_uri)
+    except MlflowException as exc:
+        raise FashionTaggerError(
+            f"cannot load the model {model_uri!r}: {_first_line(exc)}; give models:/NAME@ALIAS, models:/NAME/VERSION, "
+            "runs:/RUN_ID/model or a model folder (`fashion-tagger models` lists versions and aliases)"
+        ) from exc
+    # Unreadable files are caught here, so the model only sees images (older models reject a whole batch).
+    errors: list[str | None] = []
+    for path in files:
+        try:
+            read_image(path, 64, 64)
+            errors.append(None)
+        except Exception as exc:  # noqa: BLE001 - as in _predict_files
+            errors.append(_first_line(exc))
+    readable = [path for path, error in zip(files, errors, strict=True) if error is None]
+    if not readable:
+        return with_errors(pd.DataFrame(), errors)
+    try:
+        table = pd.DataFrame(model.predict(pd.DataFrame({"image": [path.read_bytes() for path in readable]})))
+    except MlflowException as exc:
+        raise FashionTaggerError(f"the model {model_uri!r} refused the images: {_first_line(exc)}") from exc
+    model_errors = table.pop(ERROR_COLUMN) if ERROR_COLUMN in table.columns else None
+    out = with_errors(table, errors)
+    if model_errors is not None:
+        rows = [i for i, error in enumerate(errors) if error is None]
+        out.loc[rows, ERROR_COLUMN] = model_errors.where(model_errors.notna(), None).tolist()
+    return out
 
 
 def attributes_of(table: pd.DataFrame) -> list[str]:
@@ -267,10 +345,14 @@ def draw_grid(files: Sequence[Path], table: pd.DataFrame, out_path: str | Path, 
     for ax in axes.flat:
         ax.axis("off")
     for ax, path, (_, row) in zip(axes.flat, files, table.iterrows(), strict=False):
-        with Image.open(path) as image:
-            image.draft("RGB", (320, 320))
-            ax.imshow(resize_image(image, 240, 320))
-        tags = "\n".join(f"{a}: {row[a]} ({row[f'{a}{CONFIDENCE_SUFFIX}']:.2f})" for a in attributes)
+        if isinstance(row.get(ERROR_COLUMN), str):
+            ax.imshow(Image.new("RGB", (240, 320), (235, 235, 235)))  # the same frame as a tagged image
+            ax.text(0.5, 0.5, textwrap.fill(row[ERROR_COLUMN][:200], 34), transform=ax.transAxes, ha="center",
+                    va="center", fontsize=7, color="darkred")
+            tags = "(not tagged)"
+        else:
+            ax.imshow(read_image(path, 240, 320))
+            tags = "\n".join(f"{a}: {row[a]} ({row[f'{a}{CONFIDENCE_SUFFIX}']:.2f})" for a in attributes)
         ax.set_title(path.name, fontsize=8)
         ax.text(0.5, -0.02, tags, transform=ax.transAxes, ha="center", va="top", fontsize=7, family="monospace")
     fig.tight_layout()
@@ -306,6 +388,10 @@ def run_predict(
     for column in table.columns:
         if column.endswith(CONFIDENCE_SUFFIX):
             table[column] = table[column].astype(float).round(4)
+    if failed := failed_images(table):
+        failures = table.loc[table[ERROR_COLUMN].notna(), ["image", ERROR_COLUMN]]
+        log.warning("%d of %d images could not be read and have no tags:\n%s", failed, len(table),
+                    "\n".join(f"  {row.image}: {row.error}" for row in failures.itertuples()))
 
     if out_csv is None and had_folder:
         out_csv = Path("predictions.csv")
@@ -314,9 +400,10 @@ def run_predict(
         table.to_csv(out_csv, index=False)
         log.info("wrote %d predictions to %s", len(table), Path(out_csv).resolve())
     if as_json:
-        print(json.dumps(table.to_dict(orient="records"), indent=2))
+        records = table.astype(object).where(table.notna(), None).to_dict(orient="records")  # null, not NaN
+        print(json.dumps(records, indent=2))
     else:
-        print(table.to_string(index=False))
+        print(table.astype(object).where(table.notna(), "").to_string(index=False))
     if grid is not None:
         log.info("drew %s", draw_grid(files, table, grid))
     return table

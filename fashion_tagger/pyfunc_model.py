@@ -1,8 +1,10 @@
 """The servable model: an MLflow pyfunc that tags raw product photos with the Lightning-free exported tagger.
 
 Input is a DataFrame with a column `image` (JPEG/PNG bytes, or base64 text as it arrives in REST JSON) or
-`path`; output is one column per attribute plus `<attribute>_confidence`. Our inference code travels with the
-model (`code_paths`), so `mlflow.pyfunc.load_model("models:/fashion-tagger@champion")` needs no training code.
+`path`; output is one column per attribute plus `<attribute>_confidence`, and `error`: null for a tagged row,
+else why its image could not be read (that row's tags are null; the other rows are still tagged). Our inference
+code travels with the model (`code_paths`), so `mlflow.pyfunc.load_model("models:/fashion-tagger@champion")`
+needs no training code.
 """
 
 from __future__ import annotations
@@ -80,31 +82,63 @@ def open_image(value: Any, *, row: Any = None, is_path: bool = False) -> Image.I
         image.load()
     except InputError:
         raise
-    except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as exc:
+    except (OSError, UnidentifiedImageError, Image.DecompressionBombError, ValueError, SyntaxError) as exc:
         source = f"path {value!r}" if is_path else "image bytes"
-        raise InputError(f"row {row}: cannot read {source} as an image: {exc}") from None
+        raise InputError(f"row {row}: cannot read {source} as an image: {type(exc).__name__}: {exc}") from None
     return image.convert("RGB")
 
 
-def images_from_frame(frame: pd.DataFrame) -> list[Image.Image]:
-    """Decode each row's `image` (preferred) or `path`; every row must have one of them."""
+def _open_row(record: Any, row: Any, has_image: bool, has_path: bool) -> Image.Image:
+    value = getattr(record, IMAGE_COLUMN) if has_image else None
+    if value is not None and not (isinstance(value, float) and pd.isna(value)):
+        return open_image(value, row=row)
+    path = getattr(record, PATH_COLUMN) if has_path else None
+    if path is None or (isinstance(path, float) and pd.isna(path)) or not str(path):
+        raise InputError(f"row {row} has neither '{IMAGE_COLUMN}' nor '{PATH_COLUMN}'")
+    return open_image(path, row=row, is_path=True)
+
+
+def read_rows(frame: pd.DataFrame) -> tuple[list[Image.Image | None], list[str | None]]:
+    """Each row's image from `image` (preferred) or `path`, or None and why it could not be read.
+
+    A frame with neither column is an InputError (HTTP 400): no row of it could ever be read.
+    """
     has_image, has_path = IMAGE_COLUMN in frame.columns, PATH_COLUMN in frame.columns
     if not (has_image or has_path):
         raise InputError(
             f"input needs a column '{IMAGE_COLUMN}' (JPEG/PNG bytes or base64) or '{PATH_COLUMN}'; "
             f"got columns {list(frame.columns)}"
         )
-    images = []
+    images: list[Image.Image | None] = []
+    errors: list[str | None] = []
     for row, record in zip(frame.index, frame.itertuples(index=False), strict=True):
-        value = getattr(record, IMAGE_COLUMN) if has_image else None
-        if value is not None and not (isinstance(value, float) and pd.isna(value)):
-            images.append(open_image(value, row=row))
-            continue
-        path = getattr(record, PATH_COLUMN) if has_path else None
-        if path is None or (isinstance(path, float) and pd.isna(path)) or not str(path):
-            raise InputError(f"row {row} has neither '{IMAGE_COLUMN}' nor '{PATH_COLUMN}'")
-        images.append(open_image(path, row=row, is_path=True))
+        try:
+            images.append(_open_row(record, row, has_image, has_path))
+            errors.append(None)
+        except InputError as exc:
+            images.append(None)
+            errors.append(exc.message)
+    return images, errors
+
+
+def images_from_frame(frame: pd.DataFrame) -> list[Image.Image]:
+    """Decode each row's `image` (preferred) or `path`; the first row that cannot be read is an InputError."""
+    images, errors = read_rows(frame)
+    if problems := [error for error in errors if error is not None]:
+        raise InputError(problems[0])
     return images
+
+
+def tag_frame(predictor: Any, frame: pd.DataFrame) -> pd.DataFrame:
+    """The model's answer to FRAME: tags and confidences per readable row, `error` for the others."""
+    from fashion_tagger.predict import with_errors
+
+    images, errors = read_rows(frame)
+    out = with_errors(predictor.predict([image for image in images if image is not None]), errors)
+    if any(errors):
+        out = out.astype(object).where(out.notna(), None)  # JSON null for the untagged rows, not NaN
+    out.index = frame.index
+    return out
 
 
 class TaggerModel(mlflow.pyfunc.PythonModel):
@@ -120,10 +154,7 @@ class TaggerModel(mlflow.pyfunc.PythonModel):
     # A DataFrame hint is one MLflow derives no schema from: the logged signature stays the only one.
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
         frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
-        out = self.predictor.predict(images_from_frame(frame))
-        if len(out) == len(frame):
-            out.index = frame.index
-        return out
+        return tag_frame(self.predictor, frame)
 
 
 def _requirement(package: str) -> str | None:
@@ -186,7 +217,7 @@ def log_tagger_model(
 
     export_dir = Path(export_dir)
     example = pd.DataFrame({IMAGE_COLUMN: [example_image or example_image_bytes()]})
-    example_output = Predictor.from_export(export_dir).predict(images_from_frame(example))
+    example_output = tag_frame(Predictor.from_export(export_dir), example)
     with tempfile.TemporaryDirectory(prefix="fashion-tagger-code-") as tmp:
         code_dir = _stage_code(Path(tmp))
         # Models from code: MLflow stores this script instead of a pickled object and runs it on load.

@@ -72,7 +72,7 @@ def create_run(config: Config, run_id: str | None = None, *, prefix: str = "cli"
     else:
         layout = home.run(run_id)
         if layout.config.is_file():
-            existing = load_config(layout.config)
+            existing = load_config(layout.config, check_environment=False)
             if existing != config:
                 raise RunError(f"run {layout.run_id} already exists with another configuration ({layout.config}); "
                                "start a new run instead")
@@ -91,7 +91,7 @@ def open_run(ref: str | Path, home: Home | None = None) -> Run:
 
         home = Home(project_home())
     layout = home.find_run(ref)
-    return Run(layout, load_config(layout.config))
+    return Run(layout, load_config(layout.config, check_environment=False))
 
 
 # --- state -------------------------------------------------------------------------------------------------------

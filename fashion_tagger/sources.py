@@ -64,6 +64,8 @@ def fetch_dataset(
     started = time.perf_counter()
     raw_root = Path(raw_root)
     source = source.strip()
+    if not source:
+        raise SourceError(f"the dataset source is empty: give one of {ACCEPTED_FORMS}")
     if source.startswith("kaggle:"):
         raw_dir, name, downloaded = _fetch_kaggle(source.removeprefix("kaggle:"), raw_root, kaggle_api)
     elif source.startswith("s3://"):
@@ -72,7 +74,7 @@ def fetch_dataset(
         if not (match := _SYNTHETIC.match(source)):
             raise SourceError(f"bad generated-dataset source {source!r}: expected synthetic:N, e.g. synthetic:2000")
         raw_dir, name, downloaded = _fetch_synthetic(int(match.group(1)), raw_root, synthetic_size, synthetic_seed)
-    elif not source or (_SCHEME.match(source) and not Path(source).exists()):
+    elif _SCHEME.match(source) and not Path(source).exists():
         raise SourceError(f"unknown dataset source {source!r}: expected {ACCEPTED_FORMS}")
     else:
         raw_dir, name, downloaded = _local_dir(Path(source).expanduser()), Path(source).resolve().name, False
@@ -88,11 +90,9 @@ def fetch_dataset(
 
 
 def count_data_lines(styles_csv: Path) -> int:
-    """Physical lines after the header; malformed lines count too (validation sorts them out)."""
+    """Physical lines after the header, ended by LF, CRLF or CR as validate reads them; malformed lines count too."""
     with open(styles_csv, "rb") as fh:
-        data = fh.read()
-    lines = data.count(b"\n") + (0 if data.endswith(b"\n") or not data else 1)
-    return max(lines - 1, 0)
+        return max(len(fh.read().splitlines()) - 1, 0)
 
 
 def _count_files(directory: Path) -> int:

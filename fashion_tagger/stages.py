@@ -58,6 +58,8 @@ def validate(run: Run) -> StageResult:
         max_reject_fraction=config.data.max_reject_fraction,
         min_rows=config.data.min_rows,
         workers=config.images.workers,
+        min_image_side=config.data.min_image_side,
+        max_aspect_ratio=config.data.max_aspect_ratio,
     )
 
 

@@ -35,7 +35,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.strategies import DDPStrategy
 
 from fashion_tagger.cache import read_prepared
-from fashion_tagger.config import Config, load_config, save_config
+from fashion_tagger.config import CHECK_ENVIRONMENT, Config, load_config, save_config
 from fashion_tagger.data import TaggerDataModule, normalize, pixel_stats
 from fashion_tagger.errors import RunError
 from fashion_tagger.io import StageResult, atomic_path, read_json, remove_stale_temporaries, write_json
@@ -91,7 +91,7 @@ class TaggerModule(L.LightningModule):
         super().__init__()
         # load_pretrained is left out so that loading a checkpoint never reaches for the hub.
         self.save_hyperparameters(ignore=["load_pretrained"])
-        self.config = Config.model_validate(config)
+        self.config = Config.model_validate(config, context={CHECK_ENVIRONMENT: False})
         self.label_space = LabelSpace.from_dict(labels)
         self.attributes = self.label_space.attributes
         self.image_size = (int(image_size[0]), int(image_size[1]))
@@ -365,7 +365,7 @@ def _check_same_run(train_dir: TrainDir, config: Config, split_dir: Path) -> Non
     """Resuming with another network or split would mix two runs in one directory."""
     if not (train_dir.config.is_file() and train_dir.run_info.is_file()):
         return
-    previous = load_config(train_dir.config)
+    previous = load_config(train_dir.config, check_environment=False)
     if previous.model != config.model:
         raise TrainError(
             f"{train_dir.dir} holds a run with another model config ({previous.model.model_dump()}); "

@@ -39,13 +39,13 @@ SMOKE_PARAMS = {
     "preset": "demo",
     "source": "synthetic:300",
     "backbone": "test_efficientnet",
-    "pretrained": False,
+    "pretrained": "no",
     "image_width": 24,
     "image_height": 32,
     "epochs": 1,
     "batch_size": 32,
     "min_class_count": 10,
-    "promote": True,
+    "promote": "yes",
 }
 RUN_TIMEOUT_S = 480
 

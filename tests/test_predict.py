@@ -146,5 +146,6 @@ def test_model_uri_sends_jpeg_bytes_to_the_registered_model(photos, monkeypatch,
     table = run_predict([photos / "shoe.jpg"], model_uri="models:/fashion-tagger@champion", as_json=True)
     assert received["uri"] == "models:/fashion-tagger@champion"
     assert received["frame"]["image"].tolist() == [(photos / "shoe.jpg").read_bytes()]
-    assert table.columns.tolist() == ["image", "masterCategory", "masterCategory_confidence"]
+    assert table.columns.tolist() == ["image", "masterCategory", "masterCategory_confidence", "error"]
+    assert table["error"].isna().all()
     assert json.loads(capsys.readouterr().out)[0]["masterCategory"] == "Footwear"

@@ -100,9 +100,11 @@ def test_registered_model_tags_raw_jpeg_bytes_and_base64_like_the_export(registe
     from_bytes = model.predict(pd.DataFrame({"image": raw}))
     from_base64 = model.predict(pd.DataFrame({"image": [base64.b64encode(b).decode() for b in raw]}))
     from_paths = model.predict(pd.DataFrame({"path": [str(p) for p in files]}))
-    assert list(from_bytes.columns) == ATTRIBUTE_COLUMNS
+    assert list(from_bytes.columns) == [*ATTRIBUTE_COLUMNS, "error"]
     for table in (from_bytes, from_base64, from_paths):
-        pd.testing.assert_frame_equal(table.reset_index(drop=True), expected, check_exact=False, atol=1e-5)
+        assert table["error"].isna().all()
+        pd.testing.assert_frame_equal(table.drop(columns="error").reset_index(drop=True), expected,
+                                      check_exact=False, atol=1e-5)
     # The probe model really tags: block shape -> masterCategory, colour -> baseColour.
     truth = pd.read_parquet(registered["split"] / "val.parquet").set_index("image_path")
     assert from_bytes["baseColour"].tolist() == truth.loc[[str(p) for p in files], "baseColour"].tolist()
@@ -167,12 +169,23 @@ def test_mlflow_models_serve_scores_a_jpeg_over_rest(registered, tmp_path):
         with urllib.request.urlopen(request, timeout=60) as response:
             answer = json.loads(response.read())
         rows = answer["predictions"]
-        assert len(rows) == 1 and set(rows[0]) == set(ATTRIBUTE_COLUMNS)
+        assert len(rows) == 1 and set(rows[0]) == {*ATTRIBUTE_COLUMNS, "error"} and rows[0]["error"] is None
         expected = Predictor.from_export(registered["export_dir"]).predict([Image.open(io.BytesIO(jpeg))])
         assert rows[0]["baseColour"] == expected.loc[0, "baseColour"]
         assert rows[0]["baseColour_confidence"] == pytest.approx(expected.loc[0, "baseColour_confidence"], abs=1e-5)
 
-        bad = {"dataframe_split": {"columns": ["image"], "data": [[base64.b64encode(b"not a jpeg").decode()]]}}
+        # An unreadable image is a row with an error; the readable one beside it is still tagged.
+        mixed = {"dataframe_split": {"columns": ["image"], "data": [[base64.b64encode(b"not a jpeg").decode()],
+                                                                    [base64.b64encode(jpeg).decode()]]}}
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=json.dumps(mixed).encode(),
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=60) as response:
+            failed, tagged = json.loads(response.read())["predictions"]
+        assert "row 0: cannot read image bytes" in failed["error"] and failed["baseColour"] is None
+        assert tagged["error"] is None and tagged["baseColour"] == expected.loc[0, "baseColour"]
+
+        # A request without an image or path column cannot be read at all: HTTP 400.
+        bad = {"dataframe_split": {"columns": ["picture"], "data": [["x"]]}}
         request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=json.dumps(bad).encode(),
                                          headers={"Content-Type": "application/json"})
         with pytest.raises(urllib.error.HTTPError) as error:
