@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 COMPLETE_MARKER = "_COMPLETE"
+TMP_SUFFIX = ".tmp"  # atomic_path's temporaries: `.<name>.<random>.tmp` beside the file they become
 
 
 def _jsonable(value: Any) -> Any:
@@ -65,7 +66,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
     os.fchmod(fd, 0o666 & ~process_umask())
     os.close(fd)
     tmp = Path(name)
@@ -102,10 +103,17 @@ def write_text(path: str | Path, text: str) -> Path:
     return Path(path)
 
 
+def stale_temporaries(directory: str | Path, *, depth: int = 1) -> list[Path]:
+    """atomic_path temporaries under `directory` (to `depth` levels): what a killed writer left behind."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    pattern = "/".join(["*"] * (depth - 1) + [f".*{TMP_SUFFIX}"])
+    return sorted(p for p in directory.glob(pattern) if p.is_file())
+
+
 def remove_stale_temporaries(directory: str | Path, *, depth: int = 1) -> int:
     """Delete what killed writers left (atomic_path temporaries); call it only while no writer is active."""
-    from fashion_tagger.layout import stale_temporaries
-
     removed = 0
     for path in stale_temporaries(directory, depth=depth):
         path.unlink(missing_ok=True)

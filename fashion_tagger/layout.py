@@ -19,7 +19,6 @@ from fashion_tagger.errors import ConfigError, RunError
 CONFIG_FILENAME = "config.yaml"
 STYLES_FILENAME = "styles.csv"  # the Kaggle layout of a raw dataset folder
 IMAGES_DIRNAME = "images"
-TMP_SUFFIX = ".tmp"  # io.atomic_path's temporaries: `.<name>.<random>.tmp` beside the file they become
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
@@ -321,12 +320,3 @@ def cache_size_dir(cache_root: str | Path, width: int, height: int) -> Path:
 def cached_image_path(cache_root: str | Path, image_sha256: str, width: int, height: int) -> Path:
     """`<cache>/images/<W>x<H>/<sha[:2]>/<sha>.jpg`: one file per distinct image content and size."""
     return cache_size_dir(cache_root, width, height) / image_sha256[:2] / f"{image_sha256}.jpg"
-
-
-def stale_temporaries(directory: str | Path, *, depth: int = 1) -> list[Path]:
-    """atomic_path temporaries under `directory` (to `depth` levels): what a killed writer left behind."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        return []
-    pattern = "/".join(["*"] * (depth - 1) + [f".*{TMP_SUFFIX}"])
-    return sorted(p for p in directory.glob(pattern) if p.is_file())

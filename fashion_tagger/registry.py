@@ -172,7 +172,7 @@ def _log_run_artifacts(client: MlflowClient, run_id: str, outputs: TrainingOutpu
             client.log_artifact(run_id, str(ValidateDir(Path(clean_dir)).report), "data/validation")
     train = outputs.train_dir
     if train.eval.dir.is_dir():
-        client.log_artifacts(run_id, str(train.eval.dir), "eval")
+        client.log_artifacts(run_id, str(train.eval.dir), train.eval.dir.name)  # the MLflow run mirrors the folder
     if train.config.is_file():
         client.log_artifact(run_id, str(train.config))
     if train.metrics.is_file():
@@ -312,7 +312,7 @@ def _record(client: MlflowClient, outputs: TrainingOutputs, run_id: str, version
         version=number,
     )
     write_text(outputs.train_dir.model_card, card)
-    client.log_text(run_id, card, "model_card.md")
+    client.log_text(run_id, card, outputs.train_dir.model_card.name)
     client.update_model_version(name, number, description=card[:4900])
     tags = {
         TAG_HEADLINE: gate["challenger_headline"],

@@ -1,0 +1,52 @@
+"""The code's own rules: one module spells the run layout, the layers hold (import-linter), no import cycles."""
+
+from __future__ import annotations
+
+import ast
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+PACKAGE = REPO / "fashion_tagger"
+# File and folder names of the home and of a run: only fashion_tagger/layout.py may spell them.
+LAYOUT_NAMES = (
+    "config.yaml", "state.json", "clean.parquet", "rejects.csv", "report.json", "train.parquet", "val.parquet",
+    "labels.json", "split_report.json", "prepared.json", "prepare_failures.json", "checkpoints", "best.ckpt",
+    "last.ckpt", "run.json", "metrics.json", "eval", "predictions.parquet", "registration.json",
+    "model_card.md", "mlflow_run.json", "sample_predictions.png", "mlflow.db", "mlartifacts",
+)
+
+
+def _string_constants(path: Path) -> list[tuple[int, str]]:
+    tree = ast.parse(path.read_text())
+    docstrings = {
+        id(node.body[0].value)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef)
+        and node.body and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant)
+    }
+    return [(node.lineno, node.value) for node in ast.walk(tree)
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings]
+
+
+def test_only_the_layout_module_spells_the_names_of_the_run_layout():
+    offenders = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        if path.name == "layout.py":
+            continue
+        for line, value in _string_constants(path):
+            for name in LAYOUT_NAMES:
+                # A bare name, or a path ending in it: messages may mention a name inside a sentence.
+                if value == name or re.fullmatch(rf"[\w./-]*/{re.escape(name)}", value):
+                    offenders.append(f"{path.relative_to(REPO)}:{line}: {value!r}")
+    assert not offenders, "ask fashion_tagger.layout for these paths:\n" + "\n".join(offenders)
+
+
+def test_import_contracts_hold():
+    """pyproject.toml's import-linter contracts: no Airflow in the library, layers, no cycles."""
+    lint_imports = Path(sys.executable).with_name("lint-imports")
+    result = subprocess.run([str(lint_imports), "--no-cache"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    assert "0 broken" in result.stdout and result.stdout.count("KEPT") >= 4
