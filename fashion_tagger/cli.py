@@ -163,11 +163,19 @@ def run_pipeline(
 ) -> None:
     """Run every stage in this process: fetch, validate, split, prepare, train, evaluate, register."""
     from fashion_tagger.pipeline import run_all
-    from fashion_tagger.runs import create_run, open_run
+    from fashion_tagger.runs import create_run, interrupted_runs_like, open_run
 
     if resume and (config or set_):
         _fail("--resume continues a run with its own saved configuration: drop --config/--set")
-    run = open_run(resume) if resume else create_run(load_config(config, set_))
+    if resume:
+        run = open_run(resume)
+    else:
+        cfg = load_config(config, set_)
+        for earlier in interrupted_runs_like(cfg)[-1:]:
+            typer.secho(f"note: run {earlier} has this configuration and was interrupted; "
+                        f"`fashion-tagger run --resume {earlier}` continues it. Starting a new run.",
+                        fg=typer.colors.YELLOW, err=True)
+        run = create_run(cfg)
     result = run_all(run)
     _emit(result)
     typer.echo(result.summary, err=True)

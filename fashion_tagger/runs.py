@@ -229,6 +229,15 @@ def list_runs(home: Home) -> list[dict[str, Any]]:
     return rows
 
 
+def interrupted_runs_like(config: Config) -> list[str]:
+    """Ids of this home's interrupted runs with exactly CONFIG: what a user restarting by hand may mean to resume."""
+    matches = []
+    for layout in config.layout.run_layouts():
+        if run_status(layout) == INTERRUPTED and load_config(layout.config, check_environment=False) == config:
+            matches.append(layout.run_id)
+    return matches
+
+
 def format_runs(rows: list[Mapping[str, Any]]) -> str:
     """A plain table for `fashion-tagger runs`."""
     if not rows:

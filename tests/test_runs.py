@@ -25,6 +25,7 @@ from fashion_tagger.runs import (
     INTERRUPTED,
     RUNNING,
     create_run,
+    interrupted_runs_like,
     list_runs,
     open_run,
     read_state,
@@ -98,6 +99,8 @@ def test_status_follows_the_stages_and_the_lock(isolated_home, tmp_path):
     raw = generate_dataset(tmp_path / "raw", rows=120, seed=1).out_dir
     run = create_run(load_config("demo", [f"data.source={raw}", "labels.min_class_count=5", "data.min_rows=50"]))
     assert run_status(run.layout) == INTERRUPTED  # created, nothing run
+    assert interrupted_runs_like(run.config) == [run.id]  # `run` with this config says how to resume it
+    assert interrupted_runs_like(load_config("demo", ["train.epochs=9"])) == []
     run_stage(run, "fetch")
     assert read_state(run.layout)["stages"]["fetch"]["status"] == "complete"
 
