@@ -43,7 +43,7 @@ test: $(STAMP)  ## run the whole test suite (installs PostgreSQL and Redis when 
 	$(VENV)/bin/pytest
 
 test-fast: $(STAMP)  ## tests without the slow tier
-	$(VENV)/bin/pytest -m "not slow and not services"
+	$(VENV)/bin/pytest -m "not slow and not services and not browser"
 
 lint: $(STAMP)  ## ruff and the import-layer contracts (lint-imports, see pyproject.toml)
 	$(VENV)/bin/ruff check .

@@ -44,6 +44,9 @@ def airflow_env(home: Path | None = None, *, port: int = 8080, host: str = "127.
         # Two cores: one task at a time keeps training from competing with the scheduler.
         "AIRFLOW__CORE__PARALLELISM": "2",
         "AIRFLOW__SCHEDULER__ENABLE_HEALTH_CHECK": "False",
+        # Runs start when someone triggers them: a weekly schedule would, once the DAG is unpaused, also start the
+        # run of the latest week, ahead of the one just triggered. Deployments keep the DAG's `@weekly`.
+        "FASHION_TAGGER_SCHEDULE": "none",
     }
     env.update({key: os.environ.get(key, value) for key, value in defaults.items()})
     return env

@@ -3,7 +3,8 @@
 # <home>/services); every process of that session is stopped, including task runners in groups of their own.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-SERVICES="$(.venv/bin/python -c 'from fashion_tagger.config import project_home; print(project_home())')/services"
+VENV_BIN="${VENV_BIN:-$PWD/.venv/bin}"
+SERVICES="$("$VENV_BIN/python" -c 'from fashion_tagger.config import project_home; print(project_home())')/services"
 
 members() {  # the processes of session $1
   ps -e -o pid=,sid= | awk -v sid="$1" '$2 == sid { print $1 }'

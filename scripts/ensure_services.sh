@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
-# Installs the Debian packages that the native-topology test (tests/test_native_stack.py) starts by itself:
-# PostgreSQL and Redis. Does nothing when both are present; CI starts on a fresh machine, so `make test`
-# calls it. The packages' own system services are kept from starting: the test runs its own instances
-# on free loopback ports and stops them afterwards.
+# Installs the Debian packages that tests start by themselves: PostgreSQL and Redis for the native-topology test
+# (tests/test_native_stack.py), Chromium for the browser test (tests/test_browser.py, through Playwright). Does
+# nothing when all are present; CI starts on a fresh machine, so `make test` calls it. The packages' own system
+# services are kept from starting: the test runs its own instances on free loopback ports and stops them afterwards.
 set -euo pipefail
 
 missing=()
 compgen -G "/usr/lib/postgresql/*/bin/postgres" >/dev/null || missing+=(postgresql)
 command -v redis-server >/dev/null || missing+=(redis-server)
+[[ -x /usr/bin/chromium ]] || missing+=(chromium)
 if [[ ${#missing[@]} -eq 0 ]]; then
   exit 0
 fi
@@ -21,7 +22,7 @@ if [[ "$(id -u)" -ne 0 ]]; then
   sudo=(sudo)
 fi
 
-echo "ensure_services: installing ${missing[*]} (Debian packages, for the native-topology test)"
+echo "ensure_services: installing ${missing[*]} (Debian packages, for the native-topology and browser tests)"
 # policy-rc.d exit 101 tells the packages' maintainer scripts not to start their services.
 policy=/usr/sbin/policy-rc.d
 created_policy=0

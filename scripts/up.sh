@@ -1,13 +1,20 @@
 #!/usr/bin/env bash
 # `make up`: the Airflow UI (airflow standalone: api-server, scheduler, dag-processor, triggerer) on :8080 and the
 # MLflow UI on :5000, over the stores `make run` writes, in the background. Pid files and logs go to
-# <FASHION_TAGGER_HOME>/services; `make down` (scripts/down.sh) stops both.
+# <FASHION_TAGGER_HOME>/services; `make down` (scripts/down.sh) stops both. Both services run in the home, so
+# nothing they write lands in the checkout. Set FASHION_TAGGER_HOME, AIRFLOW_UI_PORT and MLFLOW_UI_PORT to serve
+# another home on other ports (tests/test_browser.py does).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV_BIN="${VENV_BIN:-$PWD/.venv/bin}"
 export PATH="$VENV_BIN:$PATH"  # standalone starts its components as `airflow <component>`
 # The form's preset defaults to demo here: this machine trains on CPU. Production sets FASHION_TAGGER_PRESET=default.
 export FASHION_TAGGER_PRESET="${FASHION_TAGGER_PRESET:-demo}"
+# The DAG is created active and, here, runs only when triggered (FASHION_TAGGER_SCHEDULE=none, see
+# scripts/airflow_env.py): a run triggered from the form starts at once. Unpausing a DAG with a schedule would also
+# start the run of its latest interval (catchup=False still runs the most recent one), and the form's run would
+# wait behind it (max_active_runs=1). Production keeps Airflow's paused-on-creation and the weekly schedule.
+export AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION="${AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION:-False}"
 eval "$(python scripts/airflow_env.py --shell --port "${AIRFLOW_UI_PORT:-8080}")"
 MLFLOW_PORT="${MLFLOW_UI_PORT:-5000}"
 SERVICES="$FASHION_TAGGER_HOME/services"
@@ -21,7 +28,9 @@ start() {  # name, command...: its own session, so `make down` can stop it with 
     echo "$name is already running (pid $(cat "$SERVICES/$name.pid"))"
     return
   fi
-  setsid "$@" >"$SERVICES/$name.log" 2>&1 </dev/null &
+  # In the home: MLflow's default artifact root and anything else a service writes relative to its working
+  # directory stay out of the checkout.
+  (cd "$FASHION_TAGGER_HOME" && exec setsid "$@" >"$SERVICES/$name.log" 2>&1 </dev/null) &
   echo $! >"$SERVICES/$name.pid"
 }
 
@@ -48,7 +57,10 @@ if ! running airflow; then
     >>"$SERVICES/airflow-init.log" 2>&1
 fi
 start airflow airflow standalone
+# --default-artifact-root: where experiments created without an artifact location keep their artifacts (MLflow's
+# `Default` among them), a plain path so that clients of the SQLite store can write there too.
 start mlflow mlflow ui --backend-store-uri "$MLFLOW_TRACKING_URI" \
+  --default-artifact-root "$FASHION_TAGGER_HOME/mlartifacts" \
   --artifacts-destination "$FASHION_TAGGER_HOME/mlartifacts" --host 127.0.0.1 --port "$MLFLOW_PORT"
 
 wait_http mlflow "http://127.0.0.1:$MLFLOW_PORT/health" 120
