@@ -86,17 +86,18 @@ def tracking_session(config: Config) -> Iterator[MlflowClient]:
         os.environ[S3_ENDPOINT_ENV] = endpoint
     mlflow.set_tracking_uri(uri)
     try:
-        yield new_client(uri)
+        yield new_client(uri, config.layout.mlflow_artifacts)
     finally:
         mlflow.set_tracking_uri(previous_uri)
         if endpoint and not previous_endpoint:
             os.environ.pop(S3_ENDPOINT_ENV, None)
 
 
-def new_client(uri: str) -> MlflowClient:
+def new_client(uri: str, artifact_root: Path) -> MlflowClient:
     """An MlflowClient of URI. A SQLite store's schema is created (or migrated) under a lock beside its file:
     building the client creates the tracking store and its first registry call the registry store, and two
-    processes doing either at once collide."""
+    processes doing either at once collide. A new store gets ARTIFACT_ROOT as the artifact location of its
+    `Default` experiment, instead of `./mlruns` in whatever folder the process happens to run in."""
     import mlflow
 
     from fashion_tagger.io import file_lock
@@ -105,6 +106,10 @@ def new_client(uri: str) -> MlflowClient:
         return mlflow.MlflowClient(tracking_uri=uri)
     database = Path(uri.removeprefix("sqlite:///")).expanduser()
     with file_lock(database.with_name(f"{database.name}.lock"), f"the MLflow store {database}"):
+        if not database.is_file():
+            from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+            SqlAlchemyStore(uri, artifact_root.as_uri()).engine.dispose()
         client = mlflow.MlflowClient(tracking_uri=uri)
         client.search_registered_models(max_results=1)
     return client
@@ -286,7 +291,7 @@ def mlflow_logger(config: Config, run_dir: str | Path, *, split_dir: str | Path 
     uri = tracking_uri(config)
     if rank_zero_only.rank != 0:
         return MLFlowLogger(experiment_name=config.registry.experiment, tracking_uri=uri)
-    client = new_client(uri)
+    client = new_client(uri, config.layout.mlflow_artifacts)
     run_id = start_or_resume_run(client, config, run_dir, dataset_hash=dataset_hash_of(split_dir))
     log_params_once(client, run_id, flat_params(config))
     return MLFlowLogger(

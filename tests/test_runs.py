@@ -279,3 +279,13 @@ def test_a_models_identity_is_its_weights_labels_and_preprocessing_not_its_file(
     checkpoint["state_dict"][name] = checkpoint["state_dict"][name] + 1e-3
     torch.save(checkpoint, tmp_path / "changed.ckpt")
     assert Predictor.from_checkpoint(tmp_path / "changed.ckpt").identity() != identity
+
+
+def test_a_new_mlflow_store_keeps_the_default_experiments_artifacts_in_the_home(isolated_home, tmp_path, monkeypatch):
+    from fashion_tagger import tracking
+
+    monkeypatch.chdir(tmp_path)  # wherever the process runs, nothing lands in ./mlruns
+    with tracking.tracking_session(load_config("demo")) as client:
+        location = client.get_experiment("0").artifact_location
+    assert location.startswith((isolated_home / "mlartifacts").resolve().as_uri())
+    assert not (tmp_path / "mlruns").exists()
