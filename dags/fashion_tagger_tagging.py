@@ -217,8 +217,10 @@ def fashion_tagger_tagging():
         from fashion_tagger.tagging import merge_shards as merge
 
         config = load_config(os.path.join(run["work_dir"], "config.yaml"))
+        # By index up to the count: iterating the lazy sequence probes one past the end and logs a 404 as an error.
+        shard_dirs = [shards[i]["out_dir"] for i in range(len(shards))]
         listing_rejects = pd.read_csv(os.path.join(run["work_dir"], REJECTS_FILENAME), dtype=str)
-        result = merge([s["out_dir"] for s in shards], run["out_dir"], PinnedModel.from_dict(run), config=config,
+        result = merge(shard_dirs, run["out_dir"], PinnedModel.from_dict(run), config=config,
                        extra_rejects=listing_rejects).to_dict()
         result.pop("files")
         context["outlet_events"][CATALOG_TAGS].extra = {

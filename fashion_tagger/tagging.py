@@ -11,6 +11,7 @@ from __future__ import annotations
 import io as _io
 import logging
 import multiprocessing
+import os
 import tempfile
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -171,8 +172,6 @@ def load_tagger(model: PinnedModel, config: Config | None = None, device: str | 
 
 def default_device() -> str | None:
     """`$FASHION_TAGGER_DEVICE` (the served model's setting) or None: the GPU when there is one."""
-    import os
-
     from fashion_tagger.pyfunc_model import DEVICE_ENV
 
     return os.environ.get(DEVICE_ENV) or None
