@@ -151,7 +151,7 @@ def fashion_tagger_tagging():
         from fashion_tagger import io
         from fashion_tagger.config import load_config, save_config
         from fashion_tagger.orchestration import default_preset, run_dir_name
-        from fashion_tagger.tagging import resolve_model
+        from fashion_tagger.tagging import PINNED_MODEL_FILENAME, resolve_model, run_work_dir
 
         params = context["params"]
         with bad_input_fails_now():
@@ -162,10 +162,10 @@ def fashion_tagger_tagging():
             out_dir = params.get("out_dir") or os.environ.get("FASHION_TAGGER_TAGS_DIR") or str(
                 config.home_dir / "tags")
             model = resolve_model(params.get("model") or f"models:/{config.registry.model_name}@champion", config)
-        work_dir = os.path.join(out_dir, "work", run_dir_name(context["run_id"]))
+        work_dir = run_work_dir(out_dir, run_dir_name(context["run_id"]))
         save_config(config, work_dir)
-        io.write_json(os.path.join(work_dir, "model.json"), model.to_dict())
-        return {"source": source, "out_dir": out_dir, "work_dir": work_dir, **model.to_dict()}
+        io.write_json(work_dir / PINNED_MODEL_FILENAME, model.to_dict())
+        return {"source": source, "out_dir": out_dir, "work_dir": str(work_dir), **model.to_dict()}
 
     @task
     def list_shards(run: dict[str, Any]) -> list[dict[str, Any]]:
@@ -174,10 +174,10 @@ def fashion_tagger_tagging():
         manifest without an image, duplicate ids) and split it into shards of `tagging.shard_size` images.
         """
         from fashion_tagger import io
-        from fashion_tagger.config import load_config
+        from fashion_tagger.config import CONFIG_FILENAME, load_config
         from fashion_tagger.tagging import LISTING_FILENAME, REJECTS_FILENAME, list_catalog, split_listing
 
-        config = load_config(os.path.join(run["work_dir"], "config.yaml"))
+        config = load_config(os.path.join(run["work_dir"], CONFIG_FILENAME))
         with bad_input_fails_now():
             items, rejects = list_catalog(run["source"], s3_endpoint_url=config.data.s3_endpoint_url)
         io.write_parquet(items, os.path.join(run["work_dir"], LISTING_FILENAME))
@@ -191,6 +191,7 @@ def fashion_tagger_tagging():
     def tag_shard(shard: dict[str, Any]) -> dict[str, Any]:
         from pathlib import Path
 
+        from fashion_tagger.config import CONFIG_FILENAME
         from fashion_tagger.orchestration import run_stage, stage_command
         from fashion_tagger.tagging import TAGS_FILENAME
 
@@ -198,7 +199,7 @@ def fashion_tagger_tagging():
         command = stage_command("tag", [
             listing, "--out", listing.parent, "--model", shard["model_uri"],
             "--previous", Path(shard["out_dir"]) / TAGS_FILENAME,
-            "--config", Path(shard["work_dir"]) / "config.yaml",
+            "--config", Path(shard["work_dir"]) / CONFIG_FILENAME,
         ])
         with bad_input_fails_now():
             result = run_stage("tag", command)
@@ -212,11 +213,11 @@ def fashion_tagger_tagging():
         """
         import pandas as pd
 
-        from fashion_tagger.config import load_config
+        from fashion_tagger.config import CONFIG_FILENAME, load_config
         from fashion_tagger.tagging import REJECTS_FILENAME, PinnedModel
         from fashion_tagger.tagging import merge_shards as merge
 
-        config = load_config(os.path.join(run["work_dir"], "config.yaml"))
+        config = load_config(os.path.join(run["work_dir"], CONFIG_FILENAME))
         # By index up to the count: iterating the lazy sequence probes one past the end and logs a 404 as an error.
         shard_dirs = [shards[i]["out_dir"] for i in range(len(shards))]
         listing_rejects = pd.read_csv(os.path.join(run["work_dir"], REJECTS_FILENAME), dtype=str)
@@ -233,10 +234,10 @@ def fashion_tagger_tagging():
         Log the run to MLflow experiment `fashion-tagger-tagging`: counts and images/s as metrics, a
         confidence histogram per attribute, the summary, review queue, changes and rejects as artifacts.
         """
-        from fashion_tagger.config import load_config
+        from fashion_tagger.config import CONFIG_FILENAME, load_config
         from fashion_tagger.tagging import log_summary as log_to_mlflow
 
-        config = load_config(os.path.join(run["work_dir"], "config.yaml"))
+        config = load_config(os.path.join(run["work_dir"], CONFIG_FILENAME))
         run_id = log_to_mlflow(run["out_dir"], config, tags={"airflow.dag_run_id": context["run_id"]})
         return {**merged, "mlflow_run_id": run_id}
 

@@ -42,6 +42,8 @@ REVIEW_CSV, REVIEW_PARQUET = "review.csv", "review.parquet"
 CHANGES_CSV, CHANGES_PARQUET = "changes.csv", "changes.parquet"
 SUMMARY_FILENAME = "summary.json"
 LISTING_FILENAME = "catalog.parquet"  # a listing (id, image_path): what `list_catalog` found, a shard's input
+WORK_DIRNAME = "work"  # <out>/work/<run>/: a DAG run's config, pinned model, listing and shard folders
+PINNED_MODEL_FILENAME = "model.json"
 
 MANIFEST_FILENAME = "styles.csv"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
@@ -279,6 +281,11 @@ def list_catalog(
     if not path.is_dir():
         raise DataError(f"catalog {source} is neither a folder, an s3://bucket/prefix nor a listing .parquet")
     return _list_folder(path.resolve(), manifest)
+
+
+def run_work_dir(out_dir: str | Path, run_name: str) -> Path:
+    """Where one orchestrated run keeps its inputs and shard outputs, beside the tags it updates."""
+    return Path(out_dir) / WORK_DIRNAME / run_name
 
 
 def split_listing(items: pd.DataFrame, shard_size: int, out_dir: str | Path) -> list[Path]:
