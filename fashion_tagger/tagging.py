@@ -30,6 +30,7 @@ from fashion_tagger.schema import ATTRIBUTES
 
 if TYPE_CHECKING:
     import torch
+    from PIL import Image
 
     from fashion_tagger.predict import Predictor
 
@@ -302,7 +303,7 @@ def split_listing(items: pd.DataFrame, shard_size: int, out_dir: str | Path) -> 
 # --- reading and decoding in DataLoader workers -------------------------------------------------------------------
 
 
-def decode_image(data: bytes):
+def decode_image(data: bytes) -> Image.Image:
     """Bytes -> RGB image exactly as the served model decodes a request (`pyfunc_model.open_image`), so the
     tags of a catalog run equal the served model's for the same file."""
     from PIL import Image
