@@ -147,6 +147,25 @@ def predict(
 
 
 @app.command()
+def tag(
+    source: Annotated[str, typer.Argument(help="a folder of images, s3://bucket/prefix, or a listing .parquet")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="tags.parquet, rejects, review queue, changes go here")],
+    model: Annotated[str | None, typer.Option(help="models:/NAME@ALIAS, models:/NAME/VERSION or a local export; "
+                                              "default models:/<registry.model_name>@champion")] = None,
+    manifest: Annotated[Path | None, typer.Option(help="styles.csv-like file: tag only its ids")] = None,
+    previous: Annotated[Path | None, typer.Option(help="compare with this table instead of OUT/tags.parquet")] = None,
+    config: ConfigOption = None,
+    set_: SetOption = None,
+) -> None:
+    """Tag a catalog with one pinned model version: new or changed images only, review queue, changed tags."""
+    from fashion_tagger.tagging import tag_catalog
+
+    cfg = load_config(config, set_)
+    _emit(tag_catalog(source, model or f"models:/{cfg.registry.model_name}@champion", out, config=cfg,
+                      manifest=manifest, previous=previous))
+
+
+@app.command()
 def models(config: ConfigOption = None, set_: SetOption = None) -> None:
     """List registered versions with their aliases, headline metric and promotion decision."""
     from fashion_tagger.registry import format_versions, list_versions

@@ -173,6 +173,33 @@ class RegistryConfig(_Section):
     gate_batch_size: int = Field(64, ge=1, description="images per batch when the gate scores a model")
 
 
+# Below these a tag goes to the review queue. Lower where an attribute is hard to see in a photo (season),
+# higher where a wrong tag is costly and the model is usually sure (masterCategory).
+DEFAULT_REVIEW_THRESHOLDS = {"gender": 0.6, "masterCategory": 0.8, "subCategory": 0.6, "articleType": 0.5,
+                             "baseColour": 0.5, "season": 0.4, "usage": 0.5}
+
+
+class TaggingConfig(_Section):
+    thresholds: dict[str, float] = Field(
+        default_factory=lambda: dict(DEFAULT_REVIEW_THRESHOLDS),
+        description="per attribute: a tag whose confidence is below this goes to the review queue",
+    )
+    batch_size: int = Field(64, ge=1, description="images per forward pass")
+    shard_size: int = Field(5000, ge=1, description="images per shard (one Airflow task each)")
+    workers: int = Field(-1, ge=-1, description="DataLoader decoding workers; -1 means min(8, CPUs)")
+    experiment: str = Field("fashion-tagger-tagging", description="MLflow experiment of the tagging summaries")
+
+    @field_validator("thresholds")
+    @classmethod
+    def _known_thresholds(cls, value: dict[str, float]) -> dict[str, float]:
+        unknown = [a for a in value if a not in ATTRIBUTES]
+        out_of_range = [a for a, v in value.items() if not 0 <= v <= 1]
+        if unknown or out_of_range:
+            raise ValueError(f"thresholds must map attributes of {list(ATTRIBUTES)} to values in [0, 1]; "
+                             f"unknown: {unknown}, out of range: {out_of_range}")
+        return value
+
+
 class Config(_Section):
     home: Path | None = Field(None, description="data root; default $FASHION_TAGGER_HOME or ~/.fashion-tagger")
     data: DataConfig = Field(default_factory=DataConfig)
@@ -182,6 +209,7 @@ class Config(_Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
+    tagging: TaggingConfig = Field(default_factory=TaggingConfig)
 
     @property
     def home_dir(self) -> Path:

@@ -79,6 +79,7 @@ def tracking_session(config: Config) -> Iterator[MlflowClient]:
 
     uri = tracking_uri(config)
     previous_uri = tracking_utils._tracking_uri
+    previous_env_uri = os.environ.get("MLFLOW_TRACKING_URI")  # set_tracking_uri(None) below would delete it
     endpoint = config.registry.s3_endpoint_url
     previous_endpoint = os.environ.get(S3_ENDPOINT_ENV)
     if endpoint and not previous_endpoint:
@@ -89,6 +90,8 @@ def tracking_session(config: Config) -> Iterator[MlflowClient]:
         yield new_client(uri, config.layout.mlflow_artifacts)
     finally:
         mlflow.set_tracking_uri(previous_uri)
+        if previous_env_uri is not None:
+            os.environ["MLFLOW_TRACKING_URI"] = previous_env_uri
         if endpoint and not previous_endpoint:
             os.environ.pop(S3_ENDPOINT_ENV, None)
 

@@ -1,0 +1,247 @@
+"""Airflow DAG `fashion_tagger_tagging`: tag the product catalog with the champion and keep the tags current.
+
+Runs when a new model is registered, when the catalog asset is updated, and on a cron schedule. Each task calls
+one function of `fashion_tagger.tagging` with paths; the shards are tagged in parallel, as child processes, on the
+GPU queue. See docs/tagging.md.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from airflow.sdk import Asset, AssetOrTimeSchedule, CronTriggerTimetable, Param, dag, task
+
+# Deployment settings, read when the file is parsed; the queue, pool and retry variables are the training DAG's.
+GPU_QUEUE = os.environ.get("FASHION_TAGGER_GPU_QUEUE", "gpu")
+GPU_POOL = os.environ.get("FASHION_TAGGER_GPU_POOL", "gpu")
+RETRIES = int(os.environ.get("FASHION_TAGGER_TASK_RETRIES", "2"))
+SHARD_TIMEOUT = timedelta(hours=float(os.environ.get("FASHION_TAGGER_SHARD_TIMEOUT_HOURS", "4")))
+SCHEDULE_ENV = "FASHION_TAGGER_TAGGING_SCHEDULE"
+DEFAULT_CRON = "0 3 * * *"  # nightly: picks up photos added to the catalog folder without an asset event
+
+# The training DAG's outlet (same name and URI): an event means a new version was registered, maybe a new champion.
+REGISTERED_MODEL = Asset(name="fashion_tagger_model", uri="x-fashion-tagger://registered-model", group="model")
+# Updated by whatever loads new product photos (another DAG, or the REST API's asset events).
+CATALOG = Asset(name="fashion_tagger_catalog", uri="x-fashion-tagger://catalog", group="catalog")
+CATALOG_TAGS = Asset(name="fashion_tagger_catalog_tags", uri="x-fashion-tagger://catalog-tags", group="catalog")
+
+
+def schedule_from_env(value: str | None) -> Any:
+    """A new model or catalog event, or the cron (`0 3 * * *` unless FASHION_TAGGER_TAGGING_SCHEDULE says
+    otherwise; `none` leaves the asset events only)."""
+    assets = REGISTERED_MODEL | CATALOG
+    cron = DEFAULT_CRON if value is None else value.strip()
+    if cron.lower() in ("", "none", "null", "manual"):
+        return assets
+    return AssetOrTimeSchedule(timetable=CronTriggerTimetable(cron, timezone="UTC"), assets=assets)
+
+
+@contextmanager
+def errors_follow_the_contract():
+    """fashion_tagger.errors' contract: bad input (a catalog or model that does not exist) fails the task at once,
+    a transient fault (registry, S3, a killed child) is raised for Airflow to retry."""
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from fashion_tagger.errors import FashionTaggerError
+
+    try:
+        yield
+    except FashionTaggerError as exc:
+        if not exc.retryable:
+            raise AirflowFailException(f"{type(exc).__name__}: {exc}") from exc
+        raise
+
+
+TAG_SHARD_DOC = """
+Tag one shard with the pinned version in a child process (`fashion-tagger tag`): its DataLoader workers decode
+while the network runs, and CUDA never starts inside the Airflow worker. Images already tagged by this version
+(same content hash in the merged table) are not tagged again.
+"""
+
+PARAMS = {
+    "source": Param(
+        None,
+        type=["null", "string"],
+        title="Catalog",
+        description="A folder of product photos on the workers (optionally with styles.csv listing the ids) or "
+        "s3://bucket/prefix. Empty: $FASHION_TAGGER_CATALOG, else <home>/catalog.",
+    ),
+    "out_dir": Param(
+        None,
+        type=["null", "string"],
+        title="Tags folder",
+        description="Where tags.parquet, rejects.csv, the review queue and the changes report live. "
+        "Empty: $FASHION_TAGGER_TAGS_DIR, else <home>/tags.",
+    ),
+    "model": Param(
+        None,
+        type=["null", "string"],
+        pattern=r"^(models:/\S+|[/~.]\S*)$",
+        title="Model",
+        description="models:/NAME@ALIAS, models:/NAME/VERSION or a local export. Empty: the champion, "
+        "models:/<registry.model_name>@champion. Resolved once per run and pinned.",
+    ),
+    "shard_size": Param(
+        None,
+        type=["null", "integer"],
+        minimum=1,
+        title="Shard size",
+        description="Images per tag_shard task. Empty: tagging.shard_size of the configuration (5000).",
+    ),
+    "batch_size": Param(
+        None,
+        type=["null", "integer"],
+        minimum=1,
+        maximum=4096,
+        title="Batch size",
+        description="Images per forward pass. Empty: tagging.batch_size of the configuration (64).",
+    ),
+}
+
+
+@dag(
+    dag_id="fashion_tagger_tagging",
+    dag_display_name="Fashion tagger: tag the catalog",
+    description="Tag every catalog photo with the champion: incremental, sharded, with a review queue.",
+    schedule=schedule_from_env(os.environ.get(SCHEDULE_ENV)),
+    start_date=datetime(2025, 1, 1, tzinfo=UTC),
+    catchup=False,
+    max_active_runs=1,  # two runs would write the same tags folder
+    params=PARAMS,
+    tags=["fashion-tagger", "tagging", "mlflow"],
+    default_args={
+        "owner": "fashion-tagger",
+        "retries": RETRIES,
+        "retry_delay": timedelta(minutes=1),
+        "retry_exponential_backoff": 2.0,
+        "max_retry_delay": timedelta(minutes=30),
+    },
+)
+def fashion_tagger_tagging():
+    """
+    ### Tag the product catalog with the champion
+
+    `pin_model` → `list_shards` → `tag_shard` (one mapped task per shard) → `merge_shards` → `log_summary`
+
+    * **Triggers**: a new registered model (asset `fashion_tagger_model`, from the training DAG), an update of
+      asset `fashion_tagger_catalog`, and the cron `FASHION_TAGGER_TAGGING_SCHEDULE` (default 03:00 UTC).
+    * **Model**: `models:/fashion-tagger@champion` is resolved once, in `pin_model`; every shard loads that
+      version, so a champion promoted mid-run never mixes two models in one table.
+    * **Incremental**: an image whose content this version has tagged already keeps its tags; a new champion
+      retags everything and `changes.csv` lists every tag that changed, with both confidences.
+    * **Outputs** in the tags folder: `tags.parquet`, `rejects.csv`, `review.csv`/`review.parquet` (tags under
+      their attribute's threshold, least confident first), `changes.csv`, `summary.json`; a run's shards under
+      `work/<run id>/`. Summary, throughput and confidence histograms: MLflow experiment `fashion-tagger-tagging`.
+    * **GPU**: `tag_shard` runs on queue `gpu` in pool `gpu`, as a child process (`fashion-tagger tag`).
+    """
+
+    @task
+    def pin_model(**context) -> dict[str, Any]:
+        """
+        Resolve the trigger parameters into the catalog, the tags folder and one concrete model version
+        (`@champion` → its version number now), and write the run's `config.yaml` and `model.json`.
+        """
+        from fashion_tagger import io
+        from fashion_tagger.config import load_config, save_config
+        from fashion_tagger.layout import run_dir_name
+        from fashion_tagger.orchestration import default_preset
+        from fashion_tagger.tagging import PINNED_MODEL_FILENAME, resolve_model, run_work_dir
+
+        params = context["params"]
+        with errors_follow_the_contract():
+            sizes = {key: params[key] for key in ("shard_size", "batch_size") if params.get(key) is not None}
+            config = load_config(default_preset(), {"tagging": sizes})
+            source = params.get("source") or os.environ.get("FASHION_TAGGER_CATALOG") or str(
+                config.home_dir / "catalog")
+            out_dir = params.get("out_dir") or os.environ.get("FASHION_TAGGER_TAGS_DIR") or str(
+                config.home_dir / "tags")
+            model = resolve_model(params.get("model") or f"models:/{config.registry.model_name}@champion", config)
+        work_dir = run_work_dir(out_dir, run_dir_name(context["run_id"]))
+        save_config(config, work_dir)
+        io.write_json(work_dir / PINNED_MODEL_FILENAME, model.to_dict())
+        return {"source": source, "out_dir": out_dir, "work_dir": str(work_dir), **model.to_dict()}
+
+    @task
+    def list_shards(run: dict[str, Any]) -> list[dict[str, Any]]:
+        """
+        List the catalog's images (id = file name), write the listing and the listing's rejects (ids of the
+        manifest without an image, duplicate ids) and split it into shards of `tagging.shard_size` images.
+        """
+        from fashion_tagger import io
+        from fashion_tagger.config import CONFIG_FILENAME, load_config
+        from fashion_tagger.tagging import LISTING_FILENAME, REJECTS_FILENAME, list_catalog, split_listing
+
+        config = load_config(os.path.join(run["work_dir"], CONFIG_FILENAME))
+        with errors_follow_the_contract():
+            items, rejects = list_catalog(run["source"], s3_endpoint_url=config.data.s3_endpoint_url)
+        io.write_parquet(items, os.path.join(run["work_dir"], LISTING_FILENAME))
+        rejects.to_csv(os.path.join(run["work_dir"], REJECTS_FILENAME), index=False)
+        shards = split_listing(items, config.tagging.shard_size, run["work_dir"])
+        return [{"listing": str(path), "work_dir": run["work_dir"], "out_dir": run["out_dir"],
+                 "model_uri": run["model_uri"]} for path in shards]
+
+    # A mapped task does not take its docstring as doc_md by itself, so the UI would show none.
+    @task(queue=GPU_QUEUE, pool=GPU_POOL, execution_timeout=SHARD_TIMEOUT, doc_md=TAG_SHARD_DOC)
+    def tag_shard(shard: dict[str, Any]) -> dict[str, Any]:
+        from pathlib import Path
+
+        from fashion_tagger.config import CONFIG_FILENAME
+        from fashion_tagger.orchestration import run_json_command
+        from fashion_tagger.tagging import TAGS_FILENAME
+
+        listing = Path(shard["listing"])
+        command = [sys.executable, "-m", "fashion_tagger", "tag", *map(str, [
+            listing, "--out", listing.parent, "--model", shard["model_uri"],
+            "--previous", Path(shard["out_dir"]) / TAGS_FILENAME,
+            "--config", Path(shard["work_dir"]) / CONFIG_FILENAME,
+        ])]
+        with errors_follow_the_contract():
+            result = run_json_command("tag", command)
+        return {key: result[key] for key in ("out_dir", "tagged", "reused", "rejected", "seconds")}
+
+    @task(outlets=[CATALOG_TAGS])
+    def merge_shards(run: dict[str, Any], shards: list[dict[str, Any]], **context) -> dict[str, Any]:
+        """
+        Merge the shards into the tags folder: `tags.parquet`, `rejects.csv`, the review queue and the
+        changes against the previous table, then `summary.json`.
+        """
+        import pandas as pd
+
+        from fashion_tagger.config import CONFIG_FILENAME, load_config
+        from fashion_tagger.tagging import REJECTS_FILENAME, PinnedModel
+        from fashion_tagger.tagging import merge_shards as merge
+
+        config = load_config(os.path.join(run["work_dir"], CONFIG_FILENAME))
+        # By index up to the count: iterating the lazy sequence probes one past the end and logs a 404 as an error.
+        shard_dirs = [shards[i]["out_dir"] for i in range(len(shards))]
+        listing_rejects = pd.read_csv(os.path.join(run["work_dir"], REJECTS_FILENAME), dtype=str)
+        result = merge(shard_dirs, run["out_dir"], PinnedModel.from_dict(run), config=config,
+                       extra_rejects=listing_rejects).to_dict()
+        result.pop("files")
+        context["outlet_events"][CATALOG_TAGS].extra = {
+            key: result[key] for key in ("model_name", "model_version", "table", "tagged", "review")}
+        return result
+
+    @task
+    def log_summary(run: dict[str, Any], merged: dict[str, Any], **context) -> dict[str, Any]:
+        """
+        Log the run to MLflow experiment `fashion-tagger-tagging`: counts and images/s as metrics, a
+        confidence histogram per attribute, the summary, review queue, changes and rejects as artifacts.
+        """
+        from fashion_tagger.config import CONFIG_FILENAME, load_config
+        from fashion_tagger.tagging import log_summary as log_to_mlflow
+
+        config = load_config(os.path.join(run["work_dir"], CONFIG_FILENAME))
+        run_id = log_to_mlflow(run["out_dir"], config, tags={"airflow.dag_run_id": context["run_id"]})
+        return {**merged, "mlflow_run_id": run_id}
+
+    run = pin_model()
+    shards = tag_shard.expand(shard=list_shards(run))
+    log_summary(run, merge_shards(run, shards))
+
+
+fashion_tagger_tagging()
