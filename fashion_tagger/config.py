@@ -79,7 +79,9 @@ class ImagesConfig(_Section):
 class ModelConfig(_Section):
     backbone: str = "efficientnet_b3"
     pretrained: bool = True
-    pretrained_path: str | None = Field(None, description="local weights file instead of the timm hub")
+    pretrained_path: str | None = Field(
+        None, description="weights file (.safetensors/.pth) instead of the timm hub, or imagenet-lite0 (offline)"
+    )
     hidden_dim: int = Field(1024, ge=0, description="hidden layer per head; 0 for a linear head")
     dropout: float = Field(0.3, ge=0, lt=1)
     drop_path_rate: float = Field(0.1, ge=0, lt=1)

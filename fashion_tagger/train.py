@@ -43,6 +43,7 @@ from fashion_tagger.io import StageResult, read_json, write_json
 from fashion_tagger.labels import LabelSpace
 from fashion_tagger.losses import build_loss
 from fashion_tagger.model import FashionTagger
+from fashion_tagger.weights import resolve_pretrained_path
 
 log = logging.getLogger(__name__)
 
@@ -183,8 +184,10 @@ def build_model(config: Config, label_space: LabelSpace, *, pretrained: bool) ->
     return FashionTagger(
         m.backbone,
         label_space.num_classes,
-        pretrained=pretrained and (m.pretrained or bool(m.pretrained_path)),
-        pretrained_path=m.pretrained_path if pretrained else None,
+        # model.pretrained=false trains from scratch even where a preset names weights in pretrained_path.
+        pretrained=pretrained and m.pretrained,
+        pretrained_path=resolve_pretrained_path(m.pretrained_path, m.backbone, config.home_dir)
+        if pretrained and m.pretrained else None,
         hidden_dim=m.hidden_dim,
         dropout=m.dropout,
         drop_path_rate=m.drop_path_rate,
