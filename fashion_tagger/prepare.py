@@ -20,6 +20,7 @@ from fashion_tagger import io
 from fashion_tagger.cache import PREPARED_FILENAME, cached_image_path
 from fashion_tagger.errors import DataError
 from fashion_tagger.parallel import resolve_workers
+from fashion_tagger.progress import log_progress
 
 SPLIT_FILES = ("train.parquet", "val.parquet")
 FAILURES_FILENAME = "prepare_failures.json"
@@ -186,7 +187,7 @@ def _run_tasks(tasks: list[tuple[Any, ...]], workers: int) -> list[tuple[str, st
     with progress:
         if workers == 1:
             outcomes = map(_prepare_task, tasks)
-            for sha, err in outcomes:
+            for sha, err in log_progress(outcomes, total=len(tasks), what="prepare", unit="images"):
                 if err:
                     errors.append((sha, err))
                 progress.update()
@@ -197,7 +198,8 @@ def _run_tasks(tasks: list[tuple[Any, ...]], workers: int) -> list[tuple[str, st
             context = get_context("forkserver")
             context.set_forkserver_preload([__name__])
             with context.Pool(workers) as pool:
-                for sha, err in pool.imap_unordered(_prepare_task, tasks, chunksize=chunksize):
+                outcomes = pool.imap_unordered(_prepare_task, tasks, chunksize=chunksize)
+                for sha, err in log_progress(outcomes, total=len(tasks), what="prepare", unit="images"):
                     if err:
                         errors.append((sha, err))
                     progress.update()

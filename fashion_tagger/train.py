@@ -43,6 +43,7 @@ from fashion_tagger.io import StageResult, read_json, write_json
 from fashion_tagger.labels import LabelSpace
 from fashion_tagger.losses import build_loss
 from fashion_tagger.model import FashionTagger
+from fashion_tagger.training_log import EpochProgressLog, lightning_logs_once
 from fashion_tagger.weights import resolve_pretrained_path
 
 log = logging.getLogger(__name__)
@@ -456,6 +457,7 @@ def train_model(
         log.info("%s is already trained (%d epochs): nothing to do", run_dir, finished["epochs_completed"])
         return _result_from_metrics(run_dir, split_dir, finished, already_complete=True)
 
+    lightning_logs_once()
     L.seed_everything(train.seed, workers=True)
     hardware = resolve_hardware(config)
     if hardware["accelerator"] == "gpu":
@@ -501,6 +503,8 @@ def train_model(
         # In a task log (no terminal) every refresh is a new line: a few per epoch are enough there.
         refresh = 10 if sys.stderr.isatty() else max(10, steps_per_epoch // 4)
         all_callbacks.append(TQDMProgressBar(refresh_rate=refresh))
+    else:  # a task log: one line per epoch instead of a bar
+        all_callbacks.append(EpochProgressLog(MONITOR))
     all_callbacks.extend(callbacks or [])
     trainer = L.Trainer(
         default_root_dir=run_dir,
