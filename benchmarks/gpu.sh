@@ -65,7 +65,7 @@ export HF_HUB_OFFLINE=1  # pretrained=False everywhere; never wait on the hub
 if (( DRY_RUN )); then
     echo "== dry run on the CPU: every step, tiny =="
     "$PY" benchmarks/gpu_train.py --dry-run --json "$OUT/gpu_train.json"
-    "$PY" benchmarks/train_throughput.py --device cpu --backbone "$BACKBONE" --width 48 --height 64 --batch-size 4 \
+    "$PY" benchmarks/train_throughput.py --device cpu --backbone test_efficientnet --width 48 --height 64 --batch-size 4 \
         --steps 1 --warmup 1 --rounds 1 --settings reference,bf16+cl
     "$PY" benchmarks/loader.py --images 4 --batch-size 4 --workers 0 --rounds 1
     echo "dry run done in $(( $(date +%s) - started ))s"
