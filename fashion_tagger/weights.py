@@ -191,8 +191,8 @@ def resolve_pretrained_path(pretrained_path: str | None, backbone: str, home: st
     if backbone.partition(".")[0] != LITE0_ARCHITECTURE:
         raise WeightsError(
             f"model.pretrained_path {LITE0_SOURCE} holds {LITE0_ARCHITECTURE} weights, not {backbone}: set "
-            f"model.backbone={LITE0_ARCHITECTURE}, or point model.pretrained_path at a file written by "
-            f"`fashion-tagger weights {backbone}`"
+            f"model.backbone={LITE0_ARCHITECTURE}, point model.pretrained_path at a file written by "
+            f"`fashion-tagger weights {backbone}`, or train {backbone} from scratch with model.pretrained=false"
         )
     path = named_weights_path(home)
     if not path.is_file():
