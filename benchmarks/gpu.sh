@@ -12,7 +12,7 @@
 # 3. training images/s of efficientnet_b3 on a batch held on the GPU (the network alone), reference recipe
 #    (fp32 NCHW, BCE) against bf16, bf16 + channels_last and bf16 + channels_last + torch.compile;
 # 4. one loader epoch on 64 generated full-size JPEGs, ours (prepared cache) against decoding the originals.
-# Results: printed, and JSON under $OUT (default ./gpu-results).
+# Results: printed, and JSON under $OUT (default $TMPDIR/fashion-tagger-gpu).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -24,7 +24,7 @@ DRY_RUN=0
 [[ "${1:-}" == "--dry-run" ]] && DRY_RUN=1
 BACKBONE="${BACKBONE:-efficientnet_b3}"
 BATCH="${BATCH:-128}"
-OUT="${OUT:-$PWD/gpu-results}"
+OUT="${OUT:-${TMPDIR:-/tmp}/fashion-tagger-gpu}"  # the device runner sets OUT to the folder it brings back
 # Deadline per step, so that the whole script stays under 10 minutes even when something hangs.
 RECIPE_TIMEOUT="${RECIPE_TIMEOUT:-330}"
 TRAIN_TIMEOUT="${TRAIN_TIMEOUT:-150}"
