@@ -29,6 +29,7 @@ def emitting_handlers(name: str) -> list[logging.Handler]:
     return handlers
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("one_torch_thread")
 def test_training_without_progress_bar_logs_one_line_per_epoch_once(tmp_path, caplog):
     split_dir = make_split(tmp_path, rows=48)

@@ -144,6 +144,7 @@ EXPECTED_TOP5 = {
 }
 
 
+@pytest.mark.real_data
 def test_converted_lite0_recognises_real_product_photos(real_data, lite0_file):
     import pandas as pd
     from PIL import Image
