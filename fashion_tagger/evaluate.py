@@ -51,6 +51,7 @@ def predict_split(
 
     from fashion_tagger.cache import read_prepared
     from fashion_tagger.data import TaggerDataset, read_split
+    from fashion_tagger.progress import log_progress
 
     attributes = predictor.label_space.attributes
     prepared = read_prepared(split_dir)
@@ -65,7 +66,7 @@ def predict_split(
     preds: dict[str, list[np.ndarray]] = {a: [] for a in attributes}
     confidences: dict[str, list[np.ndarray]] = {a: [] for a in attributes}
     with torch.inference_mode():
-        for images, _ in loader:
+        for images, _ in log_progress(loader, total=len(loader), what="evaluate", unit="batches"):
             for attribute, probs in predictor.predict_probabilities(images).items():
                 confidence, index = probs.max(1)
                 preds[attribute].append(index.cpu().numpy())

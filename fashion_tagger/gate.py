@@ -67,8 +67,11 @@ def predict_paths(model: Any, paths: Sequence[str], batch_size: int) -> pd.DataF
     """Run a pyfunc model over image paths in batches (bounded memory for large splits)."""
     from tqdm.auto import tqdm
 
+    from fashion_tagger.progress import log_progress
+
     parts = []
-    for start in tqdm(range(0, len(paths), batch_size), desc="gate", unit="batch", leave=False, disable=None):
+    batches = tqdm(range(0, len(paths), batch_size), desc="gate", unit="batch", leave=False, disable=None)
+    for start in log_progress(batches, total=len(batches), what="gate", unit="batches"):
         batch = pd.DataFrame({PATH_COLUMN: list(paths[start : start + batch_size])})
         parts.append(model.predict(batch))
     return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()

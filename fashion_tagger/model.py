@@ -103,7 +103,8 @@ def create_backbone(
         path = Path(pretrained_path).expanduser()
         if not path.is_file():
             raise ModelError(
-                f"model.pretrained_path {path} does not exist: point it at a .safetensors/.pth state dict of {name}"
+                f"model.pretrained_path {path} does not exist: point it at a .safetensors/.pth state dict of {name} "
+                "(`fashion-tagger weights` writes one), or use imagenet-lite0 with tf_efficientnet_lite0"
             )
         # timm filters the ImageNet classifier out of the file because num_classes differs.
         kwargs["pretrained_cfg_overlay"] = {"file": str(path)}

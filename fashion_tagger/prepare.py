@@ -21,6 +21,7 @@ from fashion_tagger import io
 from fashion_tagger.errors import DataError
 from fashion_tagger.layout import SPLIT_PARTS, SplitDir, cache_size_dir, cached_image_path
 from fashion_tagger.parallel import resolve_workers
+from fashion_tagger.progress import log_progress
 
 log = logging.getLogger(__name__)
 
@@ -193,7 +194,7 @@ def _run_tasks(tasks: list[tuple[Any, ...]], workers: int) -> list[tuple[str, st
     with progress:
         if workers == 1:
             outcomes = map(_prepare_task, tasks)
-            for sha, err in outcomes:
+            for sha, err in log_progress(outcomes, total=len(tasks), what="prepare", unit="images"):
                 if err:
                     errors.append((sha, err))
                 progress.update()
@@ -204,7 +205,8 @@ def _run_tasks(tasks: list[tuple[Any, ...]], workers: int) -> list[tuple[str, st
             context = get_context("forkserver")
             context.set_forkserver_preload([__name__])
             with context.Pool(workers) as pool:
-                for sha, err in pool.imap_unordered(_prepare_task, tasks, chunksize=chunksize):
+                outcomes = pool.imap_unordered(_prepare_task, tasks, chunksize=chunksize)
+                for sha, err in log_progress(outcomes, total=len(tasks), what="prepare", unit="images"):
                     if err:
                         errors.append((sha, err))
                     progress.update()

@@ -45,6 +45,8 @@ from fashion_tagger.losses import build_loss
 from fashion_tagger.metrics import macro_f1
 from fashion_tagger.model import FashionTagger
 from fashion_tagger.parallel import cpu_threads
+from fashion_tagger.training_log import EpochProgressLog, lightning_logs_once
+from fashion_tagger.weights import resolve_pretrained_path
 
 log = logging.getLogger(__name__)
 
@@ -180,8 +182,10 @@ def build_model(config: Config, label_space: LabelSpace, *, pretrained: bool) ->
     return FashionTagger(
         m.backbone,
         label_space.num_classes,
-        pretrained=pretrained and (m.pretrained or bool(m.pretrained_path)),
-        pretrained_path=m.pretrained_path if pretrained else None,
+        # model.pretrained=false trains from scratch even where a preset names weights in pretrained_path.
+        pretrained=pretrained and m.pretrained,
+        pretrained_path=resolve_pretrained_path(m.pretrained_path, m.backbone, config.home_dir)
+        if pretrained and m.pretrained else None,
         hidden_dim=m.hidden_dim,
         dropout=m.dropout,
         drop_path_rate=m.drop_path_rate,
@@ -439,6 +443,7 @@ def train_model(
         log.info("%s is already trained (%d epochs): nothing to do", run_dir, finished["epochs_completed"])
         return _result_from_metrics(train_dir, split_dir, finished, already_complete=True)
 
+    lightning_logs_once()
     L.seed_everything(train.seed, workers=True)
     hardware = resolve_hardware(config)
     if hardware["accelerator"] == "gpu":
@@ -484,6 +489,8 @@ def train_model(
         # In a task log (no terminal) every refresh is a new line: a few per epoch are enough there.
         refresh = 10 if sys.stderr.isatty() else max(10, steps_per_epoch // 4)
         all_callbacks.append(TQDMProgressBar(refresh_rate=refresh))
+    else:  # a task log: one line per epoch instead of a bar
+        all_callbacks.append(EpochProgressLog(MONITOR))
     all_callbacks.extend(callbacks or [])
     trainer = L.Trainer(
         default_root_dir=run_dir,

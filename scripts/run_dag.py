@@ -4,7 +4,8 @@ Airflow's metadata is SQLite in <FASHION_TAGGER_HOME>/airflow and MLflow's is <F
 stores `make up` serves afterwards. Kaggle data is used when credentials are set, the generated dataset otherwise.
 
     python scripts/run_dag.py                       # demo preset
-    python scripts/run_dag.py --param epochs=1 --param backbone=test_efficientnet --summary-json out.json
+    python scripts/run_dag.py --param epochs=1 --param backbone=test_efficientnet --param pretrained=false \
+        --summary-json out.json
 """
 
 from __future__ import annotations

@@ -51,11 +51,10 @@ FORM = {  # trigger-form field title -> value typed or chosen; a few hundred gen
 
 # ---- train_model's log, as the UI shows it: (what to type into "Search logs...", the line that must show) ----------
 # The per-epoch line of training, e.g. `epoch 1/1 ... train loss ... val macro-F1 ...`.
-PER_EPOCH_LINE = ("epoch 1/1", r"epoch 1/1\b.*train loss.*val macro-F1")
+PER_EPOCH_LINE = ("epoch 1/1", r"epoch 1/1\b.*train loss.*val_macro_f1 [0-9.]+ \(best [0-9.]+\).*img/s")
 # The trainer's summary, which its log holds today.
 TRAINER_SUMMARY_LINE = ('"epochs_completed"', r'"epochs_completed": 1\b')
-# LEAD: switch to PER_EPOCH_LINE once the per-epoch log line of training is merged.
-TRAIN_LOG_LINE = TRAINER_SUMMARY_LINE
+TRAIN_LOG_LINE = PER_EPOCH_LINE
 
 # Folders of the checkout that the test may not judge: caches, the venv, the Makefile's home, its own screenshots.
 NOT_CHECKED = {".git", ".venv", ".home", "__pycache__", ".pytest_cache", ".ruff_cache", ".screenshots"}

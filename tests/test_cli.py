@@ -90,7 +90,7 @@ def test_run_executes_every_stage_and_registers_a_champion(isolated_home):
         "run", "--config", "demo",
         "--set", "data.source=synthetic:300",
         "--set", "labels.min_class_count=10",
-        "--set", "model.backbone=test_efficientnet",
+        "--set", "model.backbone=test_efficientnet", "--set", "model.pretrained=false",
         "--set", "images.width=32", "--set", "images.height=40",
         "--set", "train.epochs=1", "--set", "train.progress_bar=false",
     )  # fmt: skip
