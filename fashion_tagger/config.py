@@ -121,7 +121,8 @@ class ModelConfig(_Section):
     @field_validator("pretrained_path")
     @classmethod
     def _existing_weights(cls, value: str | None, info: ValidationInfo) -> str | None:
-        if value is not None and value != NAMED_WEIGHTS_LITE0 and _checks_environment(info) and not Path(value).expanduser().is_file():
+        named = value == NAMED_WEIGHTS_LITE0  # converted on first use (fashion_tagger.weights)
+        if value is not None and not named and _checks_environment(info) and not Path(value).expanduser().is_file():
             raise ValueError(f"weights file {value!r} does not exist: give the path of a local weights file, "
                              "or null to use the timm hub")
         return value
