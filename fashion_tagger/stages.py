@@ -67,16 +67,22 @@ def split(run: Run) -> StageResult:
     """Encode the labels and split the clean table: `split/` (parts, labels.json, split report)."""
     from fashion_tagger.split import split_dataset
 
+    from fashion_tagger.fingerprint import write_fingerprint
+
     config = run.config
-    return split_dataset(
+    result = split_dataset(
         run.layout.validate.dir,
         run.layout.split.dir,
         attributes=config.labels.attributes,
         min_class_count=config.labels.min_class_count,
         val_fraction=config.split.val_fraction,
+        test_fraction=config.split.test_fraction,
         seed=config.split.seed,
         max_rows=config.data.max_rows,
+        test_membership=config.layout.test_membership(config.split.test_fraction, config.split.seed),
     )
+    result.fingerprint = write_fingerprint(config, run.layout.split.dir)["fingerprint"]
+    return result
 
 
 def prepare(run: Run) -> StageResult:
@@ -102,7 +108,7 @@ def train(run: Run) -> StageResult:
 
 
 def evaluate(run: Run) -> StageResult:
-    """Score the best checkpoint on the validation part: `train/eval/`."""
+    """Score the best checkpoint on the test part (the headline) and the validation part: `train/eval/`."""
     from fashion_tagger.evaluate import evaluate_run
 
     return evaluate_run(run.layout.train.dir, run.config, split_dir=run.layout.split.dir)
