@@ -65,9 +65,8 @@ def validate(run: Run) -> StageResult:
 
 def split(run: Run) -> StageResult:
     """Encode the labels and split the clean table: `split/` (parts, labels.json, split report)."""
-    from fashion_tagger.split import split_dataset
-
     from fashion_tagger.fingerprint import write_fingerprint
+    from fashion_tagger.split import split_dataset
 
     config = run.config
     result = split_dataset(

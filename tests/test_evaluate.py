@@ -1,4 +1,5 @@
-"""Evaluation: metrics equal scikit-learn's on fixed predictions; a run's eval directory has every output."""
+"""Evaluation: metrics equal scikit-learn's on fixed predictions; a run's eval directory has every output, the
+test part's (the headline) and the validation part's apart."""
 
 from __future__ import annotations
 
@@ -111,8 +112,11 @@ def test_evaluate_run_writes_metrics_tables_and_plots(tmp_path):
 
     # The numbers in the files are those of the predictions written beside them.
     predictions = pd.read_parquet(eval_dir / "predictions.parquet")
-    val = pd.read_parquet(split_dir / "val.parquet")
-    assert predictions["id"].tolist() == val["id"].tolist()
+    test = pd.read_parquet(split_dir / "test.parquet")
+    assert predictions["id"].tolist() == test["id"].tolist()  # the headline is the test part's
+    assert metrics["split"] == "test" and metrics["rows"] == result.rows == len(test)
+    assert metrics["val"]["rows"] == result.val_rows == len(pd.read_parquet(split_dir / "val.parquet"))
+    assert result.val_headline_macro_f1 == pytest.approx(metrics["val"]["headline_macro_f1"], abs=1e-6)
     labelled = predictions["baseColour"] != "None"
     accuracy = (predictions.loc[labelled, "baseColour"] == predictions.loc[labelled, "baseColour_pred"]).mean()
     assert metrics["attributes"]["baseColour"]["accuracy"] == pytest.approx(accuracy)
