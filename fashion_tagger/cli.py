@@ -160,15 +160,19 @@ def run_pipeline(
     config: ConfigOption = None,
     set_: SetOption = None,
     resume: Annotated[str | None, typer.Option(help="continue this run after its last completed stage")] = None,
+    force: Annotated[bool, typer.Option("--force", help="train even when nothing changed since the champion")] = False,
 ) -> None:
-    """Run every stage in this process: fetch, validate, split, prepare, train, evaluate, register."""
+    """Run every stage in this process: fetch, validate, split, prepare, train, evaluate, register.
+
+    Train, evaluate and register are skipped, with a line saying why, when the data, labels and training
+    configuration equal the champion's; --force trains anyway."""
     from fashion_tagger.pipeline import run_all
     from fashion_tagger.runs import create_run, open_run
 
     if resume and (config or set_):
         _fail("--resume continues a run with its own saved configuration: drop --config/--set")
     run = open_run(resume) if resume else create_run(load_config(config, set_))
-    result = run_all(run)
+    result = run_all(run, force=force)
     _emit(result)
     typer.echo(result.summary, err=True)
 

@@ -209,6 +209,9 @@ def champion_fingerprint(config: Config) -> tuple[str | None, str]:
     """(the champion's version, its fingerprint tag); (None, "") without a champion, "" for one registered
     before fingerprints existed."""
     name = config.registry.model_name
+    uri = tracking.tracking_uri(config)
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        return None, ""  # no store yet, so no champion: not worth creating the store to find out
     with tracking.tracking_session(config) as client:
         champion = _champion(client, name)
         if champion is None:
