@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from fashion_tagger.errors import ConfigError
 from fashion_tagger.layout import CONFIG_FILENAME, Home
@@ -85,6 +85,13 @@ class SplitConfig(_Section):
     test_fraction: float = Field(0.1, gt=0, lt=1, description="share of all rows for the test part (the headline "
                                  "score and the promotion gate); an image once in test stays there")
     seed: int = 42
+
+    @model_validator(mode="after")
+    def _leaves_rows_to_train(self) -> SplitConfig:
+        if self.val_fraction + self.test_fraction >= 1:
+            raise ValueError(f"val_fraction ({self.val_fraction}) + test_fraction ({self.test_fraction}) must be "
+                             "below 1, leaving rows to train on")
+        return self
 
 
 class ImagesConfig(_Section):

@@ -40,7 +40,9 @@ def run_conf(preset: str, items: list[str]) -> dict[str, Any]:
         name, sep, raw = item.partition("=")
         if not sep:
             sys.exit(f"--param {item!r} must look like NAME=VALUE, e.g. epochs=2")
-        conf[name.strip()] = yaml.safe_load(raw) if raw.strip() else None
+        value = yaml.safe_load(raw) if raw.strip() else None
+        # Yes/no fields of the form are the strings keep/yes/no (YAML would read yes/no as booleans).
+        conf[name.strip()] = ("yes" if value else "no") if isinstance(value, bool) else value
     if "source" not in conf:
         conf["source"] = default_source(preset)
         if conf["source"].startswith("kaggle:"):

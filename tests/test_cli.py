@@ -47,7 +47,8 @@ def test_stage_commands_take_the_run_and_chain_through_its_state(tmp_path, isola
     validated = last_json(cli("validate", run_id).stdout)
     assert validated["lines_read"] == validated["rows_clean"] + validated["rows_rejected"] == 300
     split = last_json(cli("split", str(run_root)).stdout)  # by folder as well as by id
-    assert split["train_rows"] + split["val_rows"] == validated["rows_clean"]
+    assert split["train_rows"] + split["val_rows"] + split["test_rows"] == validated["rows_clean"]
+    assert split["test_rows"] > 0 and len(split["fingerprint"]) == 64
 
     prepared = last_json(cli("prepare", run_id).stdout)
     assert prepared["cache_root"] == str(isolated_home.resolve() / "cache")
