@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from fashion_tagger.io import StageResult
-from fashion_tagger.runs import DONE, STAGES, Run, read_state, run_lock
+from fashion_tagger.runs import STAGE_COMPLETE, STAGE_SKIPPED, STAGES, Run, read_state, run_lock
 from fashion_tagger.stages import run_stage
 
 log = logging.getLogger(__name__)
@@ -42,7 +42,8 @@ def run_all(run: Run, *, force: bool = False) -> PipelineResult:
     with run_lock(run.layout):  # for the whole run, so a second `run --resume` of it fails at once
         for name in STAGES:
             entry = read_state(run.layout)["stages"].get(name, {})
-            if entry.get("status") in DONE:
+            # A stage skipped by an earlier attempt (nothing changed) runs when this one is forced.
+            if entry.get("status") == STAGE_COMPLETE or (entry.get("status") == STAGE_SKIPPED and not force):
                 log.info("run %s: stage %s already %s, skipping it", run.id, name, entry["status"])
                 result.skipped.append(name)
                 result.stages[name] = entry.get("result", {})

@@ -200,7 +200,7 @@ def _eval_metrics_to_log(metrics: Mapping[str, Any], prefix: str) -> dict[str, f
     return flat
 
 
-def test_membership_of(split_dir: Path) -> str:
+def membership_of_split(split_dir: Path) -> str:
     """The test membership record a split's test part came from ("" for a split without one)."""
     return str((reports.split_report(split_dir).get("test_membership") or {}).get("membership") or "")
 
@@ -264,7 +264,7 @@ def register_run(run_dir: str | Path, config: Config) -> RegistrationResult:
             config.registry,
             champion_stored_headline=_float_tag(champion.tags, TAG_HEADLINE) if champion is not None else None,
             champion_membership=champion.tags.get(TAG_TEST_MEMBERSHIP) if champion is not None else None,
-            membership=test_membership_of(outputs.split_dir) or None,
+            membership=membership_of_split(outputs.split_dir) or None,
         )
         gate["split_dir"] = str(outputs.split_dir)
         if data.paths:
@@ -303,7 +303,7 @@ def _log_and_register(client: MlflowClient, outputs: TrainingOutputs, predictor:
 
     tags = {TAG_CONTENT_ID: cid, tracking.TAG_RUN_DIR: str(outputs.run_dir),
             tracking.TAG_DATASET_HASH: outputs.labels.source_hash or "unknown"}
-    if membership := test_membership_of(outputs.split_dir):
+    if membership := membership_of_split(outputs.split_dir):
         tags[TAG_TEST_MEMBERSHIP] = membership
     if fingerprint := read_fingerprint(outputs.split_dir):
         tags[TAG_FINGERPRINT] = fingerprint
