@@ -94,6 +94,8 @@ def fashion_tagger_training():
       shared by all runs and keyed by content.
     * **GPU**: `train_model` and `evaluate_model` run on queue `gpu` in pool `gpu` (one slot per GPU), each in
       a child process whose output is this task's log. A retry of `train_model` resumes from the last checkpoint.
+    * **Nothing changed**: when the data, labels and training configuration equal the champion's, `train_model`,
+      `evaluate_model` and `register_model` are skipped (the reason is in `train_model`'s log); `force` trains.
     * **Assets**: `fashion_tagger_raw_dataset` after fetching, `fashion_tagger_model` after registration.
     * **Results**: the MLflow model registry (`make up`, then http://localhost:5000), alias `champion`.
     """
@@ -133,7 +135,7 @@ def fashion_tagger_training():
 
     @task
     def build_splits(validated: dict[str, Any]) -> dict[str, Any]:
-        """Encode the labels and write a stratified train/validation split to `split/`."""
+        """Encode the labels and write the train/validation/test parts to `split/` (an image once in test stays)."""
         from fashion_tagger.runs import open_run
         from fashion_tagger.stages import run_stage
 
@@ -158,11 +160,20 @@ def fashion_tagger_training():
         Train in a child process (`python -m fashion_tagger train RUN`, torchrun when the task has several GPUs)
         so CUDA never starts inside the worker; its output streams into this log. Writes `train/checkpoints/`
         and `train/metrics.json`; a retry resumes from `train/checkpoints/last.ckpt`.
+
+        Skipped, with the reason in this log, when the data, labels and training configuration equal the
+        champion's (their fingerprint); evaluation and registration are then skipped too. `force` trains anyway.
         """
+        from airflow.sdk.exceptions import AirflowSkipException
+
         from fashion_tagger.runs import open_run
+        from fashion_tagger.stages import retrain_skip_reason, skip_retraining
 
         with errors_follow_the_contract():
             run = open_run(prepared["run_root"])
+            if reason := retrain_skip_reason(run):
+                skip_retraining(run, reason)
+                raise AirflowSkipException(reason)
             nproc = orchestration.gpu_processes(run.config.train.devices)
             result = orchestration.run_stage_process("train", run.root, nproc=nproc)
         return {"run_root": prepared["run_root"], **result}
@@ -170,8 +181,8 @@ def fashion_tagger_training():
     @task(queue=GPU_QUEUE, pool=GPU_POOL, execution_timeout=EVAL_TIMEOUT)
     def evaluate_model(trained: dict[str, Any]) -> dict[str, Any]:
         """
-        Score the best checkpoint on the validation split in a child process: per-attribute and per-class
-        metrics, confusion matrices and plots in `train/eval/`.
+        Score the best checkpoint on the test part (the headline) and the validation part in a child process:
+        per-attribute and per-class metrics, confusion matrices and plots in `train/eval/`.
         """
         with errors_follow_the_contract():
             result = orchestration.run_stage_process("evaluate", trained["run_root"])
@@ -181,9 +192,9 @@ def fashion_tagger_training():
     def register_model(evaluated: dict[str, Any], **context) -> dict[str, Any]:
         """
         Log the run to MLflow, register the model as a new version (alias `challenger`) and apply the
-        promotion gate: alias `champion` moves only when the new version beats it. The decision is recorded
-        on the version. A model that is already registered (same weights, labels, preprocessing) is not
-        registered again.
+        promotion gate: alias `champion` moves only when the new version beats it on the test part by more than
+        the noise (a paired bootstrap). The decision, its interval and reason are recorded on the version. A
+        model that is already registered (same weights, labels, preprocessing) is not registered again.
         """
         from fashion_tagger.runs import open_run
         from fashion_tagger.stages import run_stage

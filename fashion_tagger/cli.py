@@ -196,8 +196,12 @@ def run_pipeline(
     config: ConfigOption = None,
     set_: SetOption = None,
     resume: Annotated[str | None, typer.Option(help="continue this run after its last completed stage")] = None,
+    force: Annotated[bool, typer.Option("--force", help="train even when nothing changed since the champion")] = False,
 ) -> None:
-    """Run every stage in this process: fetch, validate, split, prepare, train, evaluate, register."""
+    """Run every stage in this process: fetch, validate, split, prepare, train, evaluate, register.
+
+    Train, evaluate and register are skipped, with a line saying why, when the data, labels and training
+    configuration equal the champion's; --force trains anyway."""
     from fashion_tagger.pipeline import run_all
     from fashion_tagger.runs import create_run, interrupted_runs_like, open_run
 
@@ -212,7 +216,7 @@ def run_pipeline(
                         f"`fashion-tagger run --resume {earlier}` continues it. Starting a new run.",
                         fg=typer.colors.YELLOW, err=True)
         run = create_run(cfg)
-    result = run_all(run)
+    result = run_all(run, force=force)
     _emit(result)
     typer.echo(result.summary, err=True)
 

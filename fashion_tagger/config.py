@@ -82,8 +82,18 @@ class LabelsConfig(_Section):
 
 
 class SplitConfig(_Section):
-    val_fraction: float = Field(0.2, gt=0, lt=1)
+    val_fraction: float = Field(0.2, gt=0, lt=1, description="share of all rows for validation (early stopping, "
+                                "checkpoint selection)")
+    test_fraction: float = Field(0.1, gt=0, lt=1, description="share of all rows for the test part (the headline "
+                                 "score and the promotion gate); an image once in test stays there")
     seed: int = 42
+
+    @model_validator(mode="after")
+    def _leaves_rows_to_train(self) -> SplitConfig:
+        if self.val_fraction + self.test_fraction >= 1:
+            raise ValueError(f"val_fraction ({self.val_fraction}) + test_fraction ({self.test_fraction}) must be "
+                             "below 1, leaving rows to train on")
+        return self
 
 
 class ImagesConfig(_Section):
@@ -170,6 +180,8 @@ class TrainConfig(_Section):
     limit_train_batches: float | int | None = None
     limit_val_batches: float | int | None = None
     progress_bar: bool = True
+    force: bool = Field(False, description="train even when the data, labels and training configuration equal the "
+                        "champion's")
 
 
 class RegistryConfig(_Section):
@@ -187,7 +199,10 @@ class RegistryConfig(_Section):
     )
     s3_endpoint_url: str | None = Field(None, description="S3 endpoint (MinIO) for artifacts; default "
                                         "$MLFLOW_S3_ENDPOINT_URL")
-    gate_batch_size: int = Field(64, ge=1, description="images per batch when the gate scores a model")
+    gate_batch_size: int = Field(64, ge=1, description="images per batch when evaluate or the gate scores a model")
+    bootstrap_resamples: int = Field(1000, ge=100, le=100_000, description="paired bootstrap resamples of the test "
+                                     "images behind the gate's intervals")
+    bootstrap_seed: int = Field(0, description="seed of the gate's bootstrap resampling")
 
 
 # Below these a tag goes to the review queue. Lower where an attribute is hard to see in a photo (season),

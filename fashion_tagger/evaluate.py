@@ -1,7 +1,8 @@
-"""Evaluate a trained run on its validation split: per-attribute and per-class metrics, confusion matrices, plots.
+"""Evaluate a trained run on its test part (the headline) and its validation part: per-attribute and per-class
+metrics, confusion matrices, plots.
 
-The numbers come from `metrics.compute_metrics` (the code the promotion gate scores with too); the files go
-where `layout.EvalDir` says.
+Images go through `scoring`, the path the promotion gate and serving use; the numbers come from
+`metrics.compute_metrics`; the files go where `layout.EvalDir` says.
 """
 
 from __future__ import annotations
@@ -17,9 +18,12 @@ import pandas as pd
 
 from fashion_tagger.config import Config
 from fashion_tagger.io import StageResult, write_json, write_parquet
-from fashion_tagger.labels import LabelSpace, label_column
+from fashion_tagger.labels import LabelSpace
 from fashion_tagger.layout import EvalDir, TrainDir
 from fashion_tagger.metrics import compute_metrics, summary
+from fashion_tagger.scoring import PredictorModel, ScoringSet, encode_predictions, predict_paths, scoring_set
+
+HEADLINE_PART = "test"
 
 log = logging.getLogger(__name__)
 
@@ -31,50 +35,22 @@ class EvalResult(StageResult):
     metrics_path: Path
     checkpoint: Path
     split_dir: Path
-    rows: int
-    headline_macro_f1: float
+    rows: int  # test rows
+    headline_macro_f1: float  # on test: the headline
     exact_match: float
+    val_rows: int = 0
+    val_headline_macro_f1: float | None = None  # on val, which chose the checkpoint: optimistic
+    split: str = HEADLINE_PART
     attributes: dict[str, dict[str, float]] = field(default_factory=dict)
     plots: list[Path] = field(default_factory=list)
 
 
-def predict_split(
-    predictor: Any, split_dir: Path, part: str, *, batch_size: int = 64, num_workers: int = 0
-) -> tuple[pd.DataFrame, dict[str, np.ndarray], dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """Predicted class indices and confidences for a split table's cached images.
-
-    Labels are encoded with the predictor's own label space (from the raw attribute columns), so a model
-    can be scored on a split whose vocabulary differs from the one it was trained with.
-    """
-    import torch
-    from torch.utils.data import DataLoader
-
-    from fashion_tagger.cache import read_prepared
-    from fashion_tagger.data import TaggerDataset, read_split
-    from fashion_tagger.progress import log_progress
-
-    attributes = predictor.label_space.attributes
-    prepared = read_prepared(split_dir)
-    frame = read_split(split_dir, part, [])
-    encoded = predictor.label_space.encode(frame)
-    frame = pd.concat([frame.drop(columns=[c for c in encoded.columns if c in frame.columns]), encoded], axis=1)
-    dataset = TaggerDataset(
-        frame, attributes, prepared["cache_root"], int(prepared["width"]), int(prepared["height"]),
-        predictor.transform,
-    )
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
-    preds: dict[str, list[np.ndarray]] = {a: [] for a in attributes}
-    confidences: dict[str, list[np.ndarray]] = {a: [] for a in attributes}
-    with torch.inference_mode():
-        for images, _ in log_progress(loader, total=len(loader), what="evaluate", unit="batches"):
-            for attribute, probs in predictor.predict_probabilities(images).items():
-                confidence, index = probs.max(1)
-                preds[attribute].append(index.cpu().numpy())
-                confidences[attribute].append(confidence.float().cpu().numpy())
-    y_true = {a: frame[label_column(a)].to_numpy(dtype=np.int64) for a in attributes}
-    y_pred = {a: np.concatenate(v) if v else np.zeros(0, dtype=np.int64) for a, v in preds.items()}
-    conf = {a: np.concatenate(v) if v else np.zeros(0, dtype=np.float32) for a, v in confidences.items()}
-    return frame, y_true, y_pred, conf
+def score_part(model: Any, split_dir: Path, part: str, batch_size: int) -> tuple[ScoringSet, pd.DataFrame,
+                                                                                 dict[str, np.ndarray]]:
+    """A model's predictions on one split part through the one scoring path (`scoring`), encoded on its classes."""
+    data = scoring_set(split_dir, part)
+    predictions = predict_paths(model, data.paths, batch_size, desc=f"evaluate {part}")
+    return data, predictions, encode_predictions(predictions, data.labels)
 
 
 def evaluate_run(
@@ -84,9 +60,12 @@ def evaluate_run(
     checkpoint: str | Path | None = None,
     split_dir: str | Path | None = None,
 ) -> EvalResult:
-    """Score a training run's checkpoint (default: its best) on the validation part of a split (default: the
-    split it trained on); batch size, loader workers and CPU threads come from `config.train`."""
-    from fashion_tagger.data import resolve_workers
+    """Score a training run's checkpoint (default: its best) on the test part of a split (default: the split it
+    trained on), the headline, and on its validation part, which chose the checkpoint and is reported apart.
+
+    Images are scored as the gate and serving score them (`scoring`: originals, the serving preprocessing),
+    `registry.gate_batch_size` at a time; CPU threads come from `config.train`.
+    """
     from fashion_tagger.parallel import cpu_threads
     from fashion_tagger.predict import Predictor
 
@@ -94,19 +73,19 @@ def evaluate_run(
     checkpoint = Path(checkpoint).expanduser().resolve() if checkpoint else train_dir.checkpoint()
     split_dir = Path(split_dir).expanduser().resolve() if split_dir else train_dir.recorded_split()
     predictor = Predictor.from_checkpoint(checkpoint)
+    model = PredictorModel(predictor)
     threads = config.train.cpu_threads if predictor.device.type == "cpu" else 0
-    part = "val"
+    batch_size = config.registry.gate_batch_size
     with cpu_threads(threads):
-        frame, y_true, y_pred, confidence = predict_split(
-            predictor,
-            split_dir,
-            part,
-            batch_size=config.train.batch_size,
-            num_workers=resolve_workers(config.train.num_workers),
-        )
-    label_space = predictor.label_space
-    metrics = compute_metrics(y_true, y_pred, label_space)
-    metrics.update({"checkpoint": str(checkpoint), "split_dir": str(split_dir), "split": part})
+        data, predictions, y_pred = score_part(model, split_dir, HEADLINE_PART, batch_size)
+        val_data, _, val_pred = score_part(model, split_dir, "val", batch_size)
+    label_space = data.labels
+    metrics = compute_metrics(data.y_true, y_pred, label_space)
+    val_metrics = compute_metrics(val_data.y_true, val_pred, val_data.labels)
+    metrics.update({"checkpoint": str(checkpoint), "split_dir": str(split_dir), "split": HEADLINE_PART,
+                    "val": {"split": "val", "role": "early stopping and checkpoint selection (optimistic)",
+                            **{k: val_metrics[k] for k in ("headline_macro_f1", "exact_match", "rows")},
+                            "attributes": summary(val_metrics)}})
 
     out = train_dir.eval
     out.dir.mkdir(parents=True, exist_ok=True)
@@ -117,10 +96,13 @@ def evaluate_run(
         pd.DataFrame(m["confusion_matrix"], index=m["classes"], columns=m["classes"]).rename_axis(
             "true \\ predicted"
         ).to_csv(out.confusion(attribute))
-    _write_predictions(frame, y_true, y_pred, confidence, label_space, out.predictions)
+    confidence = {a: predictions[f"{a}_confidence"].to_numpy(dtype=np.float32) if f"{a}_confidence" in predictions
+                  else np.full(len(predictions), np.nan, dtype=np.float32) for a in label_space.attributes}
+    _write_predictions(data.frame, data.y_true, y_pred, confidence, label_space, out.predictions)
     plots = plot_metrics(metrics, out)
-    log.info("evaluated %s on %d rows: headline macro-F1 %.4f", checkpoint, metrics["rows"],
-             metrics["headline_macro_f1"])
+    log.info("evaluated %s: headline macro-F1 %.4f on %d test rows (val %.4f on %d rows, which chose the "
+             "checkpoint)", checkpoint, metrics["headline_macro_f1"], metrics["rows"],
+             val_metrics["headline_macro_f1"], val_metrics["rows"])
     return EvalResult(
         run_dir=train_dir.dir,
         eval_dir=out.dir,
@@ -130,6 +112,8 @@ def evaluate_run(
         rows=metrics["rows"],
         headline_macro_f1=round(metrics["headline_macro_f1"], 6),
         exact_match=round(metrics["exact_match"], 6),
+        val_rows=val_metrics["rows"],
+        val_headline_macro_f1=round(val_metrics["headline_macro_f1"], 6),
         attributes=summary(metrics),
         plots=plots,
     )

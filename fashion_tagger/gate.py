@@ -1,7 +1,8 @@
-"""The promotion gate: score the challenger and the champion on the same images through the serving path, and
-decide whether the challenger replaces the champion.
+"""The promotion gate: score the challenger and the champion on the split's test part through the serving path
+(`scoring`), and decide by a paired bootstrap (`bootstrap`) whether the challenger replaces the champion.
 
-Pure of registration: it is handed model URIs and a split, and returns scores, predictions and a decision.
+Pure of registration: it is handed model URIs and a split, and returns scores, intervals, predictions and a
+decision. docs/stages.md states the rule with a worked example.
 """
 
 from __future__ import annotations
@@ -9,86 +10,30 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import math
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from fashion_tagger.cache import cached_image_path, read_prepared
+from fashion_tagger.bootstrap import paired_bootstrap
 from fashion_tagger.config import RegistryConfig
-from fashion_tagger.errors import RunError
-from fashion_tagger.io import sha256_file
-from fashion_tagger.labels import LabelSpace, label_column
-from fashion_tagger.layout import SplitDir
-from fashion_tagger.pyfunc_model import PATH_COLUMN
-from fashion_tagger.schema import IGNORE_INDEX
+from fashion_tagger.labels import LabelSpace
+from fashion_tagger.scoring import ScoringSet, encode_predictions, predict_paths, scoring_set
 
 log = logging.getLogger(__name__)
 
 PROMOTED, REJECTED, HELD = "promoted", "rejected", "held"
 
 
-@dataclass
-class GateData:
-    """The validation images of a split and their true labels, as the gate feeds them to every model."""
-
-    paths: list[str]
-    y_true: dict[str, np.ndarray]
-    labels: LabelSpace
-    split_hash: str
+GateData = ScoringSet  # the test images of a split and their true labels, as the gate feeds them to every model
 
 
 def gate_data(split_dir: str | Path) -> GateData:
-    """The split's validation rows: original images where they still exist, else the prepared cache copy."""
-    split = SplitDir(Path(split_dir))
-    val_path = split.val
-    if not val_path.is_file():
-        raise RunError(f"{val_path} does not exist: the gate needs the run's validation split")
-    labels = LabelSpace.load(split.labels)
-    val = pd.read_parquet(val_path)
-    prepared = read_prepared(split.dir) if split.prepared.is_file() else None
-    paths = []
-    for original, sha in zip(val["image_path"], val.get("image_sha256", [None] * len(val)), strict=True):
-        if original and Path(original).is_file():
-            paths.append(str(original))
-        elif prepared and sha:
-            paths.append(str(cached_image_path(prepared["cache_root"], sha, prepared["width"], prepared["height"])))
-        else:
-            raise RunError(f"validation image {original} is gone and has no prepared copy; "
-                                "re-run fetch/prepare for this split")
-    y_true = {a: val[label_column(a)].to_numpy(dtype=np.int64) for a in labels.attributes}
-    return GateData(paths=paths, y_true=y_true, labels=labels, split_hash=sha256_file(val_path))
-
-
-def predict_paths(model: Any, paths: Sequence[str], batch_size: int) -> pd.DataFrame:
-    """Run a pyfunc model over image paths in batches (bounded memory for large splits)."""
-    from tqdm.auto import tqdm
-
-    from fashion_tagger.progress import log_progress
-
-    parts = []
-    batches = tqdm(range(0, len(paths), batch_size), desc="gate", unit="batch", leave=False, disable=None)
-    for start in log_progress(batches, total=len(batches), what="gate", unit="batches"):
-        batch = pd.DataFrame({PATH_COLUMN: list(paths[start : start + batch_size])})
-        parts.append(model.predict(batch))
-    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
-
-
-def encode_predictions(predictions: pd.DataFrame, labels: LabelSpace) -> dict[str, np.ndarray]:
-    """Class names -> indices of LABELS; names (or whole attributes) it does not know become IGNORE_INDEX,
-    which never matches a true label, so a model is not rewarded for classes the split does not score."""
-    encoded = {}
-    for attribute, names in labels.classes.items():
-        if attribute not in predictions.columns:
-            encoded[attribute] = np.full(len(predictions), IGNORE_INDEX, dtype=np.int64)
-            continue
-        lookup = {name: i for i, name in enumerate(names)}
-        encoded[attribute] = np.array([lookup.get(str(v), IGNORE_INDEX) for v in predictions[attribute]],
-                                      dtype=np.int64)
-    return encoded
+    """The split's test rows: original images where they still exist, else the prepared cache copy."""
+    return scoring_set(split_dir, "test")
 
 
 def score(y_true: Mapping[str, np.ndarray], y_pred: Mapping[str, np.ndarray], labels: LabelSpace) -> dict[str, Any]:
@@ -116,38 +61,58 @@ def maybe_float(value: Any) -> float | None:
 def decide(
     challenger: Mapping[str, Any],
     champion: Mapping[str, Any] | None,
+    comparison: Mapping[str, Any] | None,
     *,
     min_delta: float,
     max_attribute_drop: float,
-) -> tuple[str, str, dict[str, float]]:
-    """PROMOTED or REJECTED, why, and the per-attribute macro-F1 drops (champion minus challenger)."""
-    if champion is None:
-        return PROMOTED, "first model: there is no champion yet", {}
-    drops = {}
-    for attribute, row in challenger["attributes"].items():
-        before = (champion["attributes"].get(attribute) or {}).get("macro_f1")
-        after = row.get("macro_f1")
-        if before is not None and after is not None:
-            drops[attribute] = before - after
+) -> tuple[str, str]:
+    """PROMOTED or REJECTED, and why, from the paired bootstrap COMPARISON (`bootstrap.paired_bootstrap`).
+
+    Promoted when the lower end of the 95 % interval of the headline gain is above MIN_DELTA and no attribute's
+    macro-F1 drop is credibly worse than MAX_ATTRIBUTE_DROP, i.e. the lower end of its drop interval is above it.
+    """
+    if champion is None or comparison is None:
+        return PROMOTED, "first model: there is no champion yet"
+    gain = comparison["headline_gain"]
     new, old = challenger["headline_macro_f1"], champion["headline_macro_f1"]
-    worst = max(drops, key=drops.get) if drops else None
-    # "Higher by at least min_delta": an equal model never replaces the champion (no churn for nothing), and
-    # a hair of tolerance lets equal models compare equal despite float summation order.
-    if new <= old + 1e-9 or new + 1e-9 < old + min_delta:
-        return REJECTED, f"headline {new:.4f} is not above champion {old:.4f} by min_delta {min_delta}", drops
-    if worst is not None and drops[worst] > max_attribute_drop + 1e-9:
-        return (REJECTED, f"{worst} macro-F1 drops by {drops[worst]:.4f} > max_attribute_drop {max_attribute_drop}",
-                drops)
-    return PROMOTED, f"headline {new:.4f} > champion {old:.4f}, by at least min_delta {min_delta}", drops
+    interval = f"95% interval of the headline gain [{gain['low']:+.4f}, {gain['high']:+.4f}]"
+    # A hair of tolerance so that identical predictions (a gain of exactly 0 everywhere) never pass min_delta 0.
+    if not gain["low"] > min_delta + 1e-12:
+        return REJECTED, (f"headline {new:.4f} vs champion {old:.4f}: the {interval} does not lie above min_delta "
+                          f"{min_delta}")
+    drops = comparison["attribute_drops"]
+    credible = {a: d for a, d in drops.items() if d["low"] > max_attribute_drop + 1e-12}
+    if credible:
+        worst = max(credible, key=lambda a: credible[a]["low"])
+        d = credible[worst]
+        return REJECTED, (f"{worst} macro-F1 drops by {d['mean']:.4f} (95% interval [{d['low']:.4f}, "
+                          f"{d['high']:.4f}]), credibly more than max_attribute_drop {max_attribute_drop}")
+    return PROMOTED, (f"headline {new:.4f} vs champion {old:.4f}: the {interval} lies above min_delta {min_delta}, "
+                      f"and no attribute drops credibly more than {max_attribute_drop}")
 
 
-def score_model(model_uri: str, data: GateData, batch_size: int) -> tuple[dict[str, Any], pd.DataFrame]:
-    """Load a model as serving would (pyfunc, e.g. from the registry) and score it on DATA."""
+def score_model(model_uri: str, data: GateData, batch_size: int) -> tuple[dict[str, Any], pd.DataFrame,
+                                                                          dict[str, np.ndarray]]:
+    """Load a model as serving would (pyfunc, e.g. from the registry) and score it on DATA: its scores, its
+    predictions and those predictions encoded on DATA's classes."""
     import mlflow
 
     model = mlflow.pyfunc.load_model(model_uri)
-    predictions = predict_paths(model, data.paths, batch_size)
-    return score(data.y_true, encode_predictions(predictions, data.labels), data.labels), predictions
+    predictions = predict_paths(model, data.paths, batch_size, desc="gate")
+    encoded = encode_predictions(predictions, data.labels)
+    return score(data.y_true, encoded, data.labels), predictions, encoded
+
+
+def champion_warning(champion_membership: str | None, membership: str | None, champion_version: str) -> str | None:
+    """Why the champion's score on this test part may be optimistic, or None when its test part was the same."""
+    if not champion_membership:
+        return (f"champion version {champion_version} was registered before test membership was recorded: its "
+                "training data may overlap this test part, so its score here may be optimistic")
+    if champion_membership != membership:
+        return (f"champion version {champion_version} was trained with another test membership record "
+                f"({champion_membership}, this split uses {membership}): its training data may overlap this "
+                "test part, so its score here may be optimistic")
+    return None
 
 
 def run_gate(
@@ -158,22 +123,33 @@ def run_gate(
     registry: RegistryConfig,
     *,
     champion_stored_headline: float | None = None,
+    champion_membership: str | None = None,
+    membership: str | None = None,
 ) -> tuple[dict[str, Any], pd.DataFrame]:
-    """Score version VERSION of NAME and the current champion on DATA and decide; the challenger's predictions too.
+    """Score version VERSION of NAME and the current champion on DATA (the test part) and decide by a paired
+    bootstrap; the challenger's predictions too.
 
     A champion that cannot be scored stops the gate: deciding without its score would be a guess.
+    CHAMPION_MEMBERSHIP and MEMBERSHIP name the test membership records the champion and this split were made
+    with; when they differ the decision carries a warning.
     """
-    log.info("gate: scoring %s version %s on %d validation images", name, version, len(data.paths))
-    challenger, predictions = score_model(f"models:/{name}/{version}", data, registry.gate_batch_size)
-    champion = None
+    log.info("gate: scoring %s version %s on %d test images", name, version, len(data.paths))
+    challenger, predictions, challenger_pred = score_model(f"models:/{name}/{version}", data,
+                                                           registry.gate_batch_size)
+    champion = comparison = None
+    warnings: list[str] = []
     if champion_version is not None and champion_version == version:
         # An earlier attempt moved the alias and stopped before recording why.
-        decision, reason, drops = PROMOTED, "already champion from an earlier attempt", {}
+        decision, reason = PROMOTED, "already champion from an earlier attempt"
     else:
         if champion_version is not None:
             log.info("gate: re-scoring champion version %s on the same images", champion_version)
+            if warning := champion_warning(champion_membership, membership, champion_version):
+                log.warning("gate: %s", warning)
+                warnings.append(warning)
             try:
-                champion, _ = score_model(f"models:/{name}/{champion_version}", data, registry.gate_batch_size)
+                champion, _, champion_pred = score_model(f"models:/{name}/{champion_version}", data,
+                                                         registry.gate_batch_size)
             except Exception as exc:
                 from fashion_tagger.errors import ModelError
 
@@ -182,28 +158,39 @@ def run_gate(
                     f"Fix that version, or move the alias (MlflowClient().set_registered_model_alias('{name}', "
                     "'champion', VERSION)) and register again"
                 ) from exc
-        decision, reason, drops = decide(
-            challenger, champion, min_delta=registry.min_delta, max_attribute_drop=registry.max_attribute_drop
-        )
+            started = time.perf_counter()
+            comparison = paired_bootstrap(data.y_true, challenger_pred, champion_pred, data.labels,
+                                          resamples=registry.bootstrap_resamples, seed=registry.bootstrap_seed)
+            log.info("gate: %d bootstrap resamples over %d images in %.2f s", registry.bootstrap_resamples,
+                     len(data.paths), time.perf_counter() - started)
+        decision, reason = decide(challenger, champion, comparison, min_delta=registry.min_delta,
+                                  max_attribute_drop=registry.max_attribute_drop)
     if not registry.promote:
         decision, reason = HELD, f"registry.promote is false, aliases unchanged (the gate says {decision}: {reason})"
+    drops = (comparison or {}).get("attribute_drops", {})
     attributes = {
         attribute: {
             "challenger_macro_f1": row["macro_f1"],
             "champion_macro_f1": (champion["attributes"].get(attribute) or {}).get("macro_f1") if champion else None,
-            "drop": drops.get(attribute),
+            "drop": (drops.get(attribute) or {}).get("mean"),
+            "drop_interval": [drops[attribute]["low"], drops[attribute]["high"]] if attribute in drops else None,
         }
         for attribute, row in challenger["attributes"].items()
     }
+    gain = (comparison or {}).get("headline_gain")
     gate = {
         "model_name": name,
         "version": version,
         "decision": decision,
         "reason": reason,
+        "warnings": warnings,
+        "split": data.part,
         "challenger_headline": challenger["headline_macro_f1"],
         "champion_version": champion_version,
         "champion_headline": champion["headline_macro_f1"] if champion else None,
         "champion_stored_headline": champion_stored_headline,
+        "headline_gain_interval": [gain["low"], gain["high"]] if gain else None,
+        "bootstrap": comparison,
         "min_delta": registry.min_delta,
         "max_attribute_drop": registry.max_attribute_drop,
         "split_hash": data.split_hash,

@@ -62,7 +62,7 @@ class ValidateDir:
         return self.dir / "report.json"
 
 
-SPLIT_PARTS = ("train", "val")
+SPLIT_PARTS = ("train", "val", "test")
 
 
 @dataclass(frozen=True)
@@ -83,6 +83,15 @@ class SplitDir:
     @property
     def val(self) -> Path:
         return self.part("val")
+
+    @property
+    def test(self) -> Path:
+        return self.part("test")
+
+    @property
+    def fingerprint(self) -> Path:
+        """fingerprint.json: what a model trained on this split depends on (data, labels, training config)."""
+        return self.dir / "fingerprint.json"
 
     @property
     def labels(self) -> Path:
@@ -285,6 +294,15 @@ class Home:
     @property
     def mlflow_artifacts(self) -> Path:
         return self.root / "mlartifacts"
+
+    @property
+    def test_memberships(self) -> Path:
+        """`test_membership/`: the append-only record of which image (duplicate group) belongs to a test part."""
+        return self.root / "test_membership"
+
+    def test_membership(self, test_fraction: float, seed: int) -> Path:
+        """One membership table per (test fraction, seed): `test_membership/test-0.1-seed42.parquet`."""
+        return self.test_memberships / f"test-{test_fraction:g}-seed{seed}.parquet"
 
     def lock_file(self, name: str) -> Path:
         return self.locks / f"{run_dir_name(name)}.lock"

@@ -72,6 +72,7 @@ FORM_FIELDS: tuple[FormField, ...] = (
     FormField("epochs", "train.epochs", "Epochs", SECTION_MODEL),
     FormField("batch_size", "train.batch_size", "Batch size", SECTION_MODEL),
     FormField("learning_rate", "train.lr", "Learning rate", SECTION_MODEL),
+    FormField("force", "train.force", "Force retraining", SECTION_MODEL),
     FormField("promote", "registry.promote", "Promote", SECTION_REGISTRY),
     FormField("min_delta", "registry.min_delta", "Minimum improvement", SECTION_REGISTRY),
 )

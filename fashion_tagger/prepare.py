@@ -34,7 +34,7 @@ class PrepareResult(io.StageResult):
     cache_root: Path
     width: int
     height: int
-    images: int  # distinct image contents (sha256) in train and val
+    images: int  # distinct image contents (sha256) in train, val and test
     written: int
     cached: int  # already in the cache from an earlier run
     failed: int
@@ -104,7 +104,7 @@ def _prepare_task(task: tuple[str, str, str, int, int, int]) -> tuple[str, str |
 
 
 def load_split_images(split_dir: Path) -> pd.DataFrame:
-    """One row per distinct image content (image_sha256, image_path) over train and val."""
+    """One row per distinct image content (image_sha256, image_path) over train, val and test."""
     frames = []
     for part in SPLIT_PARTS:
         path = SplitDir(split_dir).part(part)
@@ -133,7 +133,7 @@ def prepare_images(
     jpeg_quality: int = 95,
     workers: int = 0,
 ) -> PrepareResult:
-    """Write every distinct image of train/val into the cache at width x height; cached ones are skipped."""
+    """Write every distinct image of train/val/test into the cache at width x height; cached ones are skipped."""
     started = time.perf_counter()
     split_dir, cache_root = Path(split_dir), Path(cache_root)
     split = SplitDir(split_dir)

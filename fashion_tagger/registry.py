@@ -1,8 +1,9 @@
 """Register a trained run in the MLflow model registry, apply the promotion gate, and list the versions.
 
 A new version gets the alias `challenger`; `gate.run_gate` scores it and the current champion on the same
-validation images, and `champion` moves only when the challenger is better. A version's identity is what the
-model computes (`Predictor.identity`), so registering the same model again, from any run, changes nothing.
+test images, and `champion` moves only when the challenger is credibly better (a paired bootstrap). A version's
+identity is what the model computes (`Predictor.identity`), so registering the same model again, from any run,
+changes nothing.
 """
 
 from __future__ import annotations
@@ -47,6 +48,12 @@ TAG_CHAMPION_SCORE = "gate.champion_headline"
 TAG_CHAMPION_VERSION = "gate.champion_version"
 TAG_GATE_SPLIT = "gate.split_hash"
 TAG_GATE_ROWS = "gate.rows"
+TAG_GATE_PART = "gate.split"  # which part the gate and the headline scored: test
+TAG_GAIN_LOW = "gate.headline_gain_low"  # the 95 % interval of (challenger - champion) headline macro-F1
+TAG_GAIN_HIGH = "gate.headline_gain_high"
+TAG_WARNING = "gate.warning"
+TAG_TEST_MEMBERSHIP = "fashion_tagger.test_membership"  # the record the split's test part came from
+TAG_FINGERPRINT = "fashion_tagger.fingerprint"  # what the model's training depended on (fingerprint.py)
 
 
 class RegistryError(RunError):
@@ -180,20 +187,41 @@ def _log_run_artifacts(client: MlflowClient, run_id: str, outputs: TrainingOutpu
 
 
 def _eval_metrics_to_log(metrics: Mapping[str, Any], prefix: str) -> dict[str, float]:
+    """`eval.test.headline_macro_f1`, `eval.val.<attribute>.macro_f1`...: the part is in every name."""
     flat = {}
-    for key in ("headline_macro_f1", "exact_match"):
-        if (value := gate_module.maybe_float(metrics.get(key))) is not None:
-            flat[f"{prefix}{key}"] = value
-    for attribute, row in (metrics.get("attributes") or {}).items():
-        for key in ("accuracy", "macro_f1", "weighted_f1"):
-            if (value := gate_module.maybe_float(row.get(key))) is not None:
-                flat[f"{prefix}{attribute}.{key}"] = value
+    for part, scores in ((metrics.get("split", "test"), metrics), ("val", metrics.get("val") or {})):
+        for key in ("headline_macro_f1", "exact_match"):
+            if (value := gate_module.maybe_float(scores.get(key))) is not None:
+                flat[f"{prefix}{part}.{key}"] = value
+        for attribute, row in (scores.get("attributes") or {}).items():
+            for key in ("accuracy", "macro_f1", "weighted_f1"):
+                if (value := gate_module.maybe_float(row.get(key))) is not None:
+                    flat[f"{prefix}{part}.{attribute}.{key}"] = value
     return flat
+
+
+def membership_of_split(split_dir: Path) -> str:
+    """The test membership record a split's test part came from ("" for a split without one)."""
+    return str((reports.split_report(split_dir).get("test_membership") or {}).get("membership") or "")
+
+
+def champion_fingerprint(config: Config) -> tuple[str | None, str]:
+    """(the champion's version, its fingerprint tag); (None, "") without a champion, "" for one registered
+    before fingerprints existed."""
+    name = config.registry.model_name
+    uri = tracking.tracking_uri(config)
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        return None, ""  # no store yet, so no champion: not worth creating the store to find out
+    with tracking.tracking_session(config) as client:
+        champion = _champion(client, name)
+        if champion is None:
+            return None, ""
+        return str(champion.version), champion.tags.get(TAG_FINGERPRINT, "")
 
 
 def register_run(run_dir: str | Path, config: Config) -> RegistrationResult:
     """Log the training run folder RUN_DIR to MLflow, register it as `challenger`, score it and the champion on
-    the same validation images and move `champion` when the gate says so. CONFIG is the run's own configuration.
+    the same test images and move `champion` when the gate says so. CONFIG is the run's own configuration.
     Registering a model that is already a version (the same weights, labels and preprocessing) changes nothing.
     """
     from fashion_tagger.predict import Predictor
@@ -235,6 +263,8 @@ def register_run(run_dir: str | Path, config: Config) -> RegistrationResult:
             name, str(version.version), str(champion.version) if champion is not None else None, data,
             config.registry,
             champion_stored_headline=_float_tag(champion.tags, TAG_HEADLINE) if champion is not None else None,
+            champion_membership=champion.tags.get(TAG_TEST_MEMBERSHIP) if champion is not None else None,
+            membership=membership_of_split(outputs.split_dir) or None,
         )
         gate["split_dir"] = str(outputs.split_dir)
         if data.paths:
@@ -269,12 +299,15 @@ def _log_and_register(client: MlflowClient, outputs: TrainingOutputs, predictor:
             tags={TAG_CONTENT_ID: cid},
             metadata={"attributes": outputs.labels.attributes, "content_id": cid},
         )
-    version = mlflow.register_model(
-        info.model_uri,
-        name,
-        tags={TAG_CONTENT_ID: cid, tracking.TAG_RUN_DIR: str(outputs.run_dir),
-              tracking.TAG_DATASET_HASH: outputs.labels.source_hash or "unknown"},
-    )
+    from fashion_tagger.fingerprint import read_fingerprint
+
+    tags = {TAG_CONTENT_ID: cid, tracking.TAG_RUN_DIR: str(outputs.run_dir),
+            tracking.TAG_DATASET_HASH: outputs.labels.source_hash or "unknown"}
+    if membership := membership_of_split(outputs.split_dir):
+        tags[TAG_TEST_MEMBERSHIP] = membership
+    if fingerprint := read_fingerprint(outputs.split_dir):
+        tags[TAG_FINGERPRINT] = fingerprint
+    version = mlflow.register_model(info.model_uri, name, tags=tags)
     if set_challenger:
         client.set_registered_model_alias(name, CHALLENGER, version.version)
     log.info("registered %s version %s from %s", name, version.version, outputs.run_dir)
@@ -297,6 +330,8 @@ def _record(client: MlflowClient, outputs: TrainingOutputs, run_id: str, version
     metrics = {"gate.challenger_headline": gate["challenger_headline"]}
     if gate["champion_headline"] is not None:
         metrics["gate.champion_headline"] = gate["champion_headline"]
+    if gate.get("headline_gain_interval"):
+        metrics["gate.headline_gain_low"], metrics["gate.headline_gain_high"] = gate["headline_gain_interval"]
     import mlflow
 
     with mlflow.start_run(run_id=run_id):
@@ -321,6 +356,10 @@ def _record(client: MlflowClient, outputs: TrainingOutputs, run_id: str, version
         TAG_CHAMPION_VERSION: gate["champion_version"] or "",
         TAG_GATE_SPLIT: gate["split_hash"],
         TAG_GATE_ROWS: gate["rows"],
+        TAG_GATE_PART: gate.get("split", "test"),
+        TAG_GAIN_LOW: (gate.get("headline_gain_interval") or [""])[0],
+        TAG_GAIN_HIGH: (gate.get("headline_gain_interval") or ["", ""])[1],
+        TAG_WARNING: " ".join(gate.get("warnings") or [])[:4900],
         TAG_REASON: gate["reason"][:4900],
         TAG_DECISION: gate["decision"],  # last: marks the registration finished
     }
@@ -400,7 +439,7 @@ def describe_registration(result: RegistrationResult | Mapping[str, Any]) -> str
     again = " (already registered: nothing changed)" if r.get("already_registered") else ""
     lines = [
         f"registered {r['model_name']} version {r['version']}{again}; aliases: {aliases}",
-        f"headline macro-F1 {headline} on {r.get('gate_rows', 0)} validation images; gate: {r['decision']} "
+        f"headline macro-F1 {headline} on {r.get('gate_rows', 0)} test images; gate: {r['decision']} "
         f"({r['reason']})",
     ]
     if r.get("champion_version"):

@@ -36,7 +36,7 @@ def validation_report(split_dir: Path) -> dict[str, Any]:
 
 def sample_grid(paths: Sequence[str], predictions: pd.DataFrame, gate: GateData, out_path: Path,
                 count: int = 12) -> Path:
-    """COUNT validation images spread over the split, with predicted tags (red where the tag is wrong)."""
+    """COUNT test images spread over the split, with predicted tags (red where the tag is wrong)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -65,7 +65,7 @@ def sample_grid(paths: Sequence[str], predictions: pd.DataFrame, gate: GateData,
             suffix = f" {float(confidence.iloc[i]):.2f}" if confidence is not None else ""
             ax.text(0.0, -0.04 - 0.075 * j, f"{attribute}: {predicted}{suffix}", transform=ax.transAxes,
                     fontsize=7, color=colour, va="top")
-    fig.suptitle("validation samples: predicted tags (green right, red wrong, black unlabelled)", fontsize=9)
+    fig.suptitle("test samples: predicted tags (green right, red wrong, black unlabelled)", fontsize=9)
     fig.tight_layout()
     out_path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out_path, dpi=90)
@@ -79,6 +79,16 @@ def _fmt(value: Any, digits: int = 4) -> str:
     if isinstance(value, float):
         return f"{value:.{digits}f}"
     return str(value)
+
+
+def _metrics_lines(metrics: Mapping[str, Any]) -> list[str]:
+    lines = [f"Headline (mean macro-F1 over attributes): **{_fmt(metrics.get('headline_macro_f1'))}**; "
+             f"exact match over all attributes: {_fmt(metrics.get('exact_match'))}; {_fmt(metrics.get('rows'))} rows.",
+             "", "| attribute | accuracy | macro-F1 | weighted-F1 |", "| --- | ---: | ---: | ---: |"]
+    for attribute, row in (metrics.get("attributes") or {}).items():
+        lines.append(f"| {attribute} | {_fmt(row.get('accuracy'))} | {_fmt(row.get('macro_f1'))} | "
+                     f"{_fmt(row.get('weighted_f1'))} |")
+    return lines
 
 
 def model_card(
@@ -109,11 +119,16 @@ def model_card(
             f"{_fmt(validation_report.get('rows_rejected'))} rejected"
         )
     if split_report:
+        test_rows = split_report.get("test_rows")
         lines.append(
             f"- split: {_fmt(split_report.get('train_rows'))} train rows, {_fmt(split_report.get('val_rows'))} "
-            f"validation rows (val_fraction {split_report.get('val_fraction')}, seed {split_report.get('seed')}, "
-            "duplicate images kept on one side)"
+            f"validation rows (val_fraction {split_report.get('val_fraction')}), {_fmt(test_rows)} test rows "
+            f"(test_fraction {split_report.get('test_fraction')}), seed {split_report.get('seed')}; duplicate "
+            "images kept in one part"
         )
+        if split_report.get("test_share_deviation") is not None:
+            lines.append(f"- test membership is stable across retrains (an image once in test stays there); worst "
+                         f"per-class test share deviation {_fmt(split_report['test_share_deviation'])}")
     lines.append(f"- classes rarer than {labels.min_class_count} rows are labelled 'None' and never trained on")
     lines.append("")
 
@@ -124,25 +139,37 @@ def model_card(
         lines.append(f"| {attribute} | {len(names)} | {shown} | {len(labels.mapped_to_none(attribute))} |")
     lines.append("")
 
-    lines += ["## Validation metrics", ""]
+    part = metrics.get("split") or "validation"
+    heading = "Test metrics (the headline)" if part == "test" else f"Metrics on {part}"
+    lines += [f"## {heading}", ""]
     if metrics:
-        lines.append(f"Headline (mean macro-F1 over attributes): **{_fmt(metrics.get('headline_macro_f1'))}**; "
-                     f"exact match over all attributes: {_fmt(metrics.get('exact_match'))}.")
-        lines += ["", "| attribute | accuracy | macro-F1 | weighted-F1 |", "| --- | ---: | ---: | ---: |"]
-        for attribute, row in (metrics.get("attributes") or {}).items():
-            lines.append(f"| {attribute} | {_fmt(row.get('accuracy'))} | {_fmt(row.get('macro_f1'))} | "
-                         f"{_fmt(row.get('weighted_f1'))} |")
+        if part == "test":
+            lines.append("On the test part, which training never saw: neither for learning, early stopping nor "
+                         "checkpoint selection.")
+        lines += _metrics_lines(metrics)
     else:
         lines.append("No evaluation was recorded for this run.")
     lines.append("")
+    if val := metrics.get("val"):
+        lines += ["## Validation metrics", "",
+                  "On the validation part, which chose the checkpoint and stopped training: optimistic, shown for "
+                  "comparison only.", *_metrics_lines(val), ""]
 
     if gate:
         lines += ["## Promotion gate", ""]
         lines.append(f"- decision: **{gate.get('decision')}** ({gate.get('reason')})")
-        lines.append(f"- challenger headline on the gate split: {_fmt(gate.get('challenger_headline'))}")
+        lines.append(f"- challenger headline on the {gate.get('split', 'test')} part ({gate.get('rows')} images): "
+                     f"{_fmt(gate.get('challenger_headline'))}")
         if gate.get("champion_version"):
-            lines.append(f"- champion version {gate['champion_version']} re-scored on the same split: "
+            lines.append(f"- champion version {gate['champion_version']} re-scored on the same images: "
                          f"{_fmt(gate.get('champion_headline'))}")
+        if interval := gate.get("headline_gain_interval"):
+            boot = gate.get("bootstrap") or {}
+            lines.append(f"- 95% interval of the headline gain (challenger - champion), paired bootstrap of "
+                         f"{boot.get('resamples')} resamples: [{interval[0]:+.4f}, {interval[1]:+.4f}]; promotion "
+                         f"needs its lower end above min_delta {gate.get('min_delta')}")
+        for warning in gate.get("warnings") or []:
+            lines.append(f"- **warning**: {warning}")
         lines.append("")
 
     model, train, images = config.model, config.train, config.images

@@ -30,6 +30,8 @@ STAGES: tuple[str, ...] = ("fetch", "validate", "split", "prepare", "train", "ev
 
 COMPLETE, FAILED, INTERRUPTED, RUNNING = "complete", "failed", "interrupted", "running"
 STAGE_STARTED, STAGE_COMPLETE, STAGE_FAILED = "started", "complete", "failed"
+STAGE_SKIPPED = "skipped"  # train, evaluate and register when nothing changed since the champion (stages.py)
+DONE = (STAGE_COMPLETE, STAGE_SKIPPED)
 
 
 @dataclass(frozen=True)
@@ -131,7 +133,8 @@ def record_stage(layout: RunLayout, stage: str, status: str, **fields: Any) -> N
 
 
 def completed_stages(state: Mapping[str, Any]) -> list[str]:
-    return [s for s in STAGES if state["stages"].get(s, {}).get("status") == STAGE_COMPLETE]
+    """The stages that are done: complete, or skipped because there was nothing to retrain."""
+    return [s for s in STAGES if state["stages"].get(s, {}).get("status") in DONE]
 
 
 def last_completed_stage(state: Mapping[str, Any]) -> str | None:
@@ -214,7 +217,7 @@ def list_runs(home: Home) -> list[dict[str, Any]]:
     for layout in home.run_layouts():
         state = read_state(layout)
         status = run_status(layout, state)
-        pending = next((s for s in STAGES if state["stages"].get(s, {}).get("status") != STAGE_COMPLETE), None)
+        pending = next((s for s in STAGES if state["stages"].get(s, {}).get("status") not in DONE), None)
         register = state["stages"].get("register", {}).get("result", {})
         rows.append({
             "run_id": layout.run_id,

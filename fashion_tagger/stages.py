@@ -19,6 +19,7 @@ from fashion_tagger.io import StageResult
 from fashion_tagger.runs import (
     STAGE_COMPLETE,
     STAGE_FAILED,
+    STAGE_SKIPPED,
     STAGE_STARTED,
     STAGES,
     Run,
@@ -65,18 +66,23 @@ def validate(run: Run) -> StageResult:
 
 def split(run: Run) -> StageResult:
     """Encode the labels and split the clean table: `split/` (parts, labels.json, split report)."""
+    from fashion_tagger.fingerprint import write_fingerprint
     from fashion_tagger.split import split_dataset
 
     config = run.config
-    return split_dataset(
+    result = split_dataset(
         run.layout.validate.dir,
         run.layout.split.dir,
         attributes=config.labels.attributes,
         min_class_count=config.labels.min_class_count,
         val_fraction=config.split.val_fraction,
+        test_fraction=config.split.test_fraction,
         seed=config.split.seed,
         max_rows=config.data.max_rows,
+        test_membership=config.layout.test_membership(config.split.test_fraction, config.split.seed),
     )
+    result.fingerprint = write_fingerprint(config, run.layout.split.dir)["fingerprint"]
+    return result
 
 
 def prepare(run: Run) -> StageResult:
@@ -102,7 +108,7 @@ def train(run: Run) -> StageResult:
 
 
 def evaluate(run: Run) -> StageResult:
-    """Score the best checkpoint on the validation part: `train/eval/`."""
+    """Score the best checkpoint on the test part (the headline) and the validation part: `train/eval/`."""
     from fashion_tagger.evaluate import evaluate_run
 
     return evaluate_run(run.layout.train.dir, run.config, split_dir=run.layout.split.dir)
@@ -125,6 +131,37 @@ STAGE_FUNCTIONS: dict[str, Callable[[Run], StageResult]] = {
     "register": register,
 }
 assert tuple(STAGE_FUNCTIONS) == STAGES
+
+
+RETRAIN_STAGES = ("train", "evaluate", "register")  # what a run skips when nothing changed since the champion
+
+
+def retrain_skip_reason(run: Run, *, force: bool = False) -> str | None:
+    """Why training RUN would repeat the champion's training, or None when it should train.
+
+    It trains when FORCE or `train.force` is set, when there is no champion, or when the split's fingerprint
+    (`fingerprint.py`: clean data, labels, parts, training configuration) differs from the champion's.
+    """
+    from fashion_tagger.fingerprint import read_fingerprint
+    from fashion_tagger.registry import champion_fingerprint
+
+    if force or run.config.train.force:
+        return None
+    mine = read_fingerprint(run.layout.split.dir)
+    version, theirs = champion_fingerprint(run.config) if mine else (None, "")
+    if version is None or theirs != mine:
+        return None
+    return (f"nothing changed since champion version {version} of {run.config.registry.model_name}: the same clean "
+            f"data, labels, parts and training configuration (fingerprint {mine[:12]}); set force (--force, "
+            "train.force=true) to train anyway")
+
+
+def skip_retraining(run: Run, reason: str) -> None:
+    """Record train, evaluate and register as skipped, with REASON, in the run's state."""
+    with run_lock(run.layout):
+        for name in RETRAIN_STAGES:
+            record_stage(run.layout, name, STAGE_SKIPPED, reason=reason)
+    log.info("run %s: skipping %s: %s", run.id, ", ".join(RETRAIN_STAGES), reason)
 
 
 def _output_dir(run: Run, name: str) -> Path | None:

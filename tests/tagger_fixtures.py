@@ -55,9 +55,10 @@ def jpeg_bytes(image: Image.Image) -> bytes:
 
 
 def make_split(out_dir: Path, *, rows: int = 24, footwear_share: float = 0.5,
-               colours: tuple[str, ...] = ("Blue", "Red"), seed: int = 0) -> Path:
-    """A split dir (labels.json, val.parquet, split_report.json) whose validation images are JPEG files.
-    The first `footwear_share` of the rows are Footwear; colours cycle through COLOURS."""
+               colours: tuple[str, ...] = ("Blue", "Red"), seed: int = 0, membership: str | None = None) -> Path:
+    """A split dir (labels.json, train/val/test.parquet, split_report.json) whose images are JPEG files.
+    The first `footwear_share` of the rows are Footwear; colours cycle through COLOURS. MEMBERSHIP names the test
+    membership record the split report cites (None: a split from before test membership was recorded)."""
     rng = np.random.default_rng(seed)
     images_dir = out_dir / "images"
     images_dir.mkdir(parents=True, exist_ok=True)
@@ -74,20 +75,22 @@ def make_split(out_dir: Path, *, rows: int = 24, footwear_share: float = 0.5,
     labels = LabelSpace.from_frame(frame, list(CLASSES), 1, source_hash=f"tiny-{seed}")
     frame = pd.concat([frame, labels.encode(frame)], axis=1)
     labels.save(out_dir)
-    frame.to_parquet(out_dir / "val.parquet", index=False)
-    frame.to_parquet(out_dir / "train.parquet", index=False)
+    for part in ("train", "val", "test"):  # every part holds every row: these models are built, not trained
+        frame.to_parquet(out_dir / f"{part}.parquet", index=False)
     write_json(out_dir / "split_report.json", {"clean_dir": None, "seed": seed, "val_fraction": 0.5,
-                                              "train_rows": rows, "val_rows": rows})
+                                              "test_fraction": 0.5, "train_rows": rows, "val_rows": rows,
+                                              "test_rows": rows, "test_membership": {"membership": membership}})
     return out_dir
 
 
 def build_network(kind: str, labels: LabelSpace, *, strength: float = 4.0) -> FashionTagger:
-    """'probe': least-squares heads on random features (nearly perfect); 'constant:<name>,<name>': always
+    """'probe': least-squares heads on random features (nearly perfect), 'probe:noisy' the same with noisy
+    weights (often wrong); 'constant:<name>,<name>': always
     those class names (one per attribute), with logit margin STRENGTH."""
     torch.manual_seed(0)
     model = FashionTagger(BACKBONE, labels.num_classes).eval()
     with torch.no_grad():
-        if kind == "probe":
+        if kind in ("probe", "probe:noisy"):
             rng = np.random.default_rng(123)
             pairs = [(m, c) for m in labels.classes["masterCategory"] for c in labels.classes["baseColour"]
                      for _ in range(40)]
@@ -101,6 +104,9 @@ def build_network(kind: str, labels: LabelSpace, *, strength: float = 4.0) -> Fa
                 linear = model.heads[attribute][-1]
                 linear.weight.copy_(torch.from_numpy(solution[:-1].T).float())
                 linear.bias.copy_(torch.from_numpy(solution[-1]).float())
+                if kind == "probe:noisy":  # answers that hang on the pixels and are often wrong
+                    noise = torch.from_numpy(np.random.default_rng(j).normal(size=linear.weight.shape)).float()
+                    linear.weight.add_(noise * linear.weight.std() * 0.05)
         elif kind.startswith("constant:"):
             for attribute, name in zip(labels.attributes, kind.removeprefix("constant:").split(","), strict=True):
                 linear = model.heads[attribute][-1]
@@ -136,5 +142,5 @@ def make_run(run_dir: Path, split_dir: Path, kind: str, config: Config | None = 
 
 
 def true_labels(split_dir: Path) -> dict[str, np.ndarray]:
-    val = pd.read_parquet(split_dir / "val.parquet")
-    return {a: val[label_column(a)].to_numpy() for a in CLASSES}
+    test = pd.read_parquet(split_dir / "test.parquet")
+    return {a: test[label_column(a)].to_numpy() for a in CLASSES}

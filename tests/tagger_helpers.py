@@ -37,7 +37,7 @@ def product_image(colour: str, master: str, seed: int) -> Image.Image:
 
 
 def make_split(root: Path, rows: int = 48, seed: int = 0) -> Path:
-    """root/split (train/val parquet, labels.json, prepared.json) and root/cache with every image."""
+    """root/split (train/val/test parquet, labels.json, prepared.json) and root/cache with every image."""
     rng = np.random.default_rng(seed)
     split_dir, cache_root = root / "split", root / "cache"
     split_dir.mkdir(parents=True)
@@ -67,9 +67,11 @@ def make_split(root: Path, rows: int = 48, seed: int = 0) -> Path:
     labels = LabelSpace.from_frame(frame, ["masterCategory", "baseColour"], min_class_count=2, source_hash="test")
     labels.save(split_dir)
     frame = pd.concat([frame, labels.encode(frame)], axis=1)
-    is_val = rng.permutation(rows) < rows // 4
-    frame[~is_val].to_parquet(split_dir / "train.parquet", index=False)
+    order = rng.permutation(rows)
+    is_val, is_test = order < rows // 4, (order >= rows // 4) & (order < rows // 2)
+    frame[~is_val & ~is_test].to_parquet(split_dir / "train.parquet", index=False)
     frame[is_val].to_parquet(split_dir / "val.parquet", index=False)
+    frame[is_test].to_parquet(split_dir / "test.parquet", index=False)
     write_json(SplitDir(split_dir).prepared, {"cache_root": str(cache_root), "width": WIDTH, "height": HEIGHT})
     return split_dir
 

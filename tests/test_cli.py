@@ -47,7 +47,8 @@ def test_stage_commands_take_the_run_and_chain_through_its_state(tmp_path, isola
     validated = last_json(cli("validate", run_id).stdout)
     assert validated["lines_read"] == validated["rows_clean"] + validated["rows_rejected"] == 300
     split = last_json(cli("split", str(run_root)).stdout)  # by folder as well as by id
-    assert split["train_rows"] + split["val_rows"] == validated["rows_clean"]
+    assert split["train_rows"] + split["val_rows"] + split["test_rows"] == validated["rows_clean"]
+    assert split["test_rows"] > 0 and len(split["fingerprint"]) == 64
 
     prepared = last_json(cli("prepare", run_id).stdout)
     assert prepared["cache_root"] == str(isolated_home.resolve() / "cache")
@@ -86,7 +87,7 @@ def test_verbose_shows_the_traceback_of_an_understood_error(isolated_home):
 
 @pytest.mark.slow
 def test_run_executes_every_stage_and_registers_a_champion(isolated_home):
-    proc = cli(
+    args = (
         "run", "--config", "demo",
         "--set", "data.source=synthetic:300",
         "--set", "labels.min_class_count=10",
@@ -94,6 +95,7 @@ def test_run_executes_every_stage_and_registers_a_champion(isolated_home):
         "--set", "images.width=32", "--set", "images.height=40",
         "--set", "train.epochs=1", "--set", "train.progress_bar=false",
     )  # fmt: skip
+    proc = cli(*args)
     result = last_json(proc.stdout)
     assert list(result["stages"]) == ["fetch", "validate", "split", "prepare", "train", "evaluate", "register"]
     assert Path(result["run_root"]).parent == isolated_home.resolve() / "runs"
@@ -101,3 +103,16 @@ def test_run_executes_every_stage_and_registers_a_champion(isolated_home):
     assert "registered fashion-tagger version 1" in proc.stderr
     runs = json.loads(cli("runs", "--json").stdout)
     assert [(r["run_id"], r["status"], r["model_version"]) for r in runs] == [(result["run_id"], "complete", "1")]
+
+    # The same data and configuration again: nothing to retrain, and a line that says so.
+    again = cli(*args)
+    skipped = last_json(again.stdout)
+    assert skipped["skipped"] == ["train", "evaluate", "register"]
+    assert list(skipped["stages"]) == ["fetch", "validate", "split", "prepare"]
+    assert "skipped training, evaluation and registration: nothing changed since champion version 1" in again.stderr
+    state = json.loads((Path(skipped["run_root"]) / "state.json").read_text())["stages"]
+    assert state["train"]["status"] == "skipped" and "fingerprint" in state["train"]["reason"]
+    assert json.loads(cli("runs", "--json").stdout)[1]["status"] == "complete"
+    # --force trains anyway.
+    forced = last_json(cli(*args, "--force").stdout)
+    assert forced["stages"]["train"]["epochs_completed"] == 1 and "register" in forced["stages"]

@@ -208,6 +208,7 @@ EXPECTED_TYPES = {
     "epochs": ["null", "integer"],
     "batch_size": ["null", "integer"],
     "learning_rate": ["null", "number"],
+    "force": "string",
     "promote": "string",
     "min_delta": ["null", "number"],
 }

@@ -1,5 +1,6 @@
 """End to end through Airflow: the DAG run by `dag.test()` (scripts/run_dag.py, exactly what `make run` does) on a
-small generated dataset with a tiny backbone registers a version with alias champion; a second run meets the gate."""
+small generated dataset with a tiny backbone registers a version with alias champion; a second run meets the gate;
+a run on unchanged data skips training unless forced."""
 
 from __future__ import annotations
 
@@ -102,6 +103,26 @@ def test_a_second_run_reuses_the_caches_and_meets_the_gate(first_run):
     client = _mlflow_client(home)
     assert str(client.get_model_version_by_alias(gated["model_name"], "champion").version) == "1"
     assert client.get_model_version(gated["model_name"], "2").tags["gate.decision"] == "rejected"
+
+
+@pytest.mark.slow
+def test_unchanged_data_skips_training_and_force_trains(first_run):
+    """Retrain only when something changed: the first run's parameters again match the champion's fingerprint."""
+    home, first, _ = first_run
+    assert first["state"] == "success"
+    unchanged, output = run_dag(home, TINY, "unchanged")
+    assert unchanged["state"] == "success", output[-8000:]
+    assert unchanged["tasks"] == {**dict.fromkeys(TASK_ORDER[:4], "success"),
+                                  **dict.fromkeys(["train_model", "evaluate_model", "register_model"], "skipped")}
+    assert "nothing changed since champion version 1" in output
+    run_root = Path(unchanged["results"]["fetch_dataset"]["run_root"])
+    state = json.loads((run_root / "state.json").read_text())["stages"]
+    assert [state[s]["status"] for s in ("train", "evaluate", "register")] == ["skipped"] * 3
+
+    forced, output = run_dag(home, [*TINY, "force=yes"], "forced")
+    assert forced["state"] == "success", output[-8000:]
+    assert forced["tasks"] == dict.fromkeys(TASK_ORDER, "success")
+    assert forced["results"]["train_model"]["epochs_completed"] == 1
 
 
 @pytest.mark.slow

@@ -1,4 +1,5 @@
-"""Evaluation: metrics equal scikit-learn's on fixed predictions; a run's eval directory has every output."""
+"""Evaluation: metrics equal scikit-learn's on fixed predictions; a run's eval directory has every output, the
+test part's (the headline) and the validation part's apart."""
 
 from __future__ import annotations
 
@@ -111,10 +112,34 @@ def test_evaluate_run_writes_metrics_tables_and_plots(tmp_path):
 
     # The numbers in the files are those of the predictions written beside them.
     predictions = pd.read_parquet(eval_dir / "predictions.parquet")
-    val = pd.read_parquet(split_dir / "val.parquet")
-    assert predictions["id"].tolist() == val["id"].tolist()
+    test = pd.read_parquet(split_dir / "test.parquet")
+    assert predictions["id"].tolist() == test["id"].tolist()  # the headline is the test part's
+    assert metrics["split"] == "test" and metrics["rows"] == result.rows == len(test)
+    assert metrics["val"]["rows"] == result.val_rows == len(pd.read_parquet(split_dir / "val.parquet"))
+    assert result.val_headline_macro_f1 == pytest.approx(metrics["val"]["headline_macro_f1"], abs=1e-6)
     labelled = predictions["baseColour"] != "None"
     accuracy = (predictions.loc[labelled, "baseColour"] == predictions.loc[labelled, "baseColour_pred"]).mean()
     assert metrics["attributes"]["baseColour"]["accuracy"] == pytest.approx(accuracy)
     assert result.headline_macro_f1 == pytest.approx(metrics["headline_macro_f1"], abs=1e-6)
     assert result.checkpoint.name == "best.ckpt"
+
+
+def test_training_and_its_checkpoint_selection_never_see_a_test_image(tmp_path):
+    """Train and val feed the optimiser, early stopping and checkpoint selection; test images are in neither."""
+    from fashion_tagger.data import TaggerDataModule
+    from fashion_tagger.layout import cached_image_path
+
+    split_dir = make_split(tmp_path)
+    module = TaggerDataModule(split_dir, batch_size=8, num_workers=0)
+    module.setup("fit")
+    parts = {p: pd.read_parquet(split_dir / f"{p}.parquet") for p in ("train", "val", "test")}
+    prepared = pd.read_json(split_dir / "prepared.json", typ="series")
+
+    def images(*names):
+        return {str(cached_image_path(prepared["cache_root"], sha, prepared["width"], prepared["height"]))
+                for name in names for sha in parts[name]["image_sha256"]}
+
+    # This hand-made split draws some identical pictures into several parts; the ones only test holds:
+    test_only = images("test") - images("train", "val")
+    assert len(module.train_set) + len(module.val_set) == 48 - len(parts["test"]) == 36 and test_only
+    assert not (set(module.train_set.paths) | set(module.val_set.paths)) & test_only

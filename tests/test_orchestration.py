@@ -96,13 +96,15 @@ def test_changing_a_bound_in_the_config_changes_the_form():
 
 def test_yes_no_fields_offer_keep_yes_and_no():
     form = orch.form_params()
-    for name in ("pretrained", "promote"):
+    for name in ("pretrained", "promote", "force"):
         assert form[name]["enum"] == ["keep", "yes", "no"] and form[name]["default"] == "keep", name
         assert form[name]["values_display"]["keep"] == "keep the preset's value"
     demo = load_config("demo")
     assert orch.config_from_params({"preset": "demo", "promote": "keep"}).registry.promote == demo.registry.promote
     assert orch.config_from_params({"preset": "demo", "promote": "no"}).registry.promote is False
     assert orch.config_from_params({"preset": "demo", "pretrained": "yes"}).model.pretrained is True
+    assert orch.config_from_params({"preset": "demo", "force": "yes"}).train.force is True
+    assert orch.config_from_params({"preset": "demo"}).train.force is False
 
 
 def test_fixed_overrides_win_over_params():

@@ -42,6 +42,7 @@ def _split_dir(tmp_path: Path, rows: list[tuple[str, str]], name: str = "split")
     half = len(frame) // 2
     frame.iloc[:half].to_parquet(split / "train.parquet")
     frame.iloc[half:].to_parquet(split / "val.parquet")
+    frame.iloc[len(frame):].to_parquet(split / "test.parquet")  # an empty test part
     return split
 
 
@@ -170,6 +171,7 @@ def test_split_without_hashes_or_columns_is_a_clear_error(tmp_path):
         prepare_images(empty, tmp_path / "cache")
     pd.DataFrame({"image_path": ["a.jpg"]}).to_parquet(empty / "train.parquet")
     pd.DataFrame({"image_path": ["a.jpg"]}).to_parquet(empty / "val.parquet")
+    pd.DataFrame({"image_path": ["a.jpg"]}).to_parquet(empty / "test.parquet")
     with pytest.raises(DataError, match="missing columns: image_sha256"):
         prepare_images(empty, tmp_path / "cache")
 

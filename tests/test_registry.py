@@ -14,6 +14,7 @@ import pytest
 from tagger_fixtures import make_run, make_split, tiny_config, true_labels
 
 from fashion_tagger import gate, registry, tracking
+from fashion_tagger.bootstrap import paired_bootstrap
 from fashion_tagger.io import read_json, sha256_file
 from fashion_tagger.labels import LabelSpace
 from fashion_tagger.metrics import compute_metrics
@@ -52,25 +53,81 @@ def _scores(headline: float, **attributes: float) -> dict:
     return {"headline_macro_f1": headline, "attributes": {a: {"macro_f1": v} for a, v in attributes.items()}}
 
 
-def test_decide_needs_min_delta_and_tolerates_only_small_attribute_drops():
-    champion = _scores(0.70, a=0.8, b=0.6)
-    decision, reason, _ = gate.decide(_scores(0.70, a=0.8, b=0.6), None, min_delta=0.0, max_attribute_drop=0.02)
+def _comparison(low: float, high: float, **drops: tuple[float, float]) -> dict:
+    return {"headline_gain": {"low": low, "high": high, "mean": (low + high) / 2},
+            "attribute_drops": {a: {"low": lo, "high": hi, "mean": (lo + hi) / 2} for a, (lo, hi) in drops.items()}}
+
+
+def test_decide_needs_the_gain_interval_above_min_delta_and_no_credible_attribute_drop():
+    champion, challenger = _scores(0.70, a=0.8, b=0.6), _scores(0.72, a=0.83, b=0.61)
+    decision, reason = gate.decide(challenger, None, None, min_delta=0.0, max_attribute_drop=0.02)
     assert decision == registry.PROMOTED and "no champion" in reason
-    # An equal model never replaces the champion; anything higher does when min_delta is 0.
-    assert gate.decide(_scores(0.70, a=0.8, b=0.6), champion, min_delta=0.0, max_attribute_drop=0.02)[0] == (
+    # The interval must lie above min_delta: touching 0 is not enough, a better point estimate is not enough.
+    assert gate.decide(challenger, champion, _comparison(0.0, 0.0, a=(0, 0), b=(0, 0)), min_delta=0.0,
+                       max_attribute_drop=0.02)[0] == registry.REJECTED
+    decision, reason = gate.decide(challenger, champion, _comparison(-0.01, 0.05, a=(-0.05, 0.01), b=(-0.03, 0.02)),
+                                   min_delta=0.0, max_attribute_drop=0.02)
+    assert decision == registry.REJECTED and "[-0.0100, +0.0500]" in reason and "min_delta 0.0" in reason
+    ok = _comparison(0.004, 0.036, a=(-0.06, 0.0), b=(-0.02, 0.015))
+    assert gate.decide(challenger, champion, ok, min_delta=0.0, max_attribute_drop=0.02)[0] == registry.PROMOTED
+    assert gate.decide(challenger, champion, ok, min_delta=0.01, max_attribute_drop=0.02)[0] == registry.REJECTED
+    # Better on average, but attribute b credibly drops more than the tolerance (its whole interval is above it).
+    collapse = _comparison(0.01, 0.05, a=(-0.2, -0.1), b=(0.03, 0.07))
+    decision, reason = gate.decide(challenger, champion, collapse, min_delta=0.0, max_attribute_drop=0.02)
+    assert decision == registry.REJECTED and reason.startswith("b macro-F1 drops") and "credibly" in reason
+    # A drop that may exceed the tolerance but is not shown to (interval straddles it) does not block.
+    maybe = _comparison(0.01, 0.05, a=(-0.2, -0.1), b=(0.0, 0.05))
+    assert gate.decide(challenger, champion, maybe, min_delta=0.0, max_attribute_drop=0.02)[0] == registry.PROMOTED
+
+
+def _noisy_predictions(truth: np.ndarray, accuracy: float, k: int, rng) -> np.ndarray:
+    wrong = rng.random(len(truth)) > accuracy
+    return np.where(wrong, (truth + rng.integers(1, k, len(truth))) % k, truth)
+
+
+def test_bootstrap_intervals_separate_real_gains_from_noise():
+    labels = LabelSpace(classes={"a": ("x", "y", "z"), "b": ("p", "q")}, min_class_count=1)
+    rng = np.random.default_rng(0)
+    n = 3000
+    truth = {"a": rng.integers(0, 3, n), "b": rng.integers(0, 2, n)}
+    truth["a"][:50] = -1  # 'None' labels are left out, as in compute_metrics
+    champion = {"a": _noisy_predictions(truth["a"], 0.7, 3, rng), "b": _noisy_predictions(truth["b"], 0.7, 2, rng)}
+
+    # The point estimate at equal weights is exactly compute_metrics' headline.
+    from fashion_tagger.bootstrap import macro_f1_per_resample
+
+    for attribute, k in (("a", 3), ("b", 2)):
+        ones = np.ones((1, n), dtype=np.float32)
+        assert macro_f1_per_resample(ones, truth[attribute], champion[attribute], k)[0] == pytest.approx(
+            compute_metrics(truth, champion, labels)["attributes"][attribute]["macro_f1"], abs=1e-6)
+
+    def compare(challenger):
+        import time
+
+        started = time.perf_counter()
+        result = paired_bootstrap(truth, challenger, champion, labels, resamples=1000, seed=0)
+        assert time.perf_counter() - started < 10
+        return result
+
+    identical = compare({a: p.copy() for a, p in champion.items()})
+    assert identical["headline_gain"] == {"low": 0.0, "high": 0.0, "mean": 0.0}
+    # Better only by noise: 60 answers fixed and 54 others broken, 6 more right answers out of 3,000.
+    noise = {a: p.copy() for a, p in champion.items()}
+    fixed = np.flatnonzero(noise["b"] != truth["b"])[:60]
+    broken = np.flatnonzero(noise["b"] == truth["b"])[:54]
+    noise["b"][fixed], noise["b"][broken] = truth["b"][fixed], 1 - truth["b"][broken]
+    noisy = compare(noise)
+    assert noisy["headline_gain"]["mean"] > 0 and noisy["headline_gain"]["low"] < 0 < noisy["headline_gain"]["high"]
+    assert gate.decide(_scores(0.71), _scores(0.7), noisy, min_delta=0.0, max_attribute_drop=0.02)[0] == (
         registry.REJECTED)
-    assert gate.decide(_scores(0.701, a=0.801, b=0.6), champion, min_delta=0.0, max_attribute_drop=0.02)[0] == (
+    # Clearly better: 80 % right instead of 70 % on both attributes.
+    better = compare({"a": _noisy_predictions(truth["a"], 0.8, 3, rng), "b": _noisy_predictions(truth["b"], 0.8, 2,
+                                                                                              rng)})
+    assert better["headline_gain"]["low"] > 0.05
+    assert gate.decide(_scores(0.8), _scores(0.7), better, min_delta=0.0, max_attribute_drop=0.02)[0] == (
         registry.PROMOTED)
-    decision, reason, _ = gate.decide(_scores(0.705, a=0.81, b=0.6), champion, min_delta=0.01,
-                                          max_attribute_drop=0.02)
-    assert decision == registry.REJECTED and "min_delta" in reason
-    # Better on average but one attribute collapses.
-    decision, reason, drops = gate.decide(_scores(0.75, a=0.95, b=0.55), champion, min_delta=0.0,
-                                              max_attribute_drop=0.02)
-    assert decision == registry.REJECTED and reason.startswith("b macro-F1 drops")
-    assert drops == pytest.approx({"a": -0.15, "b": 0.05})
-    assert gate.decide(_scores(0.75, a=0.95, b=0.55), champion, min_delta=0.0, max_attribute_drop=0.06)[0] == (
-        registry.PROMOTED)
+    # Seeded: the same intervals again.
+    assert compare(noise) == noisy
 
 
 def test_predictions_are_mapped_onto_the_challengers_classes_by_name():
@@ -110,7 +167,8 @@ def test_first_model_becomes_champion_and_registering_again_is_a_no_op(tmp_path,
     tags = _version_tags(config, "1")
     assert tags[registry.TAG_DECISION] == registry.PROMOTED
     assert float(tags[registry.TAG_HEADLINE]) == pytest.approx(first.headline_macro_f1)
-    assert tags[registry.TAG_GATE_SPLIT] == sha256_file(split / "val.parquet")
+    assert tags[registry.TAG_GATE_SPLIT] == sha256_file(split / "test.parquet")
+    assert tags[registry.TAG_GATE_PART] == "test"
 
     # The training run: whole config as params, per-epoch history, tags and artifacts.
     client = mlflow.MlflowClient(config.tracking_uri)
@@ -146,6 +204,12 @@ def test_better_challenger_is_promoted_and_worse_one_stays_challenger(tmp_path, 
     assert (promoted.version, promoted.decision, promoted.champion_version) == ("2", registry.PROMOTED, "1")
     assert promoted.headline_macro_f1 > promoted.champion_headline + 0.5
     assert _aliases(config) == {"champion": "2"}
+    # The champion came from a split without a test membership record: scored, with a warning that says so.
+    gate_record = read_json(strong / "registration.json")["gate"]
+    assert gate_record["headline_gain_interval"][0] > 0.3
+    assert "before test membership was recorded" in gate_record["warnings"][0]
+    assert "before test membership was recorded" in _version_tags(config, "2")[registry.TAG_WARNING]
+    assert "**warning**: champion version 1" in (strong / "model_card.md").read_text()
 
     rejected = registry.register_run(worse, config)
     assert (rejected.version, rejected.decision, rejected.champion_version) == ("3", registry.REJECTED, "2")
@@ -168,6 +232,61 @@ def test_better_challenger_is_promoted_and_worse_one_stays_challenger(tmp_path, 
     assert "champion" in table and "rejected" in table and table.count("\n") == 6
     text = registry.describe_registration(promoted)
     assert "version 2" in text and "models:/" in text and "mlflow ui --backend-store-uri sqlite:///" in text
+
+
+def test_a_model_identical_in_its_answers_is_rejected_with_an_interval_spanning_zero(tmp_path, config_for):
+    config = config_for()
+    split = make_split(tmp_path / "split", rows=40, membership="home/test_membership/test-0.1-seed42.parquet")
+    first = registry.register_run(make_run(tmp_path / "a", split, "constant:Apparel,Blue"), config)
+    # Other weights (another version), the same answer on every image.
+    same = registry.register_run(make_run(tmp_path / "b", split, "constant:Apparel,Blue", strength=3.0), config)
+    assert (first.version, same.version, same.decision) == ("1", "2", registry.REJECTED)
+    gate_record = read_json(tmp_path / "b" / "registration.json")["gate"]
+    low, high = gate_record["headline_gain_interval"]
+    assert low <= 0 <= high and (low, high) == (0.0, 0.0)
+    assert "does not lie above min_delta" in same.reason and gate_record["warnings"] == []
+    assert gate_record["bootstrap"]["resamples"] == 1000 and gate_record["bootstrap"]["images"] == 40
+    tags = _version_tags(config, "2")
+    assert (float(tags[registry.TAG_GAIN_LOW]), float(tags[registry.TAG_GAIN_HIGH])) == (0.0, 0.0)
+    assert tags[registry.TAG_TEST_MEMBERSHIP] == "home/test_membership/test-0.1-seed42.parquet"
+    card = (tmp_path / "b" / "model_card.md").read_text()
+    assert "95% interval of the headline gain" in card and "[+0.0000, +0.0000]" in card
+    assert _aliases(config) == {"champion": "1", "challenger": "2"}
+
+
+def test_evaluate_and_the_gate_give_one_model_one_score(tmp_path, config_for):
+    """One scoring path: evaluate (a checkpoint) and the gate (the registered pyfunc) score the same images the same
+    way, originals first and the prepared copy where an original is gone."""
+    from fashion_tagger.evaluate import evaluate_run
+    from fashion_tagger.layout import SplitDir, cached_image_path
+
+    config = config_for()
+    split = make_split(tmp_path / "split", rows=40)
+    cache = tmp_path / "cache"
+    test = pd.read_parquet(split / "test.parquet")
+    for original, sha in zip(test["image_path"][:5], test["image_sha256"][:5], strict=True):
+        cached = cached_image_path(cache, sha, 32, 40)
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        Path(original).rename(cached)  # the original is gone; its prepared copy remains
+    (SplitDir(split).prepared).write_text(json.dumps({"cache_root": str(cache), "width": 32, "height": 40}))
+    run_dir = make_run(tmp_path / "run", split, "probe:noisy")
+
+    evaluated = evaluate_run(run_dir, config)
+    registered = registry.register_run(run_dir, config)
+    # Neither trivially right nor constant: its answers hang on the pixels of each image.
+    assert 0.4 < evaluated.attributes["masterCategory"]["macro_f1"] < 0.95
+    assert registered.headline_macro_f1 == pytest.approx(evaluated.headline_macro_f1, abs=1e-6)
+    gate_record = read_json(run_dir / "registration.json")["gate"]
+    for attribute, row in gate_record["attributes"].items():
+        assert row["challenger_macro_f1"] == pytest.approx(evaluated.attributes[attribute]["macro_f1"], abs=1e-6)
+    metrics = read_json(run_dir / "eval" / "metrics.json")
+    assert metrics["split"] == "test" and metrics["val"]["split"] == "val"
+    client = mlflow.MlflowClient(config.tracking_uri)
+    logged = client.get_run(registered.run_id).data.metrics
+    assert logged["eval.test.headline_macro_f1"] == pytest.approx(evaluated.headline_macro_f1)
+    assert "eval.val.headline_macro_f1" in logged
+    card = (run_dir / "model_card.md").read_text()
+    assert "## Test metrics (the headline)" in card and "## Validation metrics" in card
 
 
 def test_champion_is_rescored_on_the_challengers_split(tmp_path, config_for):
@@ -193,7 +312,7 @@ def test_champion_is_rescored_on_the_challengers_split(tmp_path, config_for):
     assert challenger.decision == registry.PROMOTED and _aliases(config) == {"champion": "2"}
 
     gate = read_json(tmp_path / "challenger" / "registration.json")["gate"]
-    assert gate["split_hash"] == sha256_file(split_b / "val.parquet") != sha256_file(split_a / "val.parquet")
+    assert gate["split_hash"] == sha256_file(split_b / "test.parquet") != sha256_file(split_a / "test.parquet")
     assert gate["champion_stored_headline"] == pytest.approx(champion.headline_macro_f1)
     assert gate["champion"]["attributes"]["baseColour"]["macro_f1"] == pytest.approx(
         compute_metrics(y_true, y_pred, labels_b)["attributes"]["baseColour"]["macro_f1"])

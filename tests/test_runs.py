@@ -183,7 +183,8 @@ def test_two_runs_started_at_the_same_moment_in_a_fresh_home_both_succeed(tmp_pa
     home = tmp_path / "home"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("FASHION_TAGGER_", "MLFLOW_"))}
     env.update(FASHION_TAGGER_HOME=str(home), PYTHONUNBUFFERED="1")
-    procs = [subprocess.Popen([sys.executable, "-m", "fashion_tagger", *DEMO_RUN], stdout=subprocess.PIPE,
+    # --force: both must train and register even if one finds the other's champion (nothing changed) first.
+    procs = [subprocess.Popen([sys.executable, "-m", "fashion_tagger", *DEMO_RUN, "--force"], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True, env=env) for _ in range(2)]
     results = []
     for proc in procs:
