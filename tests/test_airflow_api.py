@@ -41,6 +41,7 @@ FORM = {  # what the trigger form sends: typed values, empty fields as null
     "learning_rate": None,
     "promote": "yes",
     "min_delta": 0.0,
+    "force": "keep",
 }
 
 

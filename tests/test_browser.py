@@ -283,6 +283,11 @@ def trigger_and_watch_in_airflow(services: Services, page, shots: Screenshots) -
 
     # One run, the one just triggered: no scheduled run starts beside it and nothing waits in the queue.
     page.get_by_role("link", name=DAG_TITLE, exact=True).first.click()
+    try:
+        page.wait_for_url(re.compile(rf"/dags/{DAG_ID}$"), timeout=15_000)
+    except sync_api.TimeoutError:
+        # The breadcrumb link sometimes swallows a click made while the run page is still loading its data.
+        page.goto(f"{services.airflow_url}/dags/{DAG_ID}")
     expect(page).to_have_url(re.compile(rf"/dags/{DAG_ID}$"))
     page.get_by_role("link", name="Runs", exact=True).click()
     run_rows = page.get_by_role("table").get_by_role("row").filter(has=page.get_by_role("link", name=re.compile("__")))

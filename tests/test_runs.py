@@ -183,8 +183,7 @@ def test_two_runs_started_at_the_same_moment_in_a_fresh_home_both_succeed(tmp_pa
     home = tmp_path / "home"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("FASHION_TAGGER_", "MLFLOW_"))}
     env.update(FASHION_TAGGER_HOME=str(home), PYTHONUNBUFFERED="1")
-    # --force: both must train and register even if one finds the other's champion (nothing changed) first.
-    procs = [subprocess.Popen([sys.executable, "-m", "fashion_tagger", *DEMO_RUN, "--force"], stdout=subprocess.PIPE,
+    procs = [subprocess.Popen([sys.executable, "-m", "fashion_tagger", *DEMO_RUN], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True, env=env) for _ in range(2)]
     results = []
     for proc in procs:
@@ -194,10 +193,13 @@ def test_two_runs_started_at_the_same_moment_in_a_fresh_home_both_succeed(tmp_pa
     roots = {r["run_root"] for r in results}
     assert len(roots) == 2 and all(Path(r).parent == home / "runs" for r in roots)
     assert sum(r["stages"]["fetch"]["downloaded"] for r in results) == 1  # one generated the dataset
-    # Exactly one model version per distinct model: identity is what the model computes.
-    identities = {r["stages"]["register"]["version"] for r in results}
+    # Exactly one model version per distinct model: identity is what the model computes. (A run that reached
+    # training after the other registered the same data and config skips retraining: then it registers nothing.)
+    registered = [r["stages"]["register"] for r in results if "register" in r["stages"]]
+    assert registered and all(r.get("version") for r in registered)
     versions = model_versions(home)
-    assert len(versions) == len({v["fashion_tagger.content_id"] for v in versions}) == len(identities)
+    assert len(versions) == len({v["fashion_tagger.content_id"] for v in versions}) == len(
+        {r["version"] for r in registered})
     assert [row["status"] for row in list_runs(Home(home))] == [COMPLETE, COMPLETE]
 
 
