@@ -15,6 +15,8 @@ from typing import Any
 
 from airflow.sdk import Asset, AssetOrTimeSchedule, CronTriggerTimetable, Param, dag, task
 
+from fashion_tagger import orchestration  # light: no torch/mlflow at parse time
+
 # Deployment settings, read when the file is parsed; the queue, pool and retry variables are the training DAG's.
 GPU_QUEUE = os.environ.get("FASHION_TAGGER_GPU_QUEUE", "gpu")
 GPU_POOL = os.environ.get("FASHION_TAGGER_GPU_POOL", "gpu")
@@ -42,18 +44,12 @@ def schedule_from_env(value: str | None) -> Any:
 
 @contextmanager
 def errors_follow_the_contract():
-    """fashion_tagger.errors' contract: bad input (a catalog or model that does not exist) fails the task at once,
-    a transient fault (registry, S3, a killed child) is raised for Airflow to retry."""
+    """fashion_tagger.errors' contract: bad input fails the task at once (no retry); transient faults and crashes
+    are raised as they are, so Airflow retries them."""
     from airflow.sdk.exceptions import AirflowFailException
 
-    from fashion_tagger.errors import FashionTaggerError
-
-    try:
+    with orchestration.final_errors_raise(AirflowFailException):
         yield
-    except FashionTaggerError as exc:
-        if not exc.retryable:
-            raise AirflowFailException(f"{type(exc).__name__}: {exc}") from exc
-        raise
 
 
 TAG_SHARD_DOC = """
@@ -113,13 +109,7 @@ PARAMS = {
     max_active_runs=1,  # two runs would write the same tags folder
     params=PARAMS,
     tags=["fashion-tagger", "tagging", "mlflow"],
-    default_args={
-        "owner": "fashion-tagger",
-        "retries": RETRIES,
-        "retry_delay": timedelta(minutes=1),
-        "retry_exponential_backoff": 2.0,
-        "max_retry_delay": timedelta(minutes=30),
-    },
+    default_args=orchestration.default_args(RETRIES),
 )
 def fashion_tagger_tagging():
     """

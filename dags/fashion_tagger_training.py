@@ -43,18 +43,12 @@ def schedule_from_env(value: str | None) -> str | None:
 
 @contextmanager
 def errors_follow_the_contract():
-    """The error contract of fashion_tagger.errors: bad input fails the task at once (a retry would meet the same
-    input); transient faults and crashes are raised as they are, so Airflow retries them."""
+    """fashion_tagger.errors' contract: bad input fails the task at once (no retry); transient faults and crashes
+    are raised as they are, so Airflow retries them."""
     from airflow.sdk.exceptions import AirflowFailException
 
-    from fashion_tagger.errors import FashionTaggerError
-
-    try:
+    with orchestration.final_errors_raise(AirflowFailException):
         yield
-    except FashionTaggerError as exc:
-        if not exc.retryable:
-            raise AirflowFailException(f"{type(exc).__name__}: {exc}") from exc
-        raise
 
 
 # The trigger form, generated from the configuration schema and the presets (fashion_tagger.orchestration).
@@ -71,13 +65,7 @@ PARAMS = {name: Param(**spec) for name, spec in orchestration.form_params().item
     max_active_runs=1,
     params=PARAMS,
     tags=["fashion-tagger", "training", "mlflow"],
-    default_args={
-        "owner": "fashion-tagger",
-        "retries": RETRIES,
-        "retry_delay": timedelta(minutes=1),
-        "retry_exponential_backoff": 2.0,
-        "max_retry_delay": timedelta(minutes=30),
-    },
+    default_args=orchestration.default_args(RETRIES),
 )
 def fashion_tagger_training():
     """

@@ -16,7 +16,8 @@ import subprocess
 import sys
 import threading
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -97,6 +98,35 @@ class StageProcessError(FashionTaggerError):
     @property
     def bad_input(self) -> bool:
         return not self.retryable
+
+
+# --- what every DAG of the project shares ---------------------------------------------------------------------------
+
+
+def default_args(retries: int) -> dict[str, Any]:
+    """Airflow `default_args` of the project's DAGs: RETRIES with exponential backoff from 1 to 30 minutes."""
+    from datetime import timedelta
+
+    return {
+        "owner": "fashion-tagger",
+        "retries": retries,
+        "retry_delay": timedelta(minutes=1),
+        "retry_exponential_backoff": 2.0,
+        "max_retry_delay": timedelta(minutes=30),
+    }
+
+
+@contextmanager
+def final_errors_raise(fail: type[Exception]) -> Iterator[None]:
+    """The orchestrator's side of the error contract (errors.py): bad input is re-raised as FAIL (Airflow's
+    AirflowFailException: no retry, a retry would meet the same input); transient faults and crashes propagate
+    unchanged, so the orchestrator retries them."""
+    try:
+        yield
+    except FashionTaggerError as exc:
+        if not exc.retryable:
+            raise fail(f"{type(exc).__name__}: {exc}") from exc
+        raise
 
 
 # --- the trigger form, generated from the config schema -------------------------------------------------------------
