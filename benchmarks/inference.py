@@ -135,16 +135,41 @@ def to_markdown(frame: pd.DataFrame) -> str:
         return frame.to_string(index=False)
 
 
-def write_section(path: Path, text: str) -> None:
-    """Replace this benchmark's section of PATH (or append it), leaving the other sections as they are."""
+def write_section(path: Path, section: str, text: str) -> None:
+    """Replace SECTION of PATH (or append it), leaving the other sections as they are."""
     current = path.read_text() if path.is_file() else ""
-    start = current.find(SECTION)
+    start = current.find(section)
     if start < 0:
         updated = current.rstrip() + ("\n\n" if current.strip() else "") + text
     else:
-        end = current.find("\n## ", start + len(SECTION))
+        end = current.find("\n## ", start + len(section))
         updated = current[:start] + text + (current[end:] if end >= 0 else "")
     path.write_text(updated.rstrip() + "\n")
+
+
+def publish(section: str, description: str, script: str, rows: list[dict], append: Path | None) -> str:
+    """The benchmark's markdown section: what was measured, how to reproduce it, where, and the table; printed,
+    and written into APPEND's SECTION when given."""
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+    command = " ".join([script, *sys.argv[1:]])
+    text = "\n".join([
+        section,
+        "",
+        description,
+        "",
+        f"Reproduce: `.venv/bin/python {command}`",
+        "",
+        f"Measured in one run on {platform.node() or 'this machine'}: {os.cpu_count()} CPUs "
+        f"(torch threads {torch.get_num_threads()}), GPU {gpu}.",
+        "",
+        to_markdown(pd.DataFrame(rows)),
+        "",
+    ])
+    print("\n" + text)
+    if append:
+        write_section(append, section, text)
+        print(f"wrote {section!r} into {append}")
+    return text
 
 
 def main() -> None:
@@ -176,29 +201,16 @@ def main() -> None:
                 rows.append(measure(label, files, model, device, args.rounds))
                 print(rows[-1], flush=True)
 
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
-    command = " ".join(["benchmarks/inference.py", *sys.argv[1:]])
-    text = "\n".join([
+    publish(
         SECTION,
-        "",
         f"Served pyfunc model (`fashion_tagger.pyfunc_model`, JPEG bytes in a DataFrame -> tags) against the bare "
         f"network forward on the same, already preprocessed batch: {args.backbone}, {args.width}x{args.height} input, "
         f"batch {args.batch}, fp32, best of {args.rounds}. The gap is decoding, fitting/padding, normalising and "
         "decoding labels.",
-        "",
-        f"Reproduce: `.venv/bin/python {command}`",
-        "",
-        f"Measured in one run on {platform.node() or 'this machine'}: {os.cpu_count()} CPUs "
-        f"(torch threads {torch.get_num_threads()}), GPU {gpu}.",
-        "",
-        to_markdown(pd.DataFrame(rows)),
-        "",
-    ])
-    print("\n" + text)
-    if args.append:
-        write_section(args.append, text)
-        print(f"wrote {SECTION!r} into {args.append}")
-
+        "benchmarks/inference.py",
+        rows,
+        args.append,
+    )
 
 if __name__ == "__main__":
     main()

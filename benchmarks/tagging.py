@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -27,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from inference import export_model, load_pyfunc, to_markdown, write_section  # noqa: E402
+from inference import export_model, load_pyfunc, publish  # noqa: E402
 
 from fashion_tagger import tagging  # noqa: E402
 from fashion_tagger.config import load_config  # noqa: E402
@@ -116,30 +115,18 @@ def main() -> None:
     ]
     for row in rows:
         print(row, flush=True)
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
-    command = " ".join(["benchmarks/tagging.py", *sys.argv[1:]])
-    text = "\n".join([
+    publish(
         SECTION,
-        "",
         f"`fashion-tagger tag` against the served pyfunc model called once per image, same export and files: "
         f"{args.backbone} (random weights, production head sizes), {args.width}x{args.height} input, {n} {label} "
         f"JPEGs, batch {args.batch}, device {args.device}, `tag` with {tagging.loader_workers(args.workers, n)} "
         f"DataLoader workers; best of {args.rounds} alternating rounds. `tag` times include loading the model and "
         f"writing every output; the served model was loaded before timing. masterCategory tags agree on "
         f"{agree:.0%} of the images.",
-        "",
-        f"Reproduce: `.venv/bin/python {command}`",
-        "",
-        f"Measured in one run on {platform.node() or 'this machine'}: {os.cpu_count()} CPUs "
-        f"(torch threads {torch.get_num_threads()}), GPU {gpu}.",
-        "",
-        to_markdown(pd.DataFrame(rows)),
-        "",
-    ])
-    print("\n" + text)
-    if args.append:
-        write_section(args.append, text)
-        print(f"wrote {SECTION!r} into {args.append}")
+        "benchmarks/tagging.py",
+        rows,
+        args.append,
+    )
 
 
 if __name__ == "__main__":
