@@ -86,3 +86,24 @@ def tiny_config(**train: object) -> Config:
                   "num_workers": 0, "progress_bar": False, "seed": 0, **train},
     }
     return load_config(None, overrides)
+
+
+def train_on_real_small_images(real_small_raw: Path, root: Path, **extra: object) -> Config:
+    """The real-data tier's short training: 3,000 real 60x80 images through validate, split and prepare at 48x64,
+    three epochs of a tiny backbone into root/run. EXTRA adds config sections; returns the config it trained with."""
+    from fashion_tagger.prepare import prepare_images
+    from fashion_tagger.split import split_dataset
+    from fashion_tagger.train import train_model
+    from fashion_tagger.validate import validate_dataset
+
+    validate_dataset(real_small_raw, root / "clean", workers=2)
+    split_dataset(root / "clean", root / "split", min_class_count=100, max_rows=3000)
+    prepare_images(root / "split", root / "cache", width=48, height=64, workers=2)
+    config = load_config("demo", {
+        "images": {"width": 48, "height": 64},
+        "model": {"backbone": "test_efficientnet", "pretrained": False},
+        "train": {"epochs": 3, "batch_size": 64, "num_workers": 0, "progress_bar": False},
+        **extra,
+    })
+    train_model(config, split_dir=root / "split", run_dir=root / "run")
+    return config

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from process_sessions import session_members
 
 REPO = Path(__file__).resolve().parents[1]
 DAG_ID = "fashion_tagger_training"
@@ -124,16 +125,6 @@ def airflow_processes(env: dict[str, str], log_dir: Path):
         for proc in procs:
             _signal_session(proc.pid, signal.SIGKILL)
             proc.wait(timeout=10)
-
-
-def session_members(session_id: int) -> list[int]:
-    members = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            with suppress(OSError):
-                if os.getsid(int(entry)) == session_id:
-                    members.append(int(entry))
-    return members
 
 
 def _signal_session(session_id: int, sig: int) -> None:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from process_sessions import session_members
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow, pytest.mark.timeout(1200)]
 
@@ -82,16 +83,6 @@ class Services:
     password: str
 
 
-def _session_members(session_id: int) -> list[int]:
-    members = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            with suppress(OSError):
-                if os.getsid(int(entry)) == session_id:
-                    members.append(int(entry))
-    return members
-
-
 @pytest.fixture
 def services(isolated_home):
     """What `make up` starts, in a temporary home on free ports; `make down` (scripts/down.sh) stops it afterwards."""
@@ -121,7 +112,7 @@ def services(isolated_home):
         sessions = [int(p.read_text()) for p in service_dir.glob("*.pid")] if service_dir.is_dir() else []
         down = subprocess.run(["scripts/down.sh"], cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
     assert down.returncode == 0, f"scripts/down.sh failed:\n{down.stdout}\n{down.stderr}"
-    left = {sid: _session_members(sid) for sid in sessions}
+    left = {sid: session_members(sid) for sid in sessions}
     assert not any(left.values()), f"make down left processes running: {left}"
     written = checkout_files() - before  # e.g. MLflow's ./mlruns when a service runs from the checkout
     assert not written, f"make up / the DAG run wrote into the checkout: {sorted(written)}"

@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from tagger_fixtures import draw, jpeg_bytes, make_run, make_split, tiny_config
+from tagger_helpers import train_on_real_small_images
 
 from fashion_tagger import tagging
 from fashion_tagger.config import ConfigError, load_config
@@ -460,21 +461,7 @@ def test_dag_tags_the_catalog_then_only_new_images_then_retags_for_a_new_champio
 @pytest.mark.real_data
 def test_tags_of_a_model_trained_on_real_photos_agree_with_styles_csv(real_small_raw, tmp_path, one_torch_thread):
     """Train briefly on the real small images, then tag held-out real photos: far above the majority share."""
-    from fashion_tagger.prepare import prepare_images
-    from fashion_tagger.split import split_dataset
-    from fashion_tagger.train import train_model
-    from fashion_tagger.validate import validate_dataset
-
-    validate_dataset(real_small_raw, tmp_path / "clean", workers=2)
-    split_dataset(tmp_path / "clean", tmp_path / "split", min_class_count=100, max_rows=3000)
-    prepare_images(tmp_path / "split", tmp_path / "cache", width=48, height=64, workers=2)
-    config = load_config("demo", {
-        "images": {"width": 48, "height": 64},
-        "model": {"backbone": "test_efficientnet", "pretrained": False},
-        "train": {"epochs": 3, "batch_size": 64, "num_workers": 0, "progress_bar": False},
-        "tagging": {"workers": 2},
-    })
-    train_model(config, split_dir=tmp_path / "split", run_dir=tmp_path / "run")
+    config = train_on_real_small_images(real_small_raw, tmp_path, tagging={"workers": 2})
 
     # Tag photos the model never trained on: every real image outside the training split.
     trained_on = set(pd.read_parquet(tmp_path / "split" / "train.parquet")["id"].astype(str))

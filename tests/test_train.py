@@ -13,7 +13,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger
-from tagger_helpers import make_split, tiny_config
+from tagger_helpers import make_split, tiny_config, train_on_real_small_images
 
 from fashion_tagger.config import load_config
 from fashion_tagger.data import eval_transform, normalize, pixel_stats, train_transform
@@ -214,19 +214,7 @@ def test_augmentation_keeps_size_and_colour_and_normalises_on_the_device():
 @pytest.mark.slow
 @pytest.mark.real_data
 def test_short_training_on_real_small_images_beats_the_majority_baseline(real_small_raw, tmp_path):
-    from fashion_tagger.prepare import prepare_images
-    from fashion_tagger.split import split_dataset
-    from fashion_tagger.validate import validate_dataset
-
-    validate_dataset(real_small_raw, tmp_path / "clean", workers=2)
-    split_dataset(tmp_path / "clean", tmp_path / "split", min_class_count=100, max_rows=3000)
-    prepare_images(tmp_path / "split", tmp_path / "cache", width=48, height=64, workers=2)
-    config = load_config("demo", {
-        "images": {"width": 48, "height": 64},
-        "model": {"backbone": "test_efficientnet", "pretrained": False},
-        "train": {"epochs": 3, "batch_size": 64, "num_workers": 0, "progress_bar": False},
-    })
-    train_model(config, split_dir=tmp_path / "split", run_dir=tmp_path / "run")
+    config = train_on_real_small_images(real_small_raw, tmp_path)
     evaluation = evaluate_run(tmp_path / "run", config)
     for attribute in ("masterCategory", "subCategory"):
         scores = evaluation.attributes[attribute]
