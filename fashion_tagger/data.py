@@ -32,7 +32,7 @@ def read_split(split_dir: str | Path, part: str, attributes: Sequence[str]) -> p
     """One part (`train`, `val`) of a split with its image hashes and the encoded columns of ATTRIBUTES."""
     path = SplitDir(Path(split_dir)).part(part)
     if not path.is_file():
-        raise DataError(f"{path} does not exist: run `fashion-tagger split CLEAN_DIR {split_dir}` first")
+        raise DataError(f"{path} does not exist: run the split stage first (`fashion-tagger split RUN`)")
     frame = pd.read_parquet(path)
     needed = ["image_sha256", *(label_column(a) for a in attributes)]
     missing = [c for c in needed if c not in frame.columns]

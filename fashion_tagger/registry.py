@@ -405,9 +405,9 @@ def list_versions(config: Config) -> list[dict[str, Any]]:
 def format_versions(rows: Sequence[Mapping[str, Any]]) -> str:
     """A plain table for `fashion-tagger models`."""
     if not rows:
-        return "no registered versions yet: run `fashion-tagger register --run-dir DIR` after training"
+        return "no registered versions yet: `fashion-tagger run` (or `fashion-tagger register RUN`) registers one"
     headers = ("version", "aliases", "headline", "decision", "champion then", "created")
-    table = [headers] + [
+    table = [
         (
             str(row["version"]),
             ",".join(row["aliases"]) or "-",
@@ -418,10 +418,7 @@ def format_versions(rows: Sequence[Mapping[str, Any]]) -> str:
         )
         for row in rows
     ]
-    widths = [max(len(line[i]) for line in table) for i in range(len(headers))]
-    lines = ["  ".join(cell.ljust(widths[i]) for i, cell in enumerate(line)).rstrip() for line in table]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return f"{rows[0]['name']}\n" + "\n".join(lines)
+    return f"{rows[0]['name']}\n" + reports.text_table(headers, table)
 
 
 def ui_command(tracking_uri: str, port: int = 5000) -> str:

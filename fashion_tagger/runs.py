@@ -245,13 +245,11 @@ def format_runs(rows: list[Mapping[str, Any]]) -> str:
     """A plain table for `fashion-tagger runs`."""
     if not rows:
         return "no runs yet: start one with `fashion-tagger run --config demo`"
+    from fashion_tagger.reports import text_table
+
     headers = ("run", "status", "last stage done", "created", "model version")
-    table = [headers] + [
+    return text_table(headers, [
         (row["run_id"], row["status"], row["last_completed_stage"] or "-", str(row.get("created") or "-")[:19],
          str(row.get("model_version") or "-"))
         for row in rows
-    ]
-    widths = [max(len(line[i]) for line in table) for i in range(len(headers))]
-    lines = ["  ".join(cell.ljust(widths[i]) for i, cell in enumerate(line)).rstrip() for line in table]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    ])
