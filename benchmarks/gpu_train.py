@@ -37,8 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from quality import real_raw_dir  # noqa: E402  (benchmarks/ is the script's folder)
 
-from fashion_tagger import stages  # noqa: E402
-from fashion_tagger.config import load_config  # noqa: E402
+from fashion_tagger.core.config import load_config  # noqa: E402
+from fashion_tagger.runs import stages  # noqa: E402
 
 KEEPS_UP = 1.1  # the loader must deliver this multiple of the training rate
 
@@ -114,7 +114,7 @@ def loader_rate(split_dir: Path, batch_size: int, workers: int, batches: int) ->
     """Images/s of the train loader alone (augmentation, decode, collate, pinned memory), after one warm-up batch."""
     import torch
 
-    from fashion_tagger.data import TaggerDataModule
+    from fashion_tagger.training.datamodule import TaggerDataModule
 
     datamodule = TaggerDataModule(split_dir, batch_size=batch_size, num_workers=workers,
                                   pin_memory=torch.cuda.is_available())
@@ -221,7 +221,7 @@ def main() -> None:
 
 def run_setting(args: argparse.Namespace, home: Path, compiled: bool, batch: int, accelerator: str,
                 limit_batches: int | None) -> dict[str, Any]:
-    from fashion_tagger.train import train_model
+    from fashion_tagger.training.train import train_model
 
     name = f"{'compile' if compiled else 'eager'}-{batch}"
     config = load_config("default", [

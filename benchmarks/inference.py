@@ -25,11 +25,11 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fashion_tagger.config import load_config  # noqa: E402
-from fashion_tagger.labels import LabelSpace  # noqa: E402
-from fashion_tagger.model import FashionTagger  # noqa: E402
-from fashion_tagger.predict import MODEL_FIELDS, Predictor  # noqa: E402
-from fashion_tagger.pyfunc_model import DEVICE_ENV, images_from_frame  # noqa: E402
+from fashion_tagger.core.config import load_config  # noqa: E402
+from fashion_tagger.data.labels import LabelSpace  # noqa: E402
+from fashion_tagger.model.network import FashionTagger  # noqa: E402
+from fashion_tagger.serving.predict import MODEL_FIELDS, Predictor  # noqa: E402
+from fashion_tagger.serving.pyfunc_model import DEVICE_ENV, images_from_frame  # noqa: E402
 
 DEFAULT_REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "fashion-real"
 SECTION = "## inference (issue 4)"
@@ -53,8 +53,8 @@ def load_pyfunc(export_dir: Path, work: Path, device: str):
     """Log the export as our pyfunc model into a throwaway store and load it back, as serving would."""
     import mlflow
 
-    from fashion_tagger import tracking
-    from fashion_tagger.pyfunc_model import log_tagger_model
+    from fashion_tagger.core import tracking
+    from fashion_tagger.serving.pyfunc_model import log_tagger_model
 
     config = load_config(overrides={"home": str(work / "home")})
     os.environ[DEVICE_ENV] = device
@@ -120,7 +120,7 @@ def image_sets(real: Path, batch: int, work: Path) -> list[tuple[str, list[Path]
         if files:
             sets.append((f"real {name.removeprefix('images-')}", files))
     if not sets:
-        from fashion_tagger.synth import generate_dataset
+        from fashion_tagger.data.synthetic.generator import generate_dataset
 
         for size in ("small", "full"):
             generate_dataset(work / size, rows=batch, size=size, seed=3)
@@ -203,9 +203,10 @@ def main() -> None:
 
     publish(
         SECTION,
-        f"Served pyfunc model (`fashion_tagger.pyfunc_model`, JPEG bytes in a DataFrame -> tags) against the bare "
-        f"network forward on the same, already preprocessed batch: {args.backbone}, {args.width}x{args.height} input, "
-        f"batch {args.batch}, fp32, best of {args.rounds}. The gap is decoding, fitting/padding, normalising and "
+        "Served pyfunc model (`fashion_tagger.serving.pyfunc_model`, JPEG bytes in a DataFrame -> tags) against the "
+        f"bare network forward on the same, already preprocessed batch: {args.backbone}, "
+        f"{args.width}x{args.height} input, batch {args.batch}, fp32, best of {args.rounds}. The gap is decoding, "
+        "fitting/padding, normalising and "
         "decoding labels.",
         "benchmarks/inference.py",
         rows,

@@ -4,7 +4,7 @@ reference: open the full-size JPEG, decode it completely and resize it to 256x25
 ours:      read the 240x320 JPEG that `prepare` wrote once into the cache, random resized crop + flip.
 Both come out of the same DataLoader settings (persistent workers, one untimed epoch first). The one-off cost of
 filling the cache is printed too, with the number of epochs after which it has paid for itself.
-Inputs: generated 1800x2400 JPEGs (fashion_tagger.synth, size='full') and, when present, the real
+Inputs: generated 1800x2400 JPEGs (fashion_tagger.data.synthetic.generator, size='full') and, when present, the real
 full-size sample in ../shared/data/fashion-real/images-full.
 
     python benchmarks/loader.py --images 48 --workers 0
@@ -26,9 +26,9 @@ from torch.utils.data import DataLoader, Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fashion_tagger.cache import cached_image_path  # noqa: E402
-from fashion_tagger.data import load_rgb, train_transform  # noqa: E402
-from fashion_tagger.prepare import prepare_image  # noqa: E402
+from fashion_tagger.data.cache import cached_image_path  # noqa: E402
+from fashion_tagger.data.prepare import prepare_image  # noqa: E402
+from fashion_tagger.training.datamodule import load_rgb, train_transform  # noqa: E402
 
 REAL_FULL = Path(__file__).resolve().parents[2] / "shared" / "data" / "fashion-real" / "images-full"
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet, as EfficientNet's pretrained config
@@ -55,7 +55,7 @@ class ReferenceDataset(Dataset):
 
 
 class CachedDataset(Dataset):
-    """Ours: the prepared cache image plus the training augmentation of fashion_tagger.data.
+    """Ours: the prepared cache image plus the training augmentation of fashion_tagger.training.datamodule.
 
     It hands uint8 tensors to the model, which normalises the batch on its device (see TaggerModule).
     """
@@ -133,7 +133,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="loader-bench-") as tmp:
         work = Path(tmp)
         if args.images:
-            from fashion_tagger.synth import generate_dataset
+            from fashion_tagger.data.synthetic.generator import generate_dataset
 
             started = time.perf_counter()
             generate_dataset(work / "synthetic", rows=args.images, size="full", seed=0)

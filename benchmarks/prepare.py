@@ -20,7 +20,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fashion_tagger.prepare import prepare_image, prepare_images  # noqa: E402
+from fashion_tagger.data.prepare import prepare_image, prepare_images  # noqa: E402
 
 DEFAULT_REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "fashion-real" / "images-full"
 
@@ -54,7 +54,7 @@ def images_per_second(funcs: dict[str, Callable[[Path], object]], paths: list[Pa
 
 
 def generated_images(out: Path, count: int) -> list[Path]:
-    from fashion_tagger.synth import generate_dataset
+    from fashion_tagger.data.synthetic.generator import generate_dataset
 
     generate_dataset(out, rows=count, size="full", seed=1)
     return sorted((out / "images").glob("*.jpg"))

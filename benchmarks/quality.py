@@ -32,8 +32,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fashion_tagger import stages  # noqa: E402
-from fashion_tagger.config import Config, load_config  # noqa: E402
+from fashion_tagger.core.config import Config, load_config  # noqa: E402
+from fashion_tagger.runs import stages  # noqa: E402
 
 log = logging.getLogger("quality")
 MAX_OVERRUN = 1.3  # the Timer's hard stop, as a multiple of the budget
@@ -101,7 +101,7 @@ def real_raw_dir(data: Path, out: Path) -> Path:
 def augmentation(enabled: bool) -> Iterator[None]:
     """The project always augments its training images; the reference recipe does not, so for it the training
     transform is the evaluation one (the cached image as it is)."""
-    import fashion_tagger.data as data
+    import fashion_tagger.training.datamodule as data
 
     original = data.train_transform
     if not enabled:
@@ -140,7 +140,7 @@ def epochs_for_budget(config: Config, recipe: Recipe, split_dir: Path, run_root:
     """Seconds per epoch of RECIPE from a short timed run, and the number of epochs that fits the budget."""
     import pyarrow.parquet as pq
 
-    from fashion_tagger.train import train_model
+    from fashion_tagger.training.train import train_model
 
     calibration = config.model_copy(deep=True)
     calibration.train.epochs = 1
@@ -162,8 +162,8 @@ def run_recipe(recipe: Recipe, args: argparse.Namespace, home: Path, split_dir: 
                prepared: dict[tuple[int, int], Path]) -> dict[str, Any]:
     from lightning.pytorch.callbacks import Timer
 
-    from fashion_tagger.evaluate import evaluate_run
-    from fashion_tagger.train import train_model
+    from fashion_tagger.evaluation.evaluate import evaluate_run
+    from fashion_tagger.training.train import train_model
 
     width, height = (square_size(args.width, args.height),) * 2 if recipe.square else (args.width, args.height)
     config = recipe_config(recipe, width, height, home, args.set or [])

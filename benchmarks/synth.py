@@ -12,7 +12,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from fashion_tagger.synth import generate_dataset
+from fashion_tagger.data.synthetic.generator import generate_dataset
 
 
 def measure(rows: int, size: str, seed: int) -> float:

@@ -28,8 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from inference import export_model, load_pyfunc, publish  # noqa: E402
 
-from fashion_tagger import tagging  # noqa: E402
-from fashion_tagger.config import load_config  # noqa: E402
+from fashion_tagger.core.config import load_config  # noqa: E402
+from fashion_tagger.tagging import tagger as tagging  # noqa: E402
 
 DEFAULT_REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "fashion-real"
 SECTION = "## catalog tagging (issue 14)"
@@ -42,7 +42,7 @@ def catalog_images(real: Path, count: int, work: Path) -> tuple[str, Path]:
     files = sorted((real / "images-small").glob("*.jpg"))[:count] if (real / "images-small").is_dir() else []
     label = "real 60x80"
     if not files:
-        from fashion_tagger.synth import generate_dataset
+        from fashion_tagger.data.synthetic.generator import generate_dataset
 
         generate_dataset(work / "generated", rows=count, size="small", seed=3)
         files, label = sorted((work / "generated" / "images").glob("*.jpg"))[:count], "generated 60x80"

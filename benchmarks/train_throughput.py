@@ -25,9 +25,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fashion_tagger.losses import MaskedMultiHeadLoss, ReferenceBCELoss  # noqa: E402
-from fashion_tagger.model import FashionTagger  # noqa: E402
-from fashion_tagger.schema import IGNORE_INDEX  # noqa: E402
+from fashion_tagger.core.schema import IGNORE_INDEX  # noqa: E402
+from fashion_tagger.model.network import FashionTagger  # noqa: E402
+from fashion_tagger.training.losses import MaskedMultiHeadLoss, ReferenceBCELoss  # noqa: E402
 
 # Trainable classes per attribute on the real dataset with min_class_count=500 (71 in all).
 NUM_CLASSES = {

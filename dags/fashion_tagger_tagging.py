@@ -1,8 +1,8 @@
 """Airflow DAG `fashion_tagger_tagging`: tag the product catalog with the champion and keep the tags current.
 
 Runs when a new model is registered, when the catalog asset is updated, and on a cron schedule. Each task calls
-one function of `fashion_tagger.tagging` with paths; the shards are tagged in parallel, as child processes, on the
-GPU queue. See docs/tagging.md.
+one function of `fashion_tagger.tagging` with paths; the shards are tagged in parallel, as child processes, on
+the GPU queue. See docs/tagging.md.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any
 
 from airflow.sdk import Asset, AssetOrTimeSchedule, CronTriggerTimetable, Param, dag, task
 
-from fashion_tagger import orchestration  # light: no torch/mlflow at parse time
+from fashion_tagger.orchestration import form as orchestration  # light: no torch/mlflow at parse time
 
 # Deployment settings, read when the file is parsed; the queue, pool and retry variables are the training DAG's.
 GPU_QUEUE = os.environ.get("FASHION_TAGGER_GPU_QUEUE", "gpu")
@@ -44,7 +44,7 @@ def schedule_from_env(value: str | None) -> Any:
 
 @contextmanager
 def errors_follow_the_contract():
-    """fashion_tagger.errors' contract: bad input fails the task at once (no retry); transient faults and crashes
+    """fashion_tagger.core.errors' contract: bad input fails the task at once (no retry); transient faults and crashes
     are raised as they are, so Airflow retries them."""
     from airflow.sdk.exceptions import AirflowFailException
 
@@ -135,11 +135,11 @@ def fashion_tagger_tagging():
         Resolve the trigger parameters into the catalog, the tags folder and one concrete model version
         (`@champion` → its version number now), and write the run's `config.yaml` and `model.json`.
         """
-        from fashion_tagger import io
-        from fashion_tagger.config import load_config, save_config
-        from fashion_tagger.layout import run_dir_name
-        from fashion_tagger.orchestration import default_preset
-        from fashion_tagger.tagging import PINNED_MODEL_FILENAME, resolve_model, run_work_dir
+        from fashion_tagger.core import io
+        from fashion_tagger.core.config import load_config, save_config
+        from fashion_tagger.core.layout import run_dir_name
+        from fashion_tagger.orchestration.form import default_preset
+        from fashion_tagger.tagging.tagger import PINNED_MODEL_FILENAME, resolve_model, run_work_dir
 
         params = context["params"]
         with errors_follow_the_contract():
@@ -161,9 +161,9 @@ def fashion_tagger_tagging():
         List the catalog's images (id = file name), write the listing and the listing's rejects (ids of the
         manifest without an image, duplicate ids) and split it into shards of `tagging.shard_size` images.
         """
-        from fashion_tagger import io
-        from fashion_tagger.config import CONFIG_FILENAME, load_config
-        from fashion_tagger.tagging import LISTING_FILENAME, REJECTS_FILENAME, list_catalog, split_listing
+        from fashion_tagger.core import io
+        from fashion_tagger.core.config import CONFIG_FILENAME, load_config
+        from fashion_tagger.tagging.tagger import LISTING_FILENAME, REJECTS_FILENAME, list_catalog, split_listing
 
         config = load_config(os.path.join(run["work_dir"], CONFIG_FILENAME))
         with errors_follow_the_contract():
@@ -179,9 +179,9 @@ def fashion_tagger_tagging():
     def tag_shard(shard: dict[str, Any]) -> dict[str, Any]:
         from pathlib import Path
 
-        from fashion_tagger.config import CONFIG_FILENAME
-        from fashion_tagger.orchestration import run_json_command
-        from fashion_tagger.tagging import TAGS_FILENAME
+        from fashion_tagger.core.config import CONFIG_FILENAME
+        from fashion_tagger.orchestration.form import run_json_command
+        from fashion_tagger.tagging.tagger import TAGS_FILENAME
 
         listing = Path(shard["listing"])
         command = [sys.executable, "-m", "fashion_tagger", "tag", *map(str, [
@@ -201,9 +201,9 @@ def fashion_tagger_tagging():
         """
         import pandas as pd
 
-        from fashion_tagger.config import CONFIG_FILENAME, load_config
-        from fashion_tagger.tagging import REJECTS_FILENAME, PinnedModel
-        from fashion_tagger.tagging import merge_shards as merge
+        from fashion_tagger.core.config import CONFIG_FILENAME, load_config
+        from fashion_tagger.tagging.tagger import REJECTS_FILENAME, PinnedModel
+        from fashion_tagger.tagging.tagger import merge_shards as merge
 
         config = load_config(os.path.join(run["work_dir"], CONFIG_FILENAME))
         # By index up to the count: iterating the lazy sequence probes one past the end and logs a 404 as an error.
@@ -222,8 +222,8 @@ def fashion_tagger_tagging():
         Log the run to MLflow experiment `fashion-tagger-tagging`: counts and images/s as metrics, a
         confidence histogram per attribute, the summary, review queue, changes and rejects as artifacts.
         """
-        from fashion_tagger.config import CONFIG_FILENAME, load_config
-        from fashion_tagger.tagging import log_summary as log_to_mlflow
+        from fashion_tagger.core.config import CONFIG_FILENAME, load_config
+        from fashion_tagger.tagging.tagger import log_summary as log_to_mlflow
 
         config = load_config(os.path.join(run["work_dir"], CONFIG_FILENAME))
         run_id = log_to_mlflow(run["out_dir"], config, tags={"airflow.dag_run_id": context["run_id"]})

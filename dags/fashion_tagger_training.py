@@ -14,7 +14,7 @@ from typing import Any
 
 from airflow.sdk import Asset, Param, dag, task
 
-from fashion_tagger import orchestration  # light: the config schema and helpers, no torch/mlflow
+from fashion_tagger.orchestration import form as orchestration  # light: the config schema and helpers, no torch/mlflow
 
 # Routing and limits are deployment settings, read when the file is parsed.
 GPU_QUEUE = os.environ.get("FASHION_TAGGER_GPU_QUEUE", "gpu")
@@ -43,7 +43,7 @@ def schedule_from_env(value: str | None) -> str | None:
 
 @contextmanager
 def errors_follow_the_contract():
-    """fashion_tagger.errors' contract: bad input fails the task at once (no retry); transient faults and crashes
+    """fashion_tagger.core.errors' contract: bad input fails the task at once (no retry); transient faults and crashes
     are raised as they are, so Airflow retries them."""
     from airflow.sdk.exceptions import AirflowFailException
 
@@ -51,7 +51,7 @@ def errors_follow_the_contract():
         yield
 
 
-# The trigger form, generated from the configuration schema and the presets (fashion_tagger.orchestration).
+# The trigger form, generated from the configuration schema and the presets (fashion_tagger.orchestration.form).
 PARAMS = {name: Param(**spec) for name, spec in orchestration.form_params().items()}
 
 
@@ -95,8 +95,8 @@ def fashion_tagger_training():
         available under `<home>/raw/<name>/` (Kaggle, S3, a folder or a generated one). A complete earlier
         download is reused; a second run fetching the same source waits for the first and reuses it.
         """
-        from fashion_tagger.runs import create_run
-        from fashion_tagger.stages import run_stage
+        from fashion_tagger.runs.run import create_run
+        from fashion_tagger.runs.stages import run_stage
 
         with errors_follow_the_contract():
             config = orchestration.config_from_params(context["params"], fixed=FIXED_OVERRIDES)
@@ -124,8 +124,8 @@ def fashion_tagger_training():
     @task
     def build_splits(validated: dict[str, Any]) -> dict[str, Any]:
         """Encode the labels and write the train/validation/test parts to `split/` (an image once in test stays)."""
-        from fashion_tagger.runs import open_run
-        from fashion_tagger.stages import run_stage
+        from fashion_tagger.runs.run import open_run
+        from fashion_tagger.runs.stages import run_stage
 
         with errors_follow_the_contract():
             result = run_stage(open_run(validated["run_root"]), "split")
@@ -154,8 +154,8 @@ def fashion_tagger_training():
         """
         from airflow.sdk.exceptions import AirflowSkipException
 
-        from fashion_tagger.runs import open_run
-        from fashion_tagger.stages import retrain_skip_reason, skip_retraining
+        from fashion_tagger.runs.run import open_run
+        from fashion_tagger.runs.stages import retrain_skip_reason, skip_retraining
 
         with errors_follow_the_contract():
             run = open_run(prepared["run_root"])
@@ -184,8 +184,8 @@ def fashion_tagger_training():
         the noise (a paired bootstrap). The decision, its interval and reason are recorded on the version. A
         model that is already registered (same weights, labels, preprocessing) is not registered again.
         """
-        from fashion_tagger.runs import open_run
-        from fashion_tagger.stages import run_stage
+        from fashion_tagger.runs.run import open_run
+        from fashion_tagger.runs.stages import run_stage
 
         with errors_follow_the_contract():
             result = run_stage(open_run(evaluated["run_root"]), "register")

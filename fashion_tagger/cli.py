@@ -15,8 +15,8 @@ from typing import Annotated, Any
 
 import typer
 
-from fashion_tagger.config import load_config
-from fashion_tagger.errors import FashionTaggerError
+from fashion_tagger.core.config import load_config
+from fashion_tagger.core.errors import FashionTaggerError
 
 app = typer.Typer(
     name="fashion-tagger",
@@ -60,7 +60,7 @@ def _setup(
 @app.command()
 def presets() -> None:
     """List the bundled configuration presets."""
-    from fashion_tagger.config import preset_names
+    from fashion_tagger.core.config import preset_names
 
     for name in preset_names():
         typer.echo(name)
@@ -83,7 +83,7 @@ def synth(
     seed: int = 0,
 ) -> None:
     """Generate a dataset in the exact Kaggle format (styles.csv + images/<id>.jpg)."""
-    from fashion_tagger.synth import generate_dataset
+    from fashion_tagger.data.synthetic.generator import generate_dataset
 
     _emit(generate_dataset(out_dir, rows=rows, size=size, seed=seed))
 
@@ -95,8 +95,8 @@ def _stage_command(name: str, summary: str) -> None:
     """Register `fashion-tagger NAME RUN`: stage NAME of an existing run, settings from the run's config.yaml."""
 
     def command(run: RunArgument) -> None:
-        from fashion_tagger.runs import is_rank_zero, open_run
-        from fashion_tagger.stages import run_stage
+        from fashion_tagger.runs.run import is_rank_zero, open_run
+        from fashion_tagger.runs.stages import run_stage
 
         result = run_stage(open_run(run), name)
         if is_rank_zero():  # under torchrun every rank returns; the result is printed once
@@ -121,7 +121,7 @@ for _name, _summary in (
 @app.command()
 def new(config: ConfigOption = None, set_: SetOption = None) -> None:
     """Create a run (folder and config.yaml) without running any stage; prints its id and folder."""
-    from fashion_tagger.runs import create_run
+    from fashion_tagger.runs.run import create_run
 
     run = create_run(load_config(config, set_))
     _emit({"run_id": run.id, "run_root": str(run.root)})
@@ -137,7 +137,7 @@ def predict(
     grid: Annotated[Path | None, typer.Option(help="draw the images with their tags into this PNG")] = None,
 ) -> None:
     """Tag product photos with a checkpoint or a registered model."""
-    from fashion_tagger.predict import failed_images, run_predict
+    from fashion_tagger.serving.predict import failed_images, run_predict
 
     if (checkpoint is None) == (model is None):
         _fail("give exactly one of --checkpoint FILE or --model URI")
@@ -158,7 +158,7 @@ def tag(
     set_: SetOption = None,
 ) -> None:
     """Tag a catalog with one pinned model version: new or changed images only, review queue, changed tags."""
-    from fashion_tagger.tagging import tag_catalog
+    from fashion_tagger.tagging.tagger import tag_catalog
 
     cfg = load_config(config, set_)
     _emit(tag_catalog(source, model or f"models:/{cfg.registry.model_name}@champion", out, config=cfg,
@@ -168,7 +168,7 @@ def tag(
 @app.command()
 def models(config: ConfigOption = None, set_: SetOption = None) -> None:
     """List registered versions with their aliases, headline metric and promotion decision."""
-    from fashion_tagger.registry import format_versions, list_versions
+    from fashion_tagger.registry.register import format_versions, list_versions
 
     cfg = load_config(config, set_)
     typer.echo(format_versions(list_versions(cfg)))
@@ -186,7 +186,7 @@ def weights(
     set_: SetOption = None,
 ) -> None:
     """Write ImageNet weights as a safetensors file for model.pretrained_path."""
-    from fashion_tagger.weights import write_weights
+    from fashion_tagger.model.weights import write_weights
 
     _emit(write_weights(source, load_config(config, set_).home_dir, out=out, force=force))
 
@@ -202,8 +202,8 @@ def run_pipeline(
 
     Train, evaluate and register are skipped, with a line saying why, when the data, labels and training
     configuration equal the champion's; --force trains anyway."""
-    from fashion_tagger.pipeline import run_all
-    from fashion_tagger.runs import create_run, interrupted_runs_like, open_run
+    from fashion_tagger.runs.pipeline import run_all
+    from fashion_tagger.runs.run import create_run, interrupted_runs_like, open_run
 
     if resume and (config or set_):
         _fail("--resume continues a run with its own saved configuration: drop --config/--set")
@@ -224,9 +224,9 @@ def run_pipeline(
 @app.command("runs")
 def list_runs(as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of a table")] = False) -> None:
     """List the runs of the home with their status and last completed stage."""
-    from fashion_tagger.config import project_home
-    from fashion_tagger.layout import Home
-    from fashion_tagger.runs import format_runs, list_runs
+    from fashion_tagger.core.config import project_home
+    from fashion_tagger.core.layout import Home
+    from fashion_tagger.runs.run import format_runs, list_runs
 
     rows = list_runs(Home(project_home()))
     typer.echo(json.dumps(rows, indent=2) if as_json else format_runs(rows))

@@ -35,7 +35,7 @@ def airflow_env(home: Path | None = None, *, port: int = 8080, host: str = "127.
         "AIRFLOW__API__PORT": str(port),
         "AIRFLOW__API__BASE_URL": base_url,
         "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{base_url}/execution/",
-        # The MLflow store of `fashion_tagger.config.Config.tracking_uri`, named so `mlflow ui` finds it too.
+        # The MLflow store of `fashion_tagger.core.config.Config.tracking_uri`, named so `mlflow ui` finds it too.
         "MLFLOW_TRACKING_URI": os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{home / 'mlflow.db'}",
     }
     defaults = {

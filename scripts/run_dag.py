@@ -34,7 +34,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def run_conf(preset: str, items: list[str]) -> dict[str, Any]:
-    from fashion_tagger.orchestration import KAGGLE_SMALL, SYNTHETIC_DEFAULT, default_source
+    from fashion_tagger.orchestration.form import KAGGLE_SMALL, SYNTHETIC_DEFAULT, default_source
 
     conf: dict[str, Any] = {"preset": preset}
     for item in items:
@@ -108,7 +108,7 @@ def report(summary: dict[str, Any], seconds: float) -> None:
         print(f"  {task_id:<18} {summary['tasks'][task_id]:<10} {f'{seconds:.0f} s' if seconds else ''}")
     registered = summary["results"].get("register_model")
     if registered:
-        from fashion_tagger.registry import describe_registration
+        from fashion_tagger.registry.register import describe_registration
 
         print()
         print(describe_registration(registered))

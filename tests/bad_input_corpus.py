@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from fashion_tagger.schema import STYLE_COLUMNS
+from fashion_tagger.core.schema import STYLE_COLUMNS
 
 HEADER = ",".join(STYLE_COLUMNS).encode()
 CLEAN = "clean"

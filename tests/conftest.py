@@ -44,7 +44,7 @@ def real_data() -> Path:
 @pytest.fixture(scope="session")
 def synthetic_raw(tmp_path_factory) -> Path:
     """A generated dataset in the Kaggle layout (styles.csv + images/), shared by the whole session."""
-    from fashion_tagger.synth import generate_dataset
+    from fashion_tagger.data.synthetic.generator import generate_dataset
 
     out = tmp_path_factory.mktemp("synthetic") / "raw"
     generate_dataset(out, rows=800, size="small", seed=7)

@@ -13,10 +13,10 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from fashion_tagger.config import Config, load_config
-from fashion_tagger.io import write_json
-from fashion_tagger.labels import LabelSpace
-from fashion_tagger.layout import SplitDir, cached_image_path
+from fashion_tagger.core.config import Config, load_config
+from fashion_tagger.core.io import write_json
+from fashion_tagger.core.layout import SplitDir, cached_image_path
+from fashion_tagger.data.labels import LabelSpace
 
 COLOURS = {"Black": (20, 20, 20), "Red": (200, 30, 30), "Blue": (30, 60, 200)}
 MASTER = ("Apparel", "Footwear")
@@ -91,10 +91,10 @@ def tiny_config(**train: object) -> Config:
 def train_on_real_small_images(real_small_raw: Path, root: Path, **extra: object) -> Config:
     """The real-data tier's short training: 3,000 real 60x80 images through validate, split and prepare at 48x64,
     three epochs of a tiny backbone into root/run. EXTRA adds config sections; returns the config it trained with."""
-    from fashion_tagger.prepare import prepare_images
-    from fashion_tagger.split import split_dataset
-    from fashion_tagger.train import train_model
-    from fashion_tagger.validate import validate_dataset
+    from fashion_tagger.data.prepare import prepare_images
+    from fashion_tagger.data.split import split_dataset
+    from fashion_tagger.data.validate import validate_dataset
+    from fashion_tagger.training.train import train_model
 
     validate_dataset(real_small_raw, root / "clean", workers=2)
     split_dataset(root / "clean", root / "split", min_class_count=100, max_rows=3000)

@@ -32,7 +32,7 @@ def _string_constants(path: Path) -> list[tuple[int, str]]:
 
 
 # Folders with a layout of their own, named by their owner, that happen to reuse a name of the run's.
-OTHER_OWNERS = {"tagging.py": {"rejects.csv"}}  # the tags folder of `fashion-tagger tag`
+OTHER_OWNERS = {"tagger.py": {"rejects.csv"}}  # the tags folder of `fashion-tagger tag`
 
 
 def test_only_the_layout_module_spells_the_names_of_the_run_layout():
@@ -45,7 +45,7 @@ def test_only_the_layout_module_spells_the_names_of_the_run_layout():
                 # A bare name, or a path ending in it: messages may mention a name inside a sentence.
                 if value == name or re.fullmatch(rf"[\w./-]*/{re.escape(name)}", value):
                     offenders.append(f"{path.relative_to(REPO)}:{line}: {value!r}")
-    assert not offenders, "ask fashion_tagger.layout for these paths:\n" + "\n".join(offenders)
+    assert not offenders, "ask fashion_tagger.core.layout for these paths:\n" + "\n".join(offenders)
 
 
 def test_import_contracts_hold():
@@ -53,4 +53,4 @@ def test_import_contracts_hold():
     lint_imports = Path(sys.executable).with_name("lint-imports")
     result = subprocess.run([str(lint_imports), "--no-cache"], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
-    assert "0 broken" in result.stdout and result.stdout.count("KEPT") >= 4
+    assert "0 broken" in result.stdout and result.stdout.count("KEPT") >= 3

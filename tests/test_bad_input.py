@@ -29,14 +29,14 @@ from bad_input_corpus import (
 )
 from PIL import Image
 
-from fashion_tagger import stages
-from fashion_tagger.config import ConfigError, load_config
-from fashion_tagger.errors import DataError, SourceError
-from fashion_tagger.labels import LabelSpace, fold_case_variants
-from fashion_tagger.runs import create_run
-from fashion_tagger.schema import ATTRIBUTES, STYLE_COLUMNS
-from fashion_tagger.sources import fetch_dataset
-from fashion_tagger.validate import validate_dataset
+from fashion_tagger.core.config import ConfigError, load_config
+from fashion_tagger.core.errors import DataError, SourceError
+from fashion_tagger.core.schema import ATTRIBUTES, STYLE_COLUMNS
+from fashion_tagger.data.labels import LabelSpace, fold_case_variants
+from fashion_tagger.data.sources import fetch_dataset
+from fashion_tagger.data.validate import validate_dataset
+from fashion_tagger.runs import stages
+from fashion_tagger.runs.run import create_run
 
 
 def run_cli(monkeypatch, capsys, *args: str | Path) -> tuple[int, str, str]:
@@ -332,8 +332,8 @@ def test_bad_model_uri_alias_or_checkpoint_is_a_one_line_error_naming_it(kind, t
 def test_served_model_tags_each_readable_row_and_says_why_the_others_failed(checkpoint, tmp_path):
     import base64
 
-    from fashion_tagger.predict import Predictor
-    from fashion_tagger.pyfunc_model import TaggerModel, tag_frame
+    from fashion_tagger.serving.predict import Predictor
+    from fashion_tagger.serving.pyfunc_model import TaggerModel, tag_frame
 
     predictor = Predictor.from_checkpoint(checkpoint, device="cpu")
     good = picture((64, 64), seed=5)
@@ -371,7 +371,7 @@ def test_unknown_backbone_fails_when_the_config_is_built_with_similar_names(tmp_
     assert load_config(None, [f"model.pretrained_path={tmp_path / 'weights.pth'}"]).model.pretrained_path
 
     # A DAG trigger fails in fetch_dataset's first step, before any data work or run folder.
-    from fashion_tagger.orchestration import config_from_params
+    from fashion_tagger.orchestration.form import config_from_params
 
     with pytest.raises(ConfigError, match=r"backbone \(model\.backbone\): .*similar names: resnet50"):
         config_from_params({"preset": "demo", "backbone": "resnet5O", "source": "synthetic:100"})
@@ -381,8 +381,8 @@ def test_unknown_backbone_fails_when_the_config_is_built_with_similar_names(tmp_
 def test_the_backbone_check_imports_no_ml_library_until_a_backbone_is_given():
     probe = (
         "import sys\n"
-        "import fashion_tagger.orchestration\n"
-        "from fashion_tagger.config import load_config\n"
+        "import fashion_tagger.orchestration.form\n"
+        "from fashion_tagger.core.config import load_config\n"
         "load_config(None, ['train.epochs=2'])\n"
         "print(sorted(m for m in ('torch', 'timm') if m in sys.modules))\n"
     )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from fashion_tagger.config import (
+from fashion_tagger.core.config import (
     ConfigError,
     config_to_flat_dict,
     load_config,
@@ -13,7 +13,7 @@ from fashion_tagger.config import (
     project_home,
     save_config,
 )
-from fashion_tagger.schema import ATTRIBUTES
+from fashion_tagger.core.schema import ATTRIBUTES
 
 
 def test_defaults_are_the_production_recipe():

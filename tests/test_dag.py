@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from fashion_tagger import orchestration
-from fashion_tagger.config import preset_names
+from fashion_tagger.core.config import preset_names
+from fashion_tagger.orchestration import form as orchestration
 
 REPO = Path(__file__).resolve().parents[1]
 DAGS = REPO / "dags"
@@ -299,8 +299,8 @@ def test_transient_faults_are_raised_for_airflow_to_retry(dag_module):
     """The DAG's side of the error contract: bad input fails now, a transient fault or a crash is retried."""
     from airflow.sdk.exceptions import AirflowFailException
 
-    from fashion_tagger.errors import DataError, ModelUnavailableError, SourceUnavailableError
-    from fashion_tagger.orchestration import StageProcessError
+    from fashion_tagger.core.errors import DataError, ModelUnavailableError, SourceUnavailableError
+    from fashion_tagger.orchestration.form import StageProcessError
 
     for bad in (DataError("bad"), StageProcessError("child said bad input", returncode=2)):
         with pytest.raises(AirflowFailException), dag_module.errors_follow_the_contract():

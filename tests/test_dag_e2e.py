@@ -128,10 +128,10 @@ def test_unchanged_data_skips_training_and_force_trains(first_run):
 @pytest.mark.slow
 def test_several_training_processes_start_through_torchrun(first_run, tmp_path, caplog):
     """The multi-GPU launch (FASHION_TAGGER_TRAIN_GPUS > 1), here as two CPU ranks over gloo."""
-    from fashion_tagger import orchestration
-    from fashion_tagger.config import load_config
-    from fashion_tagger.runs import create_run
-    from fashion_tagger.stages import run_stage
+    from fashion_tagger.core.config import load_config
+    from fashion_tagger.orchestration import form as orchestration
+    from fashion_tagger.runs.run import create_run
+    from fashion_tagger.runs.stages import run_stage
 
     home, first, _ = first_run
     run_root = Path(first["results"]["fetch_dataset"]["run_root"])
@@ -141,12 +141,12 @@ def test_several_training_processes_start_through_torchrun(first_run, tmp_path, 
         run_stage(run, stage)  # the dataset and the prepared images are reused from the first run
     nproc = orchestration.gpu_processes(run.config.train.devices)
     assert "torch.distributed.run" in orchestration.stage_command("train", run.root, nproc=nproc)
-    with caplog.at_level(logging.INFO, logger="fashion_tagger.train"):
+    with caplog.at_level(logging.INFO, logger="fashion_tagger.training.train"):
         result = orchestration.run_stage_process("train", run.root, nproc=nproc)
     assert result["epochs_completed"] == 1
     log = "\n".join(r.getMessage() for r in caplog.records)
     assert "GLOBAL_RANK: 1" in log and "Starting with 2 processes" in log
     # Rank 0 alone recorded the stage in the run's state.
-    from fashion_tagger.runs import read_state
+    from fashion_tagger.runs.run import read_state
 
     assert read_state(run.layout)["stages"]["train"]["status"] == "complete"

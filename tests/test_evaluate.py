@@ -9,10 +9,10 @@ import pytest
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
 from tagger_helpers import make_split, tiny_config
 
-from fashion_tagger.evaluate import evaluate_run
-from fashion_tagger.labels import LabelSpace
-from fashion_tagger.metrics import compute_metrics, macro_f1
-from fashion_tagger.schema import IGNORE_INDEX
+from fashion_tagger.core.schema import IGNORE_INDEX
+from fashion_tagger.data.labels import LabelSpace
+from fashion_tagger.evaluation.evaluate import evaluate_run
+from fashion_tagger.evaluation.metrics import compute_metrics, macro_f1
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -90,7 +90,7 @@ def test_masked_rows_never_count():
 
 
 def test_evaluate_run_writes_metrics_tables_and_plots(tmp_path):
-    from fashion_tagger.train import train_model
+    from fashion_tagger.training.train import train_model
 
     split_dir = make_split(tmp_path)
     run_dir = tmp_path / "run"
@@ -126,8 +126,8 @@ def test_evaluate_run_writes_metrics_tables_and_plots(tmp_path):
 
 def test_training_and_its_checkpoint_selection_never_see_a_test_image(tmp_path):
     """Train and val feed the optimiser, early stopping and checkpoint selection; test images are in neither."""
-    from fashion_tagger.data import TaggerDataModule
-    from fashion_tagger.layout import cached_image_path
+    from fashion_tagger.core.layout import cached_image_path
+    from fashion_tagger.training.datamodule import TaggerDataModule
 
     split_dir = make_split(tmp_path)
     module = TaggerDataModule(split_dir, batch_size=8, num_workers=0)

@@ -7,9 +7,9 @@ import json
 import pandas as pd
 import pytest
 
-from fashion_tagger.errors import DataError
-from fashion_tagger.labels import LabelSpace, label_column
-from fashion_tagger.schema import IGNORE_INDEX, NONE_LABEL
+from fashion_tagger.core.errors import DataError
+from fashion_tagger.core.schema import IGNORE_INDEX, NONE_LABEL
+from fashion_tagger.data.labels import LabelSpace, label_column
 
 LABELS_FILENAME = "labels.json"  # the file name the split folder promises (layout.SplitDir.labels)
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fashion_tagger.errors import ModelUnavailableError
-from fashion_tagger.losses import MaskedMultiHeadLoss, ReferenceBCELoss, build_loss
-from fashion_tagger.model import FashionTagger, ModelError, create_backbone
-from fashion_tagger.schema import IGNORE_INDEX
+from fashion_tagger.core.errors import ModelUnavailableError
+from fashion_tagger.core.schema import IGNORE_INDEX
+from fashion_tagger.model.network import FashionTagger, ModelError, create_backbone
+from fashion_tagger.training.losses import MaskedMultiHeadLoss, ReferenceBCELoss, build_loss
 
 NUM_CLASSES = {"gender": 3, "masterCategory": 4, "baseColour": 5}
 

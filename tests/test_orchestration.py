@@ -10,9 +10,9 @@ import time
 
 import pytest
 
-from fashion_tagger import orchestration as orch
-from fashion_tagger.config import Config, ConfigError, load_config, preset_names
-from fashion_tagger.layout import run_dir_name
+from fashion_tagger.core.config import Config, ConfigError, load_config, preset_names
+from fashion_tagger.core.layout import run_dir_name
+from fashion_tagger.orchestration import form as orch
 
 AIRFLOW_RUN_ID = "manual__2025-06-01T10:20:30.123456+00:00"
 
@@ -85,7 +85,7 @@ def test_the_form_is_generated_from_the_config_schema():
 def test_changing_a_bound_in_the_config_changes_the_form():
     from pydantic import Field, create_model
 
-    from fashion_tagger.config import TrainConfig
+    from fashion_tagger.core.config import TrainConfig
 
     stricter = create_model("TrainConfig", __base__=TrainConfig, epochs=(int, Field(30, ge=2, le=9)))
     config_cls = create_model("Config", __base__=Config, train=(stricter, Field(default_factory=stricter)))

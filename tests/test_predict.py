@@ -11,21 +11,21 @@ from PIL import Image
 from tagger_helpers import make_split, product_image, tiny_config
 from typer.testing import CliRunner
 
-from fashion_tagger.predict import (
+from fashion_tagger.data.prepare import resize_image
+from fashion_tagger.serving.predict import (
     EXPORT_FILENAME,
     WEIGHTS_FILENAME,
     Predictor,
     load_predictor,
     run_predict,
 )
-from fashion_tagger.prepare import resize_image
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    from fashion_tagger.train import train_model
+    from fashion_tagger.training.train import train_model
 
     root = tmp_path_factory.mktemp("predict")
     split_dir = make_split(root)
@@ -118,7 +118,7 @@ def test_cli_predict(checkpoint, photos, tmp_path):
 
 
 def test_missing_image_is_a_clear_error(checkpoint, tmp_path):
-    from fashion_tagger.errors import DataError
+    from fashion_tagger.core.errors import DataError
 
     with pytest.raises(DataError, match="does not exist"):
         run_predict([tmp_path / "nope.jpg"], checkpoint=checkpoint)
@@ -128,7 +128,7 @@ def test_missing_image_is_a_clear_error(checkpoint, tmp_path):
 
 
 def test_model_uri_sends_jpeg_bytes_to_the_registered_model(photos, monkeypatch, capsys):
-    import fashion_tagger.tracking
+    import fashion_tagger.core.tracking
 
     received = {}
 
@@ -142,7 +142,7 @@ def test_model_uri_sends_jpeg_bytes_to_the_registered_model(photos, monkeypatch,
         received["uri"] = uri
         return FakePyfunc()
 
-    monkeypatch.setattr(fashion_tagger.tracking, "load_model", load_model)
+    monkeypatch.setattr(fashion_tagger.core.tracking, "load_model", load_model)
     table = run_predict([photos / "shoe.jpg"], model_uri="models:/fashion-tagger@champion", as_json=True)
     assert received["uri"] == "models:/fashion-tagger@champion"
     assert received["frame"]["image"].tolist() == [(photos / "shoe.jpg").read_bytes()]

@@ -10,10 +10,10 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from fashion_tagger import io
-from fashion_tagger.errors import DataError
-from fashion_tagger.layout import cached_image_path
-from fashion_tagger.prepare import fitted_size, prepare_image, prepare_images
+from fashion_tagger.core import io
+from fashion_tagger.core.errors import DataError
+from fashion_tagger.core.layout import cached_image_path
+from fashion_tagger.data.prepare import fitted_size, prepare_image, prepare_images
 
 PREPARED_FILENAME, FAILURES_FILENAME = "prepared.json", "prepare_failures.json"  # as layout.SplitDir names them
 

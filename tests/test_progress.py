@@ -9,9 +9,9 @@ import re
 import pytest
 from tagger_helpers import make_split, tiny_config
 
-from fashion_tagger import progress
-from fashion_tagger.train import train_model
-from fashion_tagger.training_log import LIGHTNING_LOGGERS, lightning_logs_once
+from fashion_tagger.core import progress
+from fashion_tagger.training.epoch_log import LIGHTNING_LOGGERS, lightning_logs_once
+from fashion_tagger.training.train import train_model
 
 EPOCH_LINE = re.compile(
     r"^epoch (\d+)/(\d+): train loss (\d+\.\d{4}), val_macro_f1 (\d\.\d{4}) \(best (\d\.\d{4})\), (\d+) img/s, "
@@ -36,7 +36,7 @@ def test_training_without_progress_bar_logs_one_line_per_epoch_once(tmp_path, ca
     caplog.set_level(logging.INFO)
     result = train_model(tiny_config(epochs=3, progress_bar=False), split_dir=split_dir, run_dir=tmp_path / "run")
 
-    lines = [r.getMessage() for r in caplog.records if r.name == "fashion_tagger.training_log"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "fashion_tagger.training.epoch_log"]
     assert len(lines) == result.epochs_completed == 3, lines
     matches = [EPOCH_LINE.match(line) for line in lines]
     assert all(matches), lines
@@ -69,7 +69,7 @@ def test_lightning_console_handlers_stay_when_the_root_has_none(monkeypatch):
 def test_long_loops_log_every_30_seconds(monkeypatch, caplog):
     clock = iter(range(0, 1000, 10))  # every call of time.monotonic is 10 s later
     monkeypatch.setattr(progress.time, "monotonic", lambda: next(clock))
-    caplog.set_level(logging.INFO, logger="fashion_tagger.progress")
+    caplog.set_level(logging.INFO, logger="fashion_tagger.core.progress")
     items = list(progress.log_progress(range(12), total=12, what="prepare", unit="images"))
     assert items == list(range(12))
     lines = [r.getMessage() for r in caplog.records]
@@ -84,6 +84,6 @@ def test_long_loops_log_every_30_seconds(monkeypatch, caplog):
 
 
 def test_short_loops_log_nothing(caplog):
-    caplog.set_level(logging.INFO, logger="fashion_tagger.progress")
+    caplog.set_level(logging.INFO, logger="fashion_tagger.core.progress")
     assert sum(progress.log_progress(range(100), total=100, what="evaluate", unit="batches")) == 4950
     assert caplog.records == []

@@ -23,9 +23,9 @@ import pytest
 from PIL import Image
 from tagger_fixtures import draw, jpeg_bytes, make_run, make_split, tiny_config
 
-from fashion_tagger import tracking
-from fashion_tagger.predict import Predictor
-from fashion_tagger.pyfunc_model import InputError, images_from_frame, log_tagger_model
+from fashion_tagger.core import tracking
+from fashion_tagger.serving.predict import Predictor
+from fashion_tagger.serving.pyfunc_model import InputError, images_from_frame, log_tagger_model
 
 ATTRIBUTE_COLUMNS = ["masterCategory", "masterCategory_confidence", "baseColour", "baseColour_confidence"]
 
@@ -116,7 +116,7 @@ def test_registered_model_tags_raw_jpeg_bytes_and_base64_like_the_export(registe
 def test_model_carries_its_inference_code(registered, tmp_path):
     with tracking.tracking_session(registered["config"]):
         model_dir = Path(mlflow.artifacts.download_artifacts(registered["uri"], dst_path=str(tmp_path)))
-    assert (model_dir / "code" / "fashion_tagger" / "predict.py").is_file()
+    assert (model_dir / "code" / "fashion_tagger" / "serving" / "predict.py").is_file()
     assert (model_dir / "artifacts" / "export" / "tagger.json").is_file()
     assert not list((model_dir / "code").rglob("__pycache__"))
 

@@ -13,11 +13,13 @@ import pandas as pd
 import pytest
 from tagger_fixtures import make_run, make_split, tiny_config, true_labels
 
-from fashion_tagger import gate, registry, tracking
-from fashion_tagger.bootstrap import paired_bootstrap
-from fashion_tagger.io import read_json, sha256_file
-from fashion_tagger.labels import LabelSpace
-from fashion_tagger.metrics import compute_metrics
+from fashion_tagger.core import tracking
+from fashion_tagger.core.io import read_json, sha256_file
+from fashion_tagger.data.labels import LabelSpace
+from fashion_tagger.evaluation import gate
+from fashion_tagger.evaluation.bootstrap import paired_bootstrap
+from fashion_tagger.evaluation.metrics import compute_metrics
+from fashion_tagger.registry import register as registry
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +96,7 @@ def test_bootstrap_intervals_separate_real_gains_from_noise():
     champion = {"a": _noisy_predictions(truth["a"], 0.7, 3, rng), "b": _noisy_predictions(truth["b"], 0.7, 2, rng)}
 
     # The point estimate at equal weights is exactly compute_metrics' headline.
-    from fashion_tagger.bootstrap import macro_f1_per_resample
+    from fashion_tagger.evaluation.bootstrap import macro_f1_per_resample
 
     for attribute, k in (("a", 3), ("b", 2)):
         ones = np.ones((1, n), dtype=np.float32)
@@ -257,8 +259,8 @@ def test_a_model_identical_in_its_answers_is_rejected_with_an_interval_spanning_
 def test_evaluate_and_the_gate_give_one_model_one_score(tmp_path, config_for):
     """One scoring path: evaluate (a checkpoint) and the gate (the registered pyfunc) score the same images the same
     way, originals first and the prepared copy where an original is gone."""
-    from fashion_tagger.evaluate import evaluate_run
-    from fashion_tagger.layout import SplitDir, cached_image_path
+    from fashion_tagger.core.layout import SplitDir, cached_image_path
+    from fashion_tagger.evaluation.evaluate import evaluate_run
 
     config = config_for()
     split = make_split(tmp_path / "split", rows=40)

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from fashion_tagger import io
-from fashion_tagger.config import load_config
-from fashion_tagger.errors import RunError
-from fashion_tagger.layout import Home, new_run_id
-from fashion_tagger.runs import (
+from fashion_tagger.core import io
+from fashion_tagger.core.config import load_config
+from fashion_tagger.core.errors import RunError
+from fashion_tagger.core.layout import Home, new_run_id
+from fashion_tagger.runs.run import (
     COMPLETE,
     FAILED,
     INTERRUPTED,
@@ -32,7 +32,7 @@ from fashion_tagger.runs import (
     run_lock,
     run_status,
 )
-from fashion_tagger.stages import run_stage
+from fashion_tagger.runs.stages import run_stage
 
 REPO = Path(__file__).resolve().parents[1]
 # The issue's own command: the demo preset on 400 generated rows, one epoch.
@@ -94,7 +94,7 @@ def test_an_orchestrator_run_id_is_reused_with_the_same_config_and_refused_with_
 
 
 def test_status_follows_the_stages_and_the_lock(isolated_home, tmp_path):
-    from fashion_tagger.synth import generate_dataset
+    from fashion_tagger.data.synthetic.generator import generate_dataset
 
     raw = generate_dataset(tmp_path / "raw", rows=120, seed=1).out_dir
     run = create_run(load_config("demo", [f"data.source={raw}", "labels.min_class_count=5", "data.min_rows=50"]))
@@ -136,7 +136,7 @@ def test_the_lock_is_reentrant_within_a_process(isolated_home):
 
 
 def test_a_stage_removes_what_a_killed_writer_left(isolated_home, tmp_path):
-    from fashion_tagger.synth import generate_dataset
+    from fashion_tagger.data.synthetic.generator import generate_dataset
 
     raw = generate_dataset(tmp_path / "raw", rows=120, seed=1).out_dir
     run = create_run(load_config("demo", [f"data.source={raw}", "data.min_rows=50"]))
@@ -161,7 +161,7 @@ def test_files_get_the_process_umask_not_0600(tmp_path):
 
 def test_a_second_fetch_of_one_source_waits_and_reuses_the_first(tmp_path):
     """Two processes fetch the same generated dataset into one raw/: one generates, the other reuses."""
-    code = ("import json, sys; from fashion_tagger.sources import fetch_dataset; "
+    code = ("import json, sys; from fashion_tagger.data.sources import fetch_dataset; "
             "r = fetch_dataset('synthetic:1500', sys.argv[1]); print(json.dumps({'downloaded': r.downloaded}))")
     procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "raw")], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for _ in range(2)]
@@ -267,8 +267,8 @@ def test_a_models_identity_is_its_weights_labels_and_preprocessing_not_its_file(
     import torch
     from tagger_helpers import make_split, tiny_config
 
-    from fashion_tagger.predict import Predictor
-    from fashion_tagger.train import train_model
+    from fashion_tagger.serving.predict import Predictor
+    from fashion_tagger.training.train import train_model
 
     result = train_model(tiny_config(epochs=1), split_dir=make_split(tmp_path), run_dir=tmp_path / "run")
     identity = Predictor.from_checkpoint(result.best_checkpoint).identity()
@@ -285,7 +285,7 @@ def test_a_models_identity_is_its_weights_labels_and_preprocessing_not_its_file(
 
 
 def test_a_new_mlflow_store_keeps_the_default_experiments_artifacts_in_the_home(isolated_home, tmp_path, monkeypatch):
-    from fashion_tagger import tracking
+    from fashion_tagger.core import tracking
 
     monkeypatch.chdir(tmp_path)  # wherever the process runs, nothing lands in ./mlruns
     with tracking.tracking_session(load_config("demo")) as client:

@@ -13,9 +13,9 @@ import pytest
 from moto import mock_aws
 from PIL import Image
 
-from fashion_tagger import io
-from fashion_tagger.errors import SourceError, SourceUnavailableError
-from fashion_tagger.sources import extract_dataset_zip, fetch_dataset
+from fashion_tagger.core import io
+from fashion_tagger.core.errors import SourceError, SourceUnavailableError
+from fashion_tagger.data.sources import extract_dataset_zip, fetch_dataset
 
 SLUG = "paramaggarwal/fashion-product-images-small"
 NAME = "paramaggarwal__fashion-product-images-small"
@@ -284,7 +284,8 @@ def test_synthetic_source_generates_once(tmp_path, monkeypatch):
         Image.new("RGB", (60, 80)).save(Path(out_dir) / "images" / "15970.jpg")
 
     # synth.py is tested on its own; here only the marker logic around it matters.
-    monkeypatch.setitem(sys.modules, "fashion_tagger.synth", types.SimpleNamespace(generate_dataset=generate_dataset))
+    fake = types.SimpleNamespace(generate_dataset=generate_dataset)
+    monkeypatch.setitem(sys.modules, "fashion_tagger.data.synthetic.generator", fake)
     raw_root = tmp_path / "raw"
     first = fetch_dataset("synthetic:3", raw_root, synthetic_size="small", synthetic_seed=5)
     assert first.raw_dir == raw_root / "synthetic-3-small-seed5" and first.downloaded is True

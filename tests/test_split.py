@@ -12,11 +12,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from fashion_tagger.errors import DataError
-from fashion_tagger.labels import LabelSpace, label_column
-from fashion_tagger.schema import ATTRIBUTES, IGNORE_INDEX
-from fashion_tagger.split import split_dataset
-from fashion_tagger.validate import CLEAN_COLUMNS, table_sha256, validate_dataset
+from fashion_tagger.core.errors import DataError
+from fashion_tagger.core.schema import ATTRIBUTES, IGNORE_INDEX
+from fashion_tagger.data.labels import LabelSpace, label_column
+from fashion_tagger.data.split import split_dataset
+from fashion_tagger.data.validate import CLEAN_COLUMNS, table_sha256, validate_dataset
 
 # Skewed vocabularies like the real ones: a few big classes and a rare tail that maps to 'None'.
 VOCAB = {

@@ -11,10 +11,10 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from fashion_tagger import synth
-from fashion_tagger.errors import DataError
-from fashion_tagger.schema import STYLE_COLUMNS
-from fashion_tagger.synth import generate_dataset, render_image, vocabularies
+from fashion_tagger.core.errors import DataError
+from fashion_tagger.core.schema import STYLE_COLUMNS
+from fashion_tagger.data.synthetic import generator as synth
+from fashion_tagger.data.synthetic.generator import generate_dataset, render_image, vocabularies
 
 ROWS = 1200
 HEADER = "id,gender,masterCategory,subCategory,articleType,baseColour,season,year,usage,productDisplayName"

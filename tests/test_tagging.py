@@ -18,9 +18,9 @@ import pytest
 from tagger_fixtures import draw, jpeg_bytes, make_run, make_split, tiny_config
 from tagger_helpers import train_on_real_small_images
 
-from fashion_tagger import tagging
-from fashion_tagger.config import ConfigError, load_config
-from fashion_tagger.schema import ATTRIBUTES
+from fashion_tagger.core.config import ConfigError, load_config
+from fashion_tagger.core.schema import ATTRIBUTES
+from fashion_tagger.tagging import tagger as tagging
 
 REPO = Path(__file__).resolve().parents[1]
 DAG_FILE = REPO / "dags" / "fashion_tagger_tagging.py"
@@ -66,7 +66,7 @@ def catalog(tmp_path_factory) -> Path:
 def models(tmp_path_factory) -> dict:
     """One SQLite MLflow store for the module with two registered versions: 1 = the nearly perfect probe
     (champion), 2 = always Footwear/Red with a weak margin (registered, not promoted: the gate rejects it)."""
-    from fashion_tagger import registry
+    from fashion_tagger.registry import register as registry
 
     root = tmp_path_factory.mktemp("models")
     store = f"sqlite:///{root / 'mlflow.db'}"
@@ -94,7 +94,7 @@ def promote(models: dict, version: str) -> None:
 
 
 def test_tags_equal_the_served_model_and_broken_files_are_rejects(catalog, models, tmp_path):
-    from fashion_tagger import tracking
+    from fashion_tagger.core import tracking
 
     promote(models, "1")
     config = tag_config(models)

@@ -15,12 +15,12 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger
 from tagger_helpers import make_split, tiny_config, train_on_real_small_images
 
-from fashion_tagger.config import load_config
-from fashion_tagger.data import eval_transform, normalize, pixel_stats, train_transform
-from fashion_tagger.evaluate import evaluate_run
-from fashion_tagger.io import read_json
-from fashion_tagger.layout import TrainDir
-from fashion_tagger.train import (
+from fashion_tagger.core.config import load_config
+from fashion_tagger.core.io import read_json
+from fashion_tagger.core.layout import TrainDir
+from fashion_tagger.evaluation.evaluate import evaluate_run
+from fashion_tagger.training.datamodule import eval_transform, normalize, pixel_stats, train_transform
+from fashion_tagger.training.train import (
     MIN_LR_RATIO,
     TrainError,
     lr_factor_fn,
@@ -47,9 +47,9 @@ def _config(source: str | None = "demo", **train):
 
 @pytest.fixture(scope="module")
 def prepared_split(synthetic_raw, tmp_path_factory):
-    from fashion_tagger.prepare import prepare_images
-    from fashion_tagger.split import split_dataset
-    from fashion_tagger.validate import validate_dataset
+    from fashion_tagger.data.prepare import prepare_images
+    from fashion_tagger.data.split import split_dataset
+    from fashion_tagger.data.validate import validate_dataset
 
     root = tmp_path_factory.mktemp("train-data")
     validate_dataset(synthetic_raw, root / "clean", workers=1)

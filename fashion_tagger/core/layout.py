@@ -1,0 +1,340 @@
+"""Where everything lives: the home (raw/, cache/, runs/, locks/, the MLflow store) and one run's folder.
+
+The only module that spells a file or folder name of these layouts; every other module asks it for paths.
+A run folder is `<home>/runs/<run id>/` with the run's `config.yaml` and `state.json`, then one folder per
+stage output: `validate/`, `split/`, `train/` (checkpoints, metrics, `eval/`, the export and registration).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import secrets
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from fashion_tagger.core.errors import ConfigError, RunError
+
+CONFIG_FILENAME = "config.yaml"
+STYLES_FILENAME = "styles.csv"  # the Kaggle layout of a raw dataset folder
+IMAGES_DIRNAME = "images"
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def run_dir_name(run_id: str) -> str:
+    """A folder name for a run id, unique per run id.
+
+    Airflow run ids hold ':' and '+' (`manual__2025-01-01T00:00:00+00:00`); those become '-', and a short hash
+    of the original id is appended whenever anything changed, so two ids never share a folder.
+    """
+    if not run_id or not run_id.strip():
+        raise ConfigError("a run needs a non-empty run id to name its output folder")
+    safe = _UNSAFE.sub("-", run_id).strip(".-")[:180] or "run"
+    if safe != run_id:
+        safe = f"{safe}-{hashlib.sha256(run_id.encode()).hexdigest()[:8]}"
+    return safe
+
+
+def new_run_id(prefix: str = "cli") -> str:
+    """`cli__2026-11-28T19-30-00.123Z-3f9a1c`: sortable by start time, unique even within one millisecond."""
+    now = datetime.now(UTC)
+    return f"{prefix}__{now:%Y-%m-%dT%H-%M-%S}.{now.microsecond // 1000:03d}Z-{secrets.token_hex(3)}"
+
+
+@dataclass(frozen=True)
+class ValidateDir:
+    """`validate/`: the clean table, the rejected lines with their reasons, and the report."""
+
+    dir: Path
+
+    @property
+    def clean(self) -> Path:
+        return self.dir / "clean.parquet"
+
+    @property
+    def rejects(self) -> Path:
+        return self.dir / "rejects.csv"
+
+    @property
+    def report(self) -> Path:
+        return self.dir / "report.json"
+
+
+SPLIT_PARTS = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class SplitDir:
+    """`split/`: the encoded parts, the label space, the split report and what `prepare` cached for them."""
+
+    dir: Path
+
+    def part(self, name: str) -> Path:
+        if name not in SPLIT_PARTS:
+            raise ValueError(f"unknown split part {name!r}; expected one of {SPLIT_PARTS}")
+        return self.dir / f"{name}.parquet"
+
+    @property
+    def train(self) -> Path:
+        return self.part("train")
+
+    @property
+    def val(self) -> Path:
+        return self.part("val")
+
+    @property
+    def test(self) -> Path:
+        return self.part("test")
+
+    @property
+    def fingerprint(self) -> Path:
+        """fingerprint.json: what a model trained on this split depends on (data, labels, training config)."""
+        return self.dir / "fingerprint.json"
+
+    @property
+    def labels(self) -> Path:
+        return self.dir / "labels.json"
+
+    @property
+    def report(self) -> Path:
+        return self.dir / "split_report.json"
+
+    @property
+    def prepared(self) -> Path:
+        return self.dir / "prepared.json"
+
+    @property
+    def prepare_failures(self) -> Path:
+        return self.dir / "prepare_failures.json"
+
+
+@dataclass(frozen=True)
+class EvalDir:
+    """`train/eval/`: metrics, per-row predictions, per-class tables, confusion matrices and their plots."""
+
+    dir: Path
+
+    @property
+    def metrics(self) -> Path:
+        return self.dir / "metrics.json"
+
+    @property
+    def predictions(self) -> Path:
+        return self.dir / "predictions.parquet"
+
+    def per_class(self, attribute: str) -> Path:
+        return self.dir / f"per_class_{attribute}.csv"
+
+    def confusion(self, attribute: str) -> Path:
+        return self.dir / f"confusion_{attribute}.csv"
+
+    def per_class_plot(self, attribute: str) -> Path:
+        return self.dir / f"per_class_f1_{attribute}.png"
+
+    def confusion_plot(self, attribute: str) -> Path:
+        return self.dir / f"confusion_{attribute}.png"
+
+
+CHECKPOINT_BEST = "best"  # ModelCheckpoint file names, without the .ckpt suffix Lightning adds
+CHECKPOINT_LAST = "last"
+
+
+@dataclass(frozen=True)
+class TrainDir:
+    """`train/`: one training run: its config, checkpoints, metrics, evaluation, export and registration."""
+
+    dir: Path
+
+    @property
+    def config(self) -> Path:
+        return self.dir / CONFIG_FILENAME
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.dir / "checkpoints"
+
+    @property
+    def best_checkpoint(self) -> Path:
+        return self.checkpoints / f"{CHECKPOINT_BEST}.ckpt"
+
+    @property
+    def last_checkpoint(self) -> Path:
+        return self.checkpoints / f"{CHECKPOINT_LAST}.ckpt"
+
+    def checkpoint(self) -> Path:
+        """The one checkpoint lookup: the best checkpoint, else the last one."""
+        for path in (self.best_checkpoint, self.last_checkpoint):
+            if path.is_file():
+                return path
+        raise RunError(f"{self.checkpoints} holds no {self.best_checkpoint.name} or {self.last_checkpoint.name}: "
+                       "train the run first")
+
+    @property
+    def run_info(self) -> Path:
+        """run.json: the split the run trained on, the label space hash, attempts, precision."""
+        return self.dir / "run.json"
+
+    def recorded_split(self) -> Path:
+        """The one answer to "which split did this training run use": what `train` recorded in run.json."""
+        from fashion_tagger.core.io import read_json
+
+        if not self.run_info.is_file():
+            raise RunError(f"{self.run_info} does not exist: {self.dir} has not been trained yet")
+        split_dir = Path(read_json(self.run_info)["split_dir"])
+        if not SplitDir(split_dir).labels.is_file():
+            raise RunError(f"{self.dir} was trained on {split_dir}, which no longer holds a split (no labels.json)")
+        return split_dir
+
+    @property
+    def metrics(self) -> Path:
+        return self.dir / "metrics.json"
+
+    @property
+    def logs(self) -> Path:
+        return self.dir / "logs"
+
+    @property
+    def eval(self) -> EvalDir:
+        return EvalDir(self.dir / "eval")
+
+    @property
+    def export(self) -> Path:
+        return self.dir / "export"
+
+    @property
+    def registration(self) -> Path:
+        return self.dir / "registration.json"
+
+    @property
+    def model_card(self) -> Path:
+        return self.dir / "model_card.md"
+
+    @property
+    def sample_grid(self) -> Path:
+        return self.dir / "sample_predictions.png"
+
+    @property
+    def mlflow_run(self) -> Path:
+        """mlflow_run.json: the MLflow run that tracks this training run, so later stages log into it."""
+        return self.dir / "mlflow_run.json"
+
+
+@dataclass(frozen=True, order=True)
+class RunLayout:
+    """One run's folder: `config.yaml`, `state.json` and the stages' output folders."""
+
+    root: Path
+
+    @property
+    def run_id(self) -> str:
+        return self.root.name
+
+    @property
+    def config(self) -> Path:
+        return self.root / CONFIG_FILENAME
+
+    @property
+    def state(self) -> Path:
+        return self.root / "state.json"
+
+    @property
+    def lock(self) -> Path:
+        """Held (flock) by the process executing a stage of this run; released by the kernel when it dies."""
+        return self.root / ".lock"
+
+    @property
+    def validate(self) -> ValidateDir:
+        return ValidateDir(self.root / "validate")
+
+    @property
+    def split(self) -> SplitDir:
+        return SplitDir(self.root / "split")
+
+    @property
+    def train(self) -> TrainDir:
+        return TrainDir(self.root / "train")
+
+    def to_dict(self) -> dict[str, str]:
+        return {"root": str(self.root), "config": str(self.config), "validate": str(self.validate.dir),
+                "split": str(self.split.dir), "train": str(self.train.dir)}
+
+
+@dataclass(frozen=True)
+class Home:
+    """The data root: shared raw downloads, the prepared-image cache, runs, locks and the embedded MLflow store."""
+
+    root: Path
+
+    @property
+    def raw(self) -> Path:
+        return self.root / "raw"
+
+    @property
+    def cache(self) -> Path:
+        return self.root / "cache"
+
+    @property
+    def runs(self) -> Path:
+        return self.root / "runs"
+
+    @property
+    def locks(self) -> Path:
+        return self.root / "locks"
+
+    @property
+    def weights(self) -> Path:
+        return self.root / "weights"
+
+    @property
+    def mlflow_db(self) -> Path:
+        return self.root / "mlflow.db"
+
+    @property
+    def mlflow_artifacts(self) -> Path:
+        return self.root / "mlartifacts"
+
+    @property
+    def test_memberships(self) -> Path:
+        """`test_membership/`: the append-only record of which image (duplicate group) belongs to a test part."""
+        return self.root / "test_membership"
+
+    def test_membership(self, test_fraction: float, seed: int) -> Path:
+        """One membership table per (test fraction, seed): `test_membership/test-0.1-seed42.parquet`."""
+        return self.test_memberships / f"test-{test_fraction:g}-seed{seed}.parquet"
+
+    def lock_file(self, name: str) -> Path:
+        return self.locks / f"{run_dir_name(name)}.lock"
+
+    def run(self, run_id: str) -> RunLayout:
+        return RunLayout(self.runs / run_dir_name(run_id))
+
+    def find_run(self, ref: str | Path) -> RunLayout:
+        """A run by id (its folder name under runs/) or by folder path; an error naming both when neither exists."""
+        text = str(ref).strip()
+        if not text:
+            raise RunError("no run given: pass a run id (see `fashion-tagger runs`) or a run folder")
+        candidates = [Path(text).expanduser()] if ("/" in text or text.startswith(".")) else []
+        candidates.append(self.runs / text)
+        for candidate in candidates:
+            layout = RunLayout(candidate.resolve())
+            if layout.config.is_file():
+                return layout
+        raise RunError(f"run {text!r} not found: no {CONFIG_FILENAME} in {' or '.join(map(str, candidates))}; "
+                       "`fashion-tagger runs` lists the runs of this home")
+
+    def run_layouts(self) -> list[RunLayout]:
+        """Every run folder of this home (one with a config.yaml), oldest first by name."""
+        if not self.runs.is_dir():
+            return []
+        return sorted(RunLayout(p) for p in self.runs.iterdir() if (p / CONFIG_FILENAME).is_file())
+
+
+def cache_size_dir(cache_root: str | Path, width: int, height: int) -> Path:
+    return Path(cache_root) / "images" / f"{width}x{height}"
+
+
+def cached_image_path(cache_root: str | Path, image_sha256: str, width: int, height: int) -> Path:
+    """`<cache>/images/<W>x<H>/<sha[:2]>/<sha>.jpg`: one file per distinct image content and size."""
+    return cache_size_dir(cache_root, width, height) / image_sha256[:2] / f"{image_sha256}.jpg"

@@ -1,0 +1,305 @@
+"""Where runs are tracked and what each one records: MLflow store resolution, run tags, params and epoch history.
+
+The embedded default is a SQLite store in the project home with artifacts under `<home>/mlartifacts`; any
+tracking server comes in through `MLFLOW_TRACKING_URI` (or `registry.tracking_uri`), S3/MinIO artifacts through boto3.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import subprocess
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from fashion_tagger import __version__
+from fashion_tagger.core.config import Config, config_to_flat_dict
+from fashion_tagger.core.io import read_json, write_json
+from fashion_tagger.core.layout import SplitDir, TrainDir
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+
+
+log = logging.getLogger(__name__)
+
+S3_ENDPOINT_ENV = "MLFLOW_S3_ENDPOINT_URL"
+AIRFLOW_RUN_ID_ENV = "AIRFLOW_CTX_DAG_RUN_ID"
+
+# Tag keys shared by runs and model versions.
+TAG_DATASET_HASH = "fashion_tagger.dataset_hash"
+TAG_DATASET_SOURCE = "fashion_tagger.dataset_source"
+TAG_CODE_VERSION = "fashion_tagger.code_version"
+TAG_GIT_COMMIT = "fashion_tagger.git_commit"
+TAG_AIRFLOW_RUN_ID = "airflow.dag_run_id"
+TAG_RUN_DIR = "fashion_tagger.run_dir"
+
+
+def tracking_uri(config: Config) -> str:
+    """`registry.tracking_uri`, else `$MLFLOW_TRACKING_URI`, else `sqlite:///<home>/mlflow.db`."""
+    uri = config.tracking_uri
+    if uri.startswith("sqlite:///"):
+        # SQLite creates the database file but not its folder.
+        Path(uri.removeprefix("sqlite:///")).expanduser().parent.mkdir(parents=True, exist_ok=True)
+    return uri
+
+
+def is_local_store(uri: str) -> bool:
+    """A store this process writes directly (SQLite, a database, files), as opposed to a tracking server."""
+    return not uri.startswith(("http://", "https://", "databricks"))
+
+
+def artifact_location(config: Config, experiment: str | None = None) -> str | None:
+    """Artifact root for a new experiment: `registry.artifact_location`, else `<home>/mlartifacts/<experiment>`
+    for a local store, else None so a tracking server applies its own `--artifacts-destination`."""
+    experiment = experiment or config.registry.experiment
+    if config.registry.artifact_location:
+        return f"{config.registry.artifact_location.rstrip('/')}/{_slug(experiment)}"
+    if is_local_store(tracking_uri(config)):
+        return (config.layout.mlflow_artifacts / _slug(experiment)).as_uri()
+    return None
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-") or "default"
+
+
+@contextlib.contextmanager
+def tracking_session(config: Config) -> Iterator[MlflowClient]:
+    """Point the fluent MLflow API at this config's store for the block, then restore what was there before.
+
+    The fluent API (`start_run`, `log_model`) only reads a process-wide URI; restoring it keeps one
+    configuration from leaking into the next caller in the same process (tests, the in-process pipeline).
+    """
+    import mlflow
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    uri = tracking_uri(config)
+    previous_uri = tracking_utils._tracking_uri
+    previous_env_uri = os.environ.get("MLFLOW_TRACKING_URI")  # set_tracking_uri(None) below would delete it
+    endpoint = config.registry.s3_endpoint_url
+    previous_endpoint = os.environ.get(S3_ENDPOINT_ENV)
+    if endpoint and not previous_endpoint:
+        # MLflow's S3 artifact repository reads the endpoint (MinIO) from the environment only.
+        os.environ[S3_ENDPOINT_ENV] = endpoint
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield new_client(uri, config.layout.mlflow_artifacts)
+    finally:
+        mlflow.set_tracking_uri(previous_uri)
+        if previous_env_uri is not None:
+            os.environ["MLFLOW_TRACKING_URI"] = previous_env_uri
+        if endpoint and not previous_endpoint:
+            os.environ.pop(S3_ENDPOINT_ENV, None)
+
+
+def new_client(uri: str, artifact_root: Path) -> MlflowClient:
+    """An MlflowClient of URI. A SQLite store's schema is created (or migrated) under a lock beside its file:
+    building the client creates the tracking store and its first registry call the registry store, and two
+    processes doing either at once collide. A new store gets ARTIFACT_ROOT as the artifact location of its
+    `Default` experiment, instead of `./mlruns` in whatever folder the process happens to run in."""
+    import mlflow
+
+    from fashion_tagger.core.io import file_lock
+
+    if not uri.startswith("sqlite:///"):
+        return mlflow.MlflowClient(tracking_uri=uri)
+    database = Path(uri.removeprefix("sqlite:///")).expanduser()
+    with file_lock(database.with_name(f"{database.name}.lock"), f"the MLflow store {database}"):
+        if not database.is_file():
+            from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+            SqlAlchemyStore(uri, artifact_root.as_uri()).engine.dispose()
+        client = mlflow.MlflowClient(tracking_uri=uri)
+        client.search_registered_models(max_results=1)
+    return client
+
+
+def registry_lock(config: Config, model_name: str) -> Path:
+    """The lock that orders registrations of MODEL_NAME on this machine: beside a SQLite store's file, else in the
+    home. (Processes on other machines registering into one tracking server are ordered by the gate's own
+    retry-safe tagging, not by this lock.)"""
+    uri = tracking_uri(config)
+    if uri.startswith("sqlite:///"):
+        database = Path(uri.removeprefix("sqlite:///")).expanduser()
+        return database.with_name(f"{database.name}.register-{_slug(model_name)}.lock")
+    return config.layout.lock_file(f"register-{model_name}")
+
+
+def ensure_experiment(client: MlflowClient, config: Config) -> str:
+    """The id of `registry.experiment`, created with our artifact root when missing (restored when deleted)."""
+    name = config.registry.experiment
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None:
+        return client.create_experiment(name, artifact_location=artifact_location(config, name))
+    if experiment.lifecycle_stage == "deleted":
+        client.restore_experiment(experiment.experiment_id)
+    return experiment.experiment_id
+
+
+def git_commit(path: str | Path | None = None) -> str | None:
+    """The commit of the checkout holding our code (with `-dirty` when it has local changes), if it is one."""
+    where = Path(path) if path else Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(where), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(where), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True, text=True, timeout=10, check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return f"{commit}-dirty" if dirty else commit or None
+
+
+def code_version() -> str:
+    """`<package version>+<commit>` when the code runs from a git checkout, else the package version."""
+    commit = git_commit()
+    return f"{__version__}+{commit[:12]}{'-dirty' if commit.endswith('-dirty') else ''}" if commit else __version__
+
+
+def run_tags(config: Config, *, run_dir: str | Path | None = None, dataset_hash: str | None = None) -> dict[str, str]:
+    """Tags every training run carries: dataset hash, code version, the Airflow run that launched it."""
+    from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT
+
+    tags = {TAG_CODE_VERSION: code_version(), TAG_DATASET_SOURCE: config.data.source}
+    if commit := git_commit():
+        tags[TAG_GIT_COMMIT] = commit
+        tags[MLFLOW_GIT_COMMIT] = commit.removesuffix("-dirty")
+    if dataset_hash:
+        tags[TAG_DATASET_HASH] = dataset_hash
+    if run_dir is not None:
+        tags[TAG_RUN_DIR] = str(Path(run_dir).expanduser().resolve())
+    if airflow_run := os.environ.get(AIRFLOW_RUN_ID_ENV):
+        tags[TAG_AIRFLOW_RUN_ID] = airflow_run
+        for env, key in (("AIRFLOW_CTX_DAG_ID", "airflow.dag_id"), ("AIRFLOW_CTX_TASK_ID", "airflow.task_id")):
+            if value := os.environ.get(env):
+                tags[key] = value
+    return tags
+
+
+def dataset_hash_of(split_dir: str | Path | None) -> str | None:
+    """The content hash of the clean table a split came from (labels.json `source_hash`)."""
+    if split_dir is None:
+        return None
+    labels_path = SplitDir(Path(split_dir)).labels
+    if not labels_path.is_file():
+        return None
+    return read_json(labels_path).get("source_hash") or None
+
+
+def flat_params(config: Config) -> dict[str, str]:
+    """The resolved config as MLflow params (`train.epochs` -> '30'), values cut to MLflow's 6000-char limit."""
+    return {key: ("" if value is None else str(value))[:6000] for key, value in config_to_flat_dict(config).items()}
+
+
+def log_params_once(client: MlflowClient, run_id: str, params: Mapping[str, str]) -> dict[str, str]:
+    """Log params the run does not have yet. MLflow params are immutable, so a resumed run whose config
+    changed keeps its first values; the changes are returned (and logged as a warning) instead of failing."""
+    from mlflow.entities import Param
+
+    existing = client.get_run(run_id).data.params
+    new = [Param(k, v) for k, v in params.items() if k not in existing]
+    changed = {k: v for k, v in params.items() if k in existing and existing[k] != v}
+    for start in range(0, len(new), 100):
+        client.log_batch(run_id, params=new[start : start + 100])
+    if changed:
+        log.warning("run %s keeps its first values of changed params: %s", run_id, ", ".join(sorted(changed)))
+    return changed
+
+
+def read_run_id(run_dir: str | Path, client: MlflowClient | None = None) -> str | None:
+    """The MLflow run recorded in RUN_DIR, if any, and (given a client) only if that store knows it."""
+    path = TrainDir(Path(run_dir)).mlflow_run
+    if not path.is_file():
+        return None
+    run_id = read_json(path).get("run_id")
+    if run_id and client is not None:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            run = client.get_run(run_id)
+        except MlflowException:
+            return None
+        if run.info.lifecycle_stage == "deleted":
+            return None
+    return run_id or None
+
+
+def write_run_id(run_dir: str | Path, run_id: str, experiment_id: str, uri: str) -> Path:
+    return write_json(
+        TrainDir(Path(run_dir)).mlflow_run, {"run_id": run_id, "experiment_id": experiment_id, "tracking_uri": uri}
+    )
+
+
+def start_or_resume_run(client: MlflowClient, config: Config, run_dir: str | Path, *,
+                        dataset_hash: str | None = None) -> str:
+    """The run tracking RUN_DIR: the recorded one when this store has it, else a new run (recorded in RUN_DIR)."""
+    run_dir = Path(run_dir).expanduser().resolve()
+    if run_id := read_run_id(run_dir, client):
+        return run_id
+    experiment_id = ensure_experiment(client, config)
+    tags = run_tags(config, run_dir=run_dir, dataset_hash=dataset_hash)
+    from mlflow.utils.mlflow_tags import MLFLOW_RUN_NAME
+
+    tags[MLFLOW_RUN_NAME] = run_dir.name
+    run = client.create_run(experiment_id, tags=tags)
+    write_run_id(run_dir, run.info.run_id, experiment_id, tracking_uri(config))
+    return run.info.run_id
+
+
+def log_epoch_history(client: MlflowClient, run_id: str, history: list[Mapping[str, Any]]) -> int:
+    """Per-epoch metrics from a run's metrics.json history (for runs trained without the MLflow logger)."""
+    import time
+
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    metrics = [
+        Metric(key, float(value), now, int(entry.get("epoch", i)))
+        for i, entry in enumerate(history)
+        for key, value in entry.items()
+        if key not in ("epoch", "step") and isinstance(value, int | float) and not isinstance(value, bool)
+    ]
+    for start in range(0, len(metrics), 1000):
+        client.log_batch(run_id, metrics=metrics[start : start + 1000])
+    return len(metrics)
+
+
+def load_model(model_uri: str, config: Config | None = None) -> Any:
+    """`mlflow.pyfunc.load_model` against this project's store, so `models:/fashion-tagger@champion` resolves
+    without MLFLOW_TRACKING_URI being set (the model is fully loaded before the store is released)."""
+    import mlflow.pyfunc
+
+    from fashion_tagger.core.config import load_config
+
+    with tracking_session(config or load_config()):
+        return mlflow.pyfunc.load_model(model_uri)
+
+
+def mlflow_logger(config: Config, run_dir: str | Path, *, split_dir: str | Path | None = None) -> Any:
+    """A Lightning `MLFlowLogger` for per-epoch metrics, logging into the run recorded in RUN_DIR.
+
+    On rank zero the run is created (or resumed, when RUN_DIR was trained before) with our tags and the
+    flattened config as params, and its id is written to RUN_DIR/mlflow_run.json, which `register` reads
+    to log the model into the same run. Other ranks get a logger that Lightning keeps silent.
+    """
+    from lightning.pytorch.loggers import MLFlowLogger
+    from lightning.pytorch.utilities import rank_zero_only
+
+    uri = tracking_uri(config)
+    if rank_zero_only.rank != 0:
+        return MLFlowLogger(experiment_name=config.registry.experiment, tracking_uri=uri)
+    client = new_client(uri, config.layout.mlflow_artifacts)
+    run_id = start_or_resume_run(client, config, run_dir, dataset_hash=dataset_hash_of(split_dir))
+    log_params_once(client, run_id, flat_params(config))
+    return MLFlowLogger(
+        experiment_name=config.registry.experiment,
+        tracking_uri=uri,
+        run_id=run_id,
+        artifact_location=artifact_location(config),
+    )

@@ -1,0 +1,213 @@
+"""Resize every image of a split once to the training resolution into the content-addressed cache shared by all runs.
+
+JPEGs are decoded at a reduced DCT scale (Pillow's `draft`), so a 1800x2400 photo costs a fraction of a full decode;
+epochs then read small cached JPEGs instead of decoding full-size ones again.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from PIL import Image, UnidentifiedImageError
+from tqdm import tqdm
+
+from fashion_tagger.core import io
+from fashion_tagger.core.errors import DataError
+from fashion_tagger.core.layout import SPLIT_PARTS, SplitDir, cache_size_dir, cached_image_path
+from fashion_tagger.core.parallel import resolve_workers
+from fashion_tagger.core.progress import log_progress
+
+log = logging.getLogger(__name__)
+
+BACKGROUND = (255, 255, 255)  # the product photos are shot on white, so padding on white adds no edge
+
+
+@dataclass
+class PrepareResult(io.StageResult):
+    split_dir: Path
+    cache_root: Path
+    width: int
+    height: int
+    images: int  # distinct image contents (sha256) in train, val and test
+    written: int
+    cached: int  # already in the cache from an earlier run
+    failed: int
+    seconds: float
+    failures: list[dict[str, str]] = field(default_factory=list)
+
+
+def fitted_size(size: tuple[int, int], width: int, height: int) -> tuple[int, int]:
+    """The largest size with the image's aspect that fits inside width x height."""
+    src_w, src_h = size
+    scale = min(width / src_w, height / src_h)
+    return min(width, max(1, round(src_w * scale))), min(height, max(1, round(src_h * scale)))
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """RGB with transparency composited on white (a plain convert would turn transparent pixels black)."""
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGB", rgba.size, BACKGROUND)
+        background.paste(rgba, mask=rgba.getchannel("A"))
+        return background
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16-bit grayscale would clip to white under a plain convert; scale it to 8 bits first.
+        return image.point(lambda v: v / 256).convert("L").convert("RGB")
+    return image.convert("RGB")
+
+
+def resize_image(image: Image.Image, width: int, height: int) -> Image.Image:
+    """Fit inside width x height keeping the aspect, centred on a white canvas of exactly width x height."""
+    target = fitted_size(image.size, width, height)
+    # draft() picks the smallest DCT scale (1/2, 1/4, 1/8) whose output is still >= target: quality holds.
+    image.draft("RGB", target)
+    image.load()  # decode now: the result may be this very image, used after its file is closed
+    image = to_rgb(image)
+    if image.size != target:
+        # After the DCT scaling the remaining reduction is under 2x, where an antialiased bilinear filter is as
+        # sharp as Lanczos at half its cost; enlarging a small image needs bicubic to stay crisp.
+        shrinking = image.width >= target[0]
+        method = Image.Resampling.BILINEAR if shrinking else Image.Resampling.BICUBIC
+        image = image.resize(target, method, reducing_gap=2.0 if shrinking else None)
+    if target == (width, height):
+        return image
+    canvas = Image.new("RGB", (width, height), BACKGROUND)
+    canvas.paste(image, ((width - target[0]) // 2, (height - target[1]) // 2))
+    return canvas
+
+
+def prepare_image(source: str | Path, dest: str | Path, width: int, height: int, jpeg_quality: int = 95) -> None:
+    """Decode, resize and write one image; the file appears under its final name only when complete."""
+    dest = Path(dest)
+    with Image.open(source) as image:
+        out = resize_image(image, width, height)
+    with io.atomic_path(dest) as tmp:
+        out.save(tmp, "JPEG", quality=jpeg_quality)
+
+
+def _prepare_task(task: tuple[str, str, str, int, int, int]) -> tuple[str, str | None]:
+    """Pool worker: returns the error text instead of raising, so one bad image does not stop the others."""
+    sha, source, dest, width, height, quality = task
+    try:
+        prepare_image(source, dest, width, height, quality)
+    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as exc:
+        return sha, f"{type(exc).__name__}: {exc}"
+    return sha, None
+
+
+def load_split_images(split_dir: Path) -> pd.DataFrame:
+    """One row per distinct image content (image_sha256, image_path) over train, val and test."""
+    frames = []
+    for part in SPLIT_PARTS:
+        path = SplitDir(split_dir).part(part)
+        if not path.is_file():
+            raise DataError(f"{path} does not exist: run the split stage to create {split_dir} first")
+        frame = pd.read_parquet(path, columns=None)
+        missing = [col for col in ("image_path", "image_sha256") if col not in frame.columns]
+        if missing:
+            raise DataError(f"{path} is missing columns: {', '.join(missing)}; rebuild it with validate and split")
+        frames.append(frame[["image_sha256", "image_path"]])
+    images = pd.concat(frames, ignore_index=True)
+    if images["image_sha256"].isna().any():
+        raise DataError(
+            f"{split_dir} has rows without image_sha256: it was split from a metadata-only validation; "
+            "rerun validate without --metadata-only, then split"
+        )
+    return images.drop_duplicates("image_sha256", keep="first").reset_index(drop=True)
+
+
+def prepare_images(
+    split_dir: str | Path,
+    cache_root: str | Path,
+    *,
+    width: int = 240,
+    height: int = 320,
+    jpeg_quality: int = 95,
+    workers: int = 0,
+) -> PrepareResult:
+    """Write every distinct image of train/val/test into the cache at width x height; cached ones are skipped."""
+    started = time.perf_counter()
+    split_dir, cache_root = Path(split_dir), Path(cache_root)
+    split = SplitDir(split_dir)
+    images = load_split_images(split_dir)
+    size_dir = cache_size_dir(cache_root, width, height)
+    # Two runs preparing into one cache would write the same images twice: the second waits, then finds them.
+    with io.file_lock(size_dir.with_name(f"{size_dir.name}.lock"), f"the image cache {size_dir}"):
+        if removed := io.remove_stale_temporaries(size_dir, depth=2):
+            log.info("removed %d partial images left by an interrupted prepare in %s", removed, size_dir)
+        tasks = []
+        for sha, source in zip(images["image_sha256"], images["image_path"], strict=True):
+            dest = cached_image_path(cache_root, sha, width, height)
+            # Writes are atomic, so an existing file is a complete one.
+            if not dest.is_file():
+                tasks.append((sha, str(source), str(dest), width, height, jpeg_quality))
+        cached = len(images) - len(tasks)
+        errors = _run_tasks(tasks, workers)
+
+    if errors:
+        by_sha = dict(zip(images["image_sha256"], images["image_path"], strict=True))
+        failures = [{"image_sha256": sha, "image_path": str(by_sha[sha]), "error": err} for sha, err in errors]
+        report = io.write_json(split.prepare_failures, failures)
+        # prepared.json promises every image is cached; a stale one must not survive a failed rerun.
+        split.prepared.unlink(missing_ok=True)
+        first = failures[0]
+        raise DataError(
+            f"{len(failures)} of {len(images)} images could not be prepared, e.g. {first['image_path']} "
+            f"(sha256 {first['image_sha256']}): {first['error']}; all are listed in {report}. "
+            "Validation should have rejected them: rerun validate and split"
+        )
+    split.prepare_failures.unlink(missing_ok=True)
+    result = PrepareResult(
+        split_dir=split_dir,
+        cache_root=cache_root,
+        width=width,
+        height=height,
+        images=len(images),
+        written=len(tasks),
+        cached=cached,
+        failed=0,
+        seconds=round(time.perf_counter() - started, 3),
+    )
+    summary = result.to_dict()
+    del summary["split_dir"], summary["failures"]
+    summary["cache_root"] = str(cache_root.resolve())
+    summary["jpeg_quality"] = jpeg_quality
+    io.write_json(split.prepared, summary)
+    return result
+
+
+def _run_tasks(tasks: list[tuple[Any, ...]], workers: int) -> list[tuple[str, str]]:
+    """Process the tasks (in a pool when it pays off) and return (sha, error) of each failure."""
+    if not tasks:
+        return []
+    workers = resolve_workers(workers, len(tasks))
+    progress = tqdm(total=len(tasks), desc="prepare", unit="img", disable=None)
+    errors = []
+    with progress:
+        if workers == 1:
+            outcomes = map(_prepare_task, tasks)
+            for sha, err in log_progress(outcomes, total=len(tasks), what="prepare", unit="images"):
+                if err:
+                    errors.append((sha, err))
+                progress.update()
+        else:
+            chunksize = max(1, min(64, len(tasks) // (workers * 8)))
+            # forkserver: workers start clean, without the parent's threads or its torch/MLflow state; the preload
+            # imports this module once in the server, so each worker is a cheap fork of it.
+            context = get_context("forkserver")
+            context.set_forkserver_preload([__name__])
+            with context.Pool(workers) as pool:
+                outcomes = pool.imap_unordered(_prepare_task, tasks, chunksize=chunksize)
+                for sha, err in log_progress(outcomes, total=len(tasks), what="prepare", unit="images"):
+                    if err:
+                        errors.append((sha, err))
+                    progress.update()
+    return errors

@@ -1,0 +1,255 @@
+"""A run as the unit of work: its folder, its configuration (read one way), its state and who is running it.
+
+`create_run` makes a run folder with a unique id and writes its `config.yaml`; `open_run` finds it again by id
+or path and reads that config back. Every stage records itself in the run's `state.json` (started, complete or
+failed, with its result), and the process executing a stage holds the run's lock, so `run_status` can tell a
+running run from one whose process died (interrupted).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import socket
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from fashion_tagger.core.config import Config, load_config, save_config
+from fashion_tagger.core.errors import RunError
+from fashion_tagger.core.io import read_json, write_json
+from fashion_tagger.core.layout import Home, RunLayout, new_run_id
+
+log = logging.getLogger(__name__)
+
+STAGES: tuple[str, ...] = ("fetch", "validate", "split", "prepare", "train", "evaluate", "register")
+
+COMPLETE, FAILED, INTERRUPTED, RUNNING = "complete", "failed", "interrupted", "running"
+STAGE_STARTED, STAGE_COMPLETE, STAGE_FAILED = "started", "complete", "failed"
+STAGE_SKIPPED = "skipped"  # train, evaluate and register when nothing changed since the champion (stages.py)
+DONE = (STAGE_COMPLETE, STAGE_SKIPPED)
+
+
+@dataclass(frozen=True)
+class Run:
+    """One run: where its files are and the configuration it was created with."""
+
+    layout: RunLayout
+    config: Config
+
+    @property
+    def id(self) -> str:
+        return self.layout.run_id
+
+    @property
+    def root(self) -> Path:
+        return self.layout.root
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
+
+
+def create_run(config: Config, run_id: str | None = None, *, prefix: str = "cli") -> Run:
+    """A new run folder under `<home>/runs/` with CONFIG saved in it.
+
+    Without RUN_ID the id is generated and unique, also for runs started in the same millisecond (the folder is
+    created exclusively). An orchestrator's RUN_ID (an Airflow run id) names its folder; creating it again, as a
+    retried first task does, reuses the folder when the configuration is the same and refuses a different one.
+    """
+    home = config.layout
+    home.runs.mkdir(parents=True, exist_ok=True)
+    if run_id is None:
+        while True:
+            layout = home.run(new_run_id(prefix))
+            try:
+                layout.root.mkdir()
+                break
+            except FileExistsError:
+                continue
+    else:
+        layout = home.run(run_id)
+        if layout.config.is_file():
+            existing = load_config(layout.config, check_environment=False)
+            if existing != config:
+                raise RunError(f"run {layout.run_id} already exists with another configuration ({layout.config}); "
+                               "start a new run instead")
+            return Run(layout, existing)
+        layout.root.mkdir(parents=True, exist_ok=True)
+    save_config(config, layout.root)
+    write_json(layout.state, {"run_id": run_id or layout.run_id, "created": _now(), "stages": {}})
+    log.info("run %s in %s", layout.run_id, layout.root)
+    return Run(layout, config)
+
+
+def open_run(ref: str | Path, home: Home | None = None) -> Run:
+    """The run with id REF in HOME (default: the configured home) or at the folder REF, and its saved config."""
+    if home is None:
+        from fashion_tagger.core.config import project_home
+
+        home = Home(project_home())
+    layout = home.find_run(ref)
+    return Run(layout, load_config(layout.config, check_environment=False))
+
+
+# --- state -------------------------------------------------------------------------------------------------------
+
+
+def read_state(layout: RunLayout) -> dict[str, Any]:
+    if not layout.state.is_file():
+        return {"run_id": layout.run_id, "stages": {}}
+    return read_json(layout.state)
+
+
+def stage_state(layout: RunLayout, stage: str) -> dict[str, Any]:
+    return read_state(layout)["stages"].get(stage, {})
+
+
+def stage_result(layout: RunLayout, stage: str) -> dict[str, Any]:
+    """The recorded result of a completed stage; an error naming the stage to run when it has not completed."""
+    entry = stage_state(layout, stage)
+    if entry.get("status") != STAGE_COMPLETE:
+        raise RunError(f"run {layout.run_id} has no completed {stage} stage: run `fashion-tagger {stage} "
+                       f"{layout.run_id}` or `fashion-tagger run --resume {layout.run_id}`")
+    return entry.get("result", {})
+
+
+def record_stage(layout: RunLayout, stage: str, status: str, **fields: Any) -> None:
+    """Update one stage's entry in state.json (the caller holds the run lock, so nobody else writes it)."""
+    state = read_state(layout)
+    entry = dict(state["stages"].get(stage, {}))
+    if status == STAGE_STARTED:
+        entry = {"started": _now(), "attempts": int(entry.get("attempts", 0)) + 1,
+                 "pid": os.getpid(), "host": socket.gethostname()}
+    else:
+        entry["finished"] = _now()
+    entry.update(status=status, **fields)
+    state["stages"][stage] = entry
+    write_json(layout.state, state)
+
+
+def completed_stages(state: Mapping[str, Any]) -> list[str]:
+    """The stages that are done: complete, or skipped because there was nothing to retrain."""
+    return [s for s in STAGES if state["stages"].get(s, {}).get("status") in DONE]
+
+
+def last_completed_stage(state: Mapping[str, Any]) -> str | None:
+    done = completed_stages(state)
+    return done[-1] if done else None
+
+
+# --- who is running it -------------------------------------------------------------------------------------------
+
+_held: dict[Path, list[int]] = {}  # lock path -> [fd, depth]: re-entrant within this process
+
+
+def is_rank_zero() -> bool:
+    """False in the extra processes of a torchrun/DDP launch, which share the run with rank 0."""
+    return os.environ.get("RANK", "0") == "0" and os.environ.get("LOCAL_RANK", "0") == "0"
+
+
+@contextmanager
+def run_lock(layout: RunLayout) -> Iterator[None]:
+    """Hold the run's lock for the block, or fail at once naming the run when another process holds it.
+
+    A flock, released by the kernel when the holder dies, so a SIGKILLed run is never left locked.
+    """
+    path = layout.lock
+    if path in _held:
+        _held[path][1] += 1
+        try:
+            yield
+        finally:
+            _held[path][1] -= 1
+        return
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise RunError(f"run {layout.run_id} is being run by another process; wait for it or check "
+                       "`fashion-tagger runs`") from None
+    _held[path] = [fd, 1]
+    try:
+        yield
+    finally:
+        if _held[path][1] <= 1:
+            del _held[path]
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+        else:
+            _held[path][1] -= 1
+
+
+def is_locked_elsewhere(layout: RunLayout) -> bool:
+    if layout.lock in _held or not layout.lock.exists():
+        return False
+    fd = os.open(layout.lock, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # closing releases a lock this probe took
+    return False
+
+
+def run_status(layout: RunLayout, state: Mapping[str, Any] | None = None) -> str:
+    """running (a process holds the lock), complete (every stage done), failed (the last attempt of a stage raised),
+    or interrupted (stopped part-way: killed, or between two tasks of an orchestrator)."""
+    if is_locked_elsewhere(layout):
+        return RUNNING
+    state = state or read_state(layout)
+    if len(completed_stages(state)) == len(STAGES):
+        return COMPLETE
+    if any(entry.get("status") == STAGE_FAILED for entry in state["stages"].values()):
+        return FAILED
+    return INTERRUPTED
+
+
+def list_runs(home: Home) -> list[dict[str, Any]]:
+    """Every run of HOME, oldest first: id, status, last completed stage, created, and the stage in the way."""
+    rows = []
+    for layout in home.run_layouts():
+        state = read_state(layout)
+        status = run_status(layout, state)
+        pending = next((s for s in STAGES if state["stages"].get(s, {}).get("status") not in DONE), None)
+        register = state["stages"].get("register", {}).get("result", {})
+        rows.append({
+            "run_id": layout.run_id,
+            "status": status,
+            "last_completed_stage": last_completed_stage(state),
+            "next_stage": pending,
+            "error": state["stages"].get(pending, {}).get("error") if pending and status == FAILED else None,
+            "created": state.get("created"),
+            "model_version": register.get("version"),
+            "root": str(layout.root),
+        })
+    return rows
+
+
+def interrupted_runs_like(config: Config) -> list[str]:
+    """Ids of this home's interrupted runs with exactly CONFIG: what a user restarting by hand may mean to resume."""
+    matches = []
+    for layout in config.layout.run_layouts():
+        if run_status(layout) == INTERRUPTED and load_config(layout.config, check_environment=False) == config:
+            matches.append(layout.run_id)
+    return matches
+
+
+def format_runs(rows: list[Mapping[str, Any]]) -> str:
+    """A plain table for `fashion-tagger runs`."""
+    if not rows:
+        return "no runs yet: start one with `fashion-tagger run --config demo`"
+    from fashion_tagger.registry.model_card import text_table
+
+    headers = ("run", "status", "last stage done", "created", "model version")
+    return text_table(headers, [
+        (row["run_id"], row["status"], row["last_completed_stage"] or "-", str(row.get("created") or "-")[:19],
+         str(row.get("model_version") or "-"))
+        for row in rows
+    ])

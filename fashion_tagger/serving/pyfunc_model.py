@@ -1,0 +1,238 @@
+"""The servable model: an MLflow pyfunc that tags raw product photos with the Lightning-free exported tagger.
+
+Input is a DataFrame with a column `image` (JPEG/PNG bytes, or base64 text as it arrives in REST JSON) or
+`path`; output is one column per attribute plus `<attribute>_confidence`, and `error`: null for a tagged row,
+else why its image could not be read (that row's tags are null; the other rows are still tagged). Our inference
+code travels with the model (`code_paths`), so `mlflow.pyfunc.load_model("models:/fashion-tagger@champion")`
+needs no training code.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import importlib.metadata
+import io
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import mlflow
+import pandas as pd
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import BAD_REQUEST
+from PIL import Image, UnidentifiedImageError
+
+if TYPE_CHECKING:
+    from mlflow.models.model import ModelInfo
+    from mlflow.models.signature import ModelSignature
+
+IMAGE_COLUMN = "image"
+PATH_COLUMN = "path"
+DEVICE_ENV = "FASHION_TAGGER_DEVICE"
+TAGGER_ARTIFACT = "tagger"  # key of the exported tagger (weights.pt + tagger.json) among the model's artifacts
+# Pinned to what this environment has, so logging never probes the environment (slow) and serving matches it.
+REQUIREMENTS = ("mlflow", "torch", "timm", "pillow", "pandas", "numpy")
+
+
+MODEL_CODE = """\
+import mlflow
+
+from fashion_tagger.serving.pyfunc_model import TaggerModel
+
+mlflow.models.set_model(TaggerModel())
+"""
+
+
+class InputError(MlflowException):
+    """A request the model cannot read; the scoring server answers it with HTTP 400."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, error_code=BAD_REQUEST)
+
+
+def _decode_text(text: str, row: Any) -> bytes:
+    # Browsers and some clients send data URLs ("data:image/jpeg;base64,....").
+    payload = text.split(",", 1)[1] if text.startswith("data:") else text
+    try:
+        return base64.b64decode(payload)
+    except (binascii.Error, ValueError) as exc:
+        raise InputError(f"row {row}: column '{IMAGE_COLUMN}' holds text that is not base64 ({exc})") from None
+
+
+def open_image(value: Any, *, row: Any = None, is_path: bool = False) -> Image.Image:
+    """One RGB image from encoded bytes, base64 text or (with `is_path`) a file path."""
+    try:
+        if is_path:
+            image = Image.open(Path(str(value)).expanduser())
+        else:
+            if isinstance(value, str):
+                value = _decode_text(value, row)
+            elif isinstance(value, bytearray | memoryview):
+                value = bytes(value)
+            if not isinstance(value, bytes):
+                raise InputError(
+                    f"row {row}: column '{IMAGE_COLUMN}' must hold image bytes or base64 text, "
+                    f"not {type(value).__name__}"
+                )
+            image = Image.open(io.BytesIO(value))
+        image.load()
+    except InputError:
+        raise
+    except (OSError, UnidentifiedImageError, Image.DecompressionBombError, ValueError, SyntaxError) as exc:
+        source = f"path {value!r}" if is_path else "image bytes"
+        raise InputError(f"row {row}: cannot read {source} as an image: {type(exc).__name__}: {exc}") from None
+    return image.convert("RGB")
+
+
+def _open_row(record: Any, row: Any, has_image: bool, has_path: bool) -> Image.Image:
+    value = getattr(record, IMAGE_COLUMN) if has_image else None
+    if value is not None and not (isinstance(value, float) and pd.isna(value)):
+        return open_image(value, row=row)
+    path = getattr(record, PATH_COLUMN) if has_path else None
+    if path is None or (isinstance(path, float) and pd.isna(path)) or not str(path):
+        raise InputError(f"row {row} has neither '{IMAGE_COLUMN}' nor '{PATH_COLUMN}'")
+    return open_image(path, row=row, is_path=True)
+
+
+def read_rows(frame: pd.DataFrame) -> tuple[list[Image.Image | None], list[str | None]]:
+    """Each row's image from `image` (preferred) or `path`, or None and why it could not be read.
+
+    A frame with neither column is an InputError (HTTP 400): no row of it could ever be read.
+    """
+    has_image, has_path = IMAGE_COLUMN in frame.columns, PATH_COLUMN in frame.columns
+    if not (has_image or has_path):
+        raise InputError(
+            f"input needs a column '{IMAGE_COLUMN}' (JPEG/PNG bytes or base64) or '{PATH_COLUMN}'; "
+            f"got columns {list(frame.columns)}"
+        )
+    images: list[Image.Image | None] = []
+    errors: list[str | None] = []
+    for row, record in zip(frame.index, frame.itertuples(index=False), strict=True):
+        try:
+            images.append(_open_row(record, row, has_image, has_path))
+            errors.append(None)
+        except InputError as exc:
+            images.append(None)
+            errors.append(exc.message)
+    return images, errors
+
+
+def images_from_frame(frame: pd.DataFrame) -> list[Image.Image]:
+    """Decode each row's `image` (preferred) or `path`; the first row that cannot be read is an InputError."""
+    images, errors = read_rows(frame)
+    if problems := [error for error in errors if error is not None]:
+        raise InputError(problems[0])
+    return images
+
+
+def tag_frame(predictor: Any, frame: pd.DataFrame) -> pd.DataFrame:
+    """The model's answer to FRAME: tags and confidences per readable row, `error` for the others."""
+    from fashion_tagger.serving.predict import with_errors
+
+    images, errors = read_rows(frame)
+    out = with_errors(predictor.predict([image for image in images if image is not None]), errors)
+    if any(errors):
+        out = out.astype(object).where(out.notna(), None)  # JSON null for the untagged rows, not NaN
+    out.index = frame.index
+    return out
+
+
+class TaggerModel(mlflow.pyfunc.PythonModel):
+    """pyfunc wrapper of `fashion_tagger.serving.predict.Predictor` loaded from the exported tagger artifact."""
+
+    def load_context(self, context: Any) -> None:
+        from fashion_tagger.serving.predict import Predictor
+
+        # Default: the GPU when there is one; FASHION_TAGGER_DEVICE=cpu keeps a server off a shared GPU.
+        device = os.environ.get(DEVICE_ENV) or None
+        self.predictor = Predictor.from_export(context.artifacts[TAGGER_ARTIFACT], device=device)
+
+    # A DataFrame hint is one MLflow derives no schema from: the logged signature stays the only one.
+    def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
+        frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
+        return tag_frame(self.predictor, frame)
+
+
+def _requirement(package: str) -> str | None:
+    try:
+        version = importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    return f"{package}=={version.split('+')[0]}"  # drop local tags like +cu130: any build of the version will do
+
+
+def pip_requirements(extra: Sequence[str] = ()) -> list[str]:
+    return [req for pkg in (*REQUIREMENTS, *extra) if (req := _requirement(pkg))]
+
+
+def model_signature(example_output: pd.DataFrame) -> ModelSignature:
+    """Inputs: optional `image` (binary: base64 in JSON, decoded by the server) and `path` (string)."""
+    from mlflow.models import infer_signature
+    from mlflow.models.signature import ModelSignature
+    from mlflow.types.schema import ColSpec, Schema
+
+    inputs = Schema([ColSpec("binary", IMAGE_COLUMN, required=False), ColSpec("string", PATH_COLUMN, required=False)])
+    outputs = infer_signature(model_output=example_output).outputs
+    return ModelSignature(inputs=inputs, outputs=outputs)
+
+
+def _stage_code(into: Path) -> Path:
+    """A clean copy of the fashion_tagger package (no caches) to ship as the model's code."""
+    package = Path(__file__).resolve().parents[1]  # fashion_tagger/, not serving/
+    target = into / package.name
+    shutil.copytree(package, target, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    return target
+
+
+def example_image_bytes(width: int = 60, height: int = 80) -> bytes:
+    """A small white JPEG with a grey product-like block: the logged input example."""
+    image = Image.new("RGB", (width, height), "white")
+    image.paste((90, 90, 110), (width // 5, height // 6, width - width // 5, height - height // 6))
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def log_tagger_model(
+    export_dir: str | Path,
+    *,
+    name: str = "model",
+    example_image: bytes | None = None,
+    registered_model_name: str | None = None,
+    params: dict[str, Any] | None = None,
+    tags: dict[str, Any] | None = None,
+    metadata: dict[str, Any] | None = None,
+) -> ModelInfo:
+    """Log the exported tagger in EXPORT_DIR as a pyfunc model into the active run (start one in our experiment
+    first: without a run MLflow files the model under its Default experiment, whose artifacts land in ./mlruns).
+
+    The signature's output comes from predicting the input example with the export itself, so what is
+    declared is what the model returns.
+    """
+    from fashion_tagger.serving.predict import Predictor
+
+    export_dir = Path(export_dir)
+    example = pd.DataFrame({IMAGE_COLUMN: [example_image or example_image_bytes()]})
+    example_output = tag_frame(Predictor.from_export(export_dir), example)
+    with tempfile.TemporaryDirectory(prefix="fashion-tagger-code-") as tmp:
+        code_dir = _stage_code(Path(tmp))
+        # Models from code: MLflow stores this script instead of a pickled object and runs it on load.
+        entry = Path(tmp) / "tagger_model.py"
+        entry.write_text(MODEL_CODE)
+        return mlflow.pyfunc.log_model(
+            name=name,
+            python_model=str(entry),
+            artifacts={TAGGER_ARTIFACT: str(export_dir)},
+            code_paths=[str(code_dir)],
+            signature=model_signature(example_output),
+            input_example=example,
+            pip_requirements=pip_requirements(),
+            registered_model_name=registered_model_name,
+            params=params,
+            tags=tags,
+            metadata=metadata,
+        )

@@ -1,0 +1,195 @@
+"""Training data: the split tables joined with the prepared image cache, as a Dataset and a LightningDataModule.
+
+Images are read from the content-addressed cache that `prepare` filled (split_dir/prepared.json says where
+and at which size), so an epoch decodes small JPEGs instead of full-size photos.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import Compose, RandomResizedCrop
+
+from fashion_tagger.core.errors import DataError
+from fashion_tagger.core.layout import SplitDir
+from fashion_tagger.data.cache import cached_image_path, read_prepared
+from fashion_tagger.data.labels import LabelSpace, label_column
+
+READ_RETRIES = 2  # transient errors on network file systems; a truly broken file fails loudly after these
+CROP_SCALE = (0.8, 1.0)  # mild: a product must stay whole enough to keep its silhouette and colour
+
+
+def read_split(split_dir: str | Path, part: str, attributes: Sequence[str]) -> pd.DataFrame:
+    """One part (`train`, `val`) of a split with its image hashes and the encoded columns of ATTRIBUTES."""
+    path = SplitDir(Path(split_dir)).part(part)
+    if not path.is_file():
+        raise DataError(f"{path} does not exist: run the split stage first (`fashion-tagger split RUN`)")
+    frame = pd.read_parquet(path)
+    needed = ["image_sha256", *(label_column(a) for a in attributes)]
+    missing = [c for c in needed if c not in frame.columns]
+    if missing:
+        raise DataError(f"{path} is missing columns: {', '.join(missing)}; rebuild it with `fashion-tagger split`")
+    return frame
+
+
+def resolve_workers(num_workers: int) -> int:
+    """-1 means min(8, CPUs): enough to feed a GPU from small cached JPEGs without oversubscribing."""
+    return min(8, os.cpu_count() or 1) if num_workers < 0 else num_workers
+
+
+def load_rgb(path: str | Path) -> Image.Image:
+    """Open an image as RGB; OSError is retried a bounded number of times, then reported with the fix."""
+    for attempt in range(READ_RETRIES + 1):
+        try:
+            with Image.open(path) as image:
+                return image.convert("RGB")
+        except OSError as exc:
+            if attempt == READ_RETRIES:
+                raise DataError(
+                    f"cannot read prepared image {path}: {exc}; delete it and rerun `fashion-tagger prepare`"
+                ) from exc
+            time.sleep(0.05 * (attempt + 1))
+    raise AssertionError("unreachable")
+
+
+class TrainAugment:
+    """Mild random resized crop at the portrait aspect, then a horizontal flip; no colour jitter: colour is a label.
+
+    Crop and resize are one Pillow resample (`resize(box=...)`), which is cheaper than cropping first.
+    """
+
+    def __init__(self, width: int, height: int, scale: tuple[float, float] = CROP_SCALE) -> None:
+        self.width, self.height = width, height
+        self.scale = scale
+        aspect = width / height
+        self.ratio = (aspect * 0.9, aspect / 0.9)
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        top, left, h, w = RandomResizedCrop.get_params(image, list(self.scale), list(self.ratio))
+        image = image.resize((self.width, self.height), Image.Resampling.BILINEAR, box=(left, top, left + w, top + h))
+        if torch.rand(1).item() < 0.5:
+            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        return image
+
+
+def to_uint8_tensor(image: Image.Image) -> torch.Tensor:
+    """3 x H x W uint8. Batches stay uint8 until the device (4x less to copy); the model normalises there."""
+    return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)
+
+
+def pixel_stats(mean: Sequence[float], std: Sequence[float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and std on the 0-255 scale, shaped 1 x 3 x 1 x 1 to broadcast over a uint8 batch."""
+    return (
+        torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1) * 255,
+        torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1) * 255,
+    )
+
+
+def normalize(images: torch.Tensor, pixel_mean: torch.Tensor, pixel_std: torch.Tensor) -> torch.Tensor:
+    """uint8 N x 3 x H x W -> float normalised with the backbone's statistics (from `pixel_stats`)."""
+    return (images.float() - pixel_mean) / pixel_std
+
+
+def train_transform(width: int, height: int) -> Callable[[Image.Image], torch.Tensor]:
+    # Compose of picklable parts, so loader workers also start under spawn/forkserver.
+    return Compose([TrainAugment(width, height), to_uint8_tensor])
+
+
+def eval_transform() -> Callable[[Image.Image], torch.Tensor]:
+    """Cached images already have the training size: nothing but the tensor conversion."""
+    return to_uint8_tensor
+
+
+class TaggerDataset(Dataset):
+    """(image tensor, labels int64[attributes]) per row; -1 (IGNORE_INDEX) where the label is 'None'."""
+
+    def __init__(
+        self,
+        frame: pd.DataFrame,
+        attributes: Sequence[str],
+        cache_root: str | Path,
+        width: int,
+        height: int,
+        transform: Callable,
+    ) -> None:
+        self.paths = [str(cached_image_path(cache_root, sha, width, height)) for sha in frame["image_sha256"]]
+        self.labels = torch.from_numpy(
+            np.stack([frame[label_column(a)].to_numpy(dtype=np.int64) for a in attributes], axis=1)
+        )
+        self.attributes = list(attributes)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.transform(load_rgb(self.paths[index])), self.labels[index]
+
+
+class TaggerDataModule(L.LightningDataModule):
+    """Train/val loaders of uint8 image batches and int64 labels over a prepared split directory."""
+
+    def __init__(
+        self,
+        split_dir: str | Path,
+        *,
+        batch_size: int,
+        num_workers: int = -1,
+        pin_memory: bool = False,
+    ) -> None:
+        super().__init__()
+        self.split_dir = Path(split_dir)
+        self.prepared = read_prepared(self.split_dir)
+        self.label_space = LabelSpace.load(self.split_dir)
+        self.batch_size = batch_size
+        self.num_workers = resolve_workers(num_workers)
+        self.pin_memory = pin_memory
+        self.train_set: TaggerDataset | None = None
+        self.val_set: TaggerDataset | None = None
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """(width, height) of the cached images, which is the model's input size."""
+        return int(self.prepared["width"]), int(self.prepared["height"])
+
+    def _dataset(self, filename: str, transform: Callable) -> TaggerDataset:
+        attributes = self.label_space.attributes
+        frame = read_split(self.split_dir, filename, attributes)
+        width, height = self.image_size
+        return TaggerDataset(frame, attributes, self.prepared["cache_root"], width, height, transform)
+
+    def setup(self, stage: str | None = None) -> None:
+        width, height = self.image_size
+        if stage in (None, "fit") and self.train_set is None:
+            self.train_set = self._dataset("train", train_transform(width, height))
+        if self.val_set is None:
+            self.val_set = self._dataset("val", eval_transform())
+
+    def _loader(self, dataset: Dataset, *, train: bool) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=train,
+            # BatchNorm cannot train on a final batch of one image; dropping a partial batch costs nothing.
+            drop_last=train and len(dataset) > self.batch_size,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        assert self.train_set is not None, "call setup('fit') first"
+        return self._loader(self.train_set, train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        assert self.val_set is not None, "call setup() first"
+        return self._loader(self.val_set, train=False)
