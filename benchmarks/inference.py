@@ -27,8 +27,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fashion_tagger.core.config import load_config  # noqa: E402
 from fashion_tagger.data.labels import LabelSpace  # noqa: E402
-from fashion_tagger.model.network import FashionTagger  # noqa: E402
-from fashion_tagger.serving.predict import MODEL_FIELDS, Predictor  # noqa: E402
+from fashion_tagger.model.network import (
+    NETWORK_FIELDS,  # noqa: E402
+    FashionTagger,  # noqa: E402
+)
+from fashion_tagger.serving.predict import Predictor  # noqa: E402
 from fashion_tagger.serving.pyfunc_model import DEVICE_ENV, images_from_frame  # noqa: E402
 
 DEFAULT_REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "fashion-real"
@@ -45,7 +48,7 @@ def export_model(backbone: str, width: int, height: int, out: Path) -> Path:
     model = FashionTagger(backbone, labels.num_classes)
     config = {"backbone": backbone, "hidden_dim": 0, "dropout": 0.0, "drop_path_rate": 0.0}
     predictor = Predictor(model, labels, (width, height), mean=model.data_config["mean"], std=model.data_config["std"],
-                          model_config={k: config[k] for k in MODEL_FIELDS}, device="cpu")
+                          model_config={k: config[k] for k in NETWORK_FIELDS}, device="cpu")
     return predictor.export(out)
 
 

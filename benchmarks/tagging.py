@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from inference import export_model, load_pyfunc, publish  # noqa: E402
 
 from fashion_tagger.core.config import load_config  # noqa: E402
+from fashion_tagger.core.parallel import loader_workers  # noqa: E402
 from fashion_tagger.tagging import tagger as tagging  # noqa: E402
 
 DEFAULT_REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "fashion-real"
@@ -70,7 +71,8 @@ def main() -> None:
     parser.add_argument("--height", type=int, default=320)
     parser.add_argument("--images", type=int, default=256)
     parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--workers", type=int, default=-1, help="DataLoader workers of `tag` (-1: min(8, CPUs))")
+    parser.add_argument("--workers", type=lambda v: v if v == "auto" else int(v), default="auto",
+                        help="DataLoader workers of `tag` (auto: min(8, CPUs))")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (both ways run on it)")
@@ -119,7 +121,7 @@ def main() -> None:
         SECTION,
         f"`fashion-tagger tag` against the served pyfunc model called once per image, same export and files: "
         f"{args.backbone} (random weights, production head sizes), {args.width}x{args.height} input, {n} {label} "
-        f"JPEGs, batch {args.batch}, device {args.device}, `tag` with {tagging.loader_workers(args.workers, n)} "
+        f"JPEGs, batch {args.batch}, device {args.device}, `tag` with {loader_workers(args.workers, n)} "
         f"DataLoader workers; best of {args.rounds} alternating rounds. `tag` times include loading the model and "
         f"writing every output; the served model was loaded before timing. masterCategory tags agree on "
         f"{agree:.0%} of the images.",

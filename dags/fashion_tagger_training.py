@@ -154,6 +154,7 @@ def fashion_tagger_training():
         """
         from airflow.sdk.exceptions import AirflowSkipException
 
+        from fashion_tagger.core.parallel import device_processes
         from fashion_tagger.runs.run import open_run
         from fashion_tagger.runs.stages import retrain_skip_reason, skip_retraining
 
@@ -162,7 +163,7 @@ def fashion_tagger_training():
             if reason := retrain_skip_reason(run):
                 skip_retraining(run, reason)
                 raise AirflowSkipException(reason)
-            nproc = orchestration.gpu_processes(run.config.train.devices)
+            nproc = device_processes(run.config.train.devices)
             result = orchestration.run_stage_process("train", run.root, nproc=nproc)
         return {"run_root": prepared["run_root"], **result}
 

@@ -129,6 +129,7 @@ def test_unchanged_data_skips_training_and_force_trains(first_run):
 def test_several_training_processes_start_through_torchrun(first_run, tmp_path, caplog):
     """The multi-GPU launch (FASHION_TAGGER_TRAIN_GPUS > 1), here as two CPU ranks over gloo."""
     from fashion_tagger.core.config import load_config
+    from fashion_tagger.core.parallel import device_processes
     from fashion_tagger.orchestration import form as orchestration
     from fashion_tagger.runs.run import create_run
     from fashion_tagger.runs.stages import run_stage
@@ -139,7 +140,7 @@ def test_several_training_processes_start_through_torchrun(first_run, tmp_path, 
     run = create_run(load_config(run_root / "config.yaml", overrides))
     for stage in ("fetch", "validate", "split", "prepare"):
         run_stage(run, stage)  # the dataset and the prepared images are reused from the first run
-    nproc = orchestration.gpu_processes(run.config.train.devices)
+    nproc = device_processes(run.config.train.devices)
     assert "torch.distributed.run" in orchestration.stage_command("train", run.root, nproc=nproc)
     with caplog.at_level(logging.INFO, logger="fashion_tagger.training.train"):
         result = orchestration.run_stage_process("train", run.root, nproc=nproc)

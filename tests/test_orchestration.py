@@ -12,6 +12,7 @@ import pytest
 
 from fashion_tagger.core.config import Config, ConfigError, load_config, preset_names
 from fashion_tagger.core.layout import run_dir_name
+from fashion_tagger.core.parallel import device_processes, parse_devices
 from fashion_tagger.orchestration import form as orch
 
 AIRFLOW_RUN_ID = "manual__2025-06-01T10:20:30.123456+00:00"
@@ -152,10 +153,23 @@ def test_default_source_follows_env_then_kaggle_credentials(monkeypatch, tmp_pat
 
 @pytest.mark.parametrize(
     ("devices", "expected"),
-    [("auto", 1), ("1", 1), (None, 1), ("4", 4), (2, 2), ("0,1,2", 3), ("[0, 1]", 2), ("0,", 1)],
+    [("auto", 1), ("1", 1), (None, 1), ("4", 4), (2, 2), ("0,1,2", 3), ("[0, 1]", 2), ("[0,1]", 2), ("0,", 1),
+     ("-1", 1)],
 )
-def test_gpu_processes(devices, expected):
-    assert orch.gpu_processes(devices) == expected
+def test_one_parser_of_train_devices_gives_the_trainer_and_the_orchestrator_the_same_count(devices, expected):
+    """`train.devices` is parsed once (core.parallel): the processes the DAG launches and the devices Lightning
+    is given agree, "[0,1]" included (it used to be 2 processes for the DAG and a ValueError for the trainer)."""
+    assert device_processes(devices) == expected
+
+
+def test_device_ids_parse_the_same_with_or_without_brackets():
+    assert parse_devices("[0,1]") == parse_devices("0,1") == parse_devices("[0, 1]") == [0, 1]
+    assert parse_devices("auto") == "auto" and parse_devices("2") == 2 and parse_devices(-1) == -1
+
+
+def test_a_train_devices_value_nobody_can_parse_is_a_config_error_naming_it():
+    with pytest.raises(ConfigError, match=r"train.devices.*'two'"):
+        load_config(None, {"train": {"devices": "two"}})
 
 
 def test_a_stage_child_is_the_stage_name_and_the_run_and_torchrun_only_for_several_gpus(tmp_path):

@@ -151,15 +151,15 @@ def test_first_model_becomes_champion_and_registering_again_is_a_no_op(tmp_path,
     config = config_for()
     split = make_split(tmp_path / "split")
     run_dir = make_run(tmp_path / "run", split, "probe")
-    # What `train` does with the logger: per-epoch metrics into a run that register then continues.
-    logger = tracking.mlflow_logger(config, run_dir, split_dir=split)
-    for epoch, score in enumerate([0.4, 0.6]):
-        logger.log_metrics({"val_macro_f1": score}, step=epoch)
-    logger.finalize("success")
-    assert read_json(run_dir / "mlflow_run.json")["run_id"] == logger.run_id
+    # A training run already recorded in the run folder (a retried register): register continues it.
+    with tracking.tracking_session(config) as client:
+        run_id = tracking.start_or_resume_run(client, config, run_dir, dataset_hash=tracking.dataset_hash_of(split))
+        for epoch, score in enumerate([0.4, 0.6]):
+            client.log_metric(run_id, "val_macro_f1", score, step=epoch)
+    assert read_json(run_dir / "mlflow_run.json")["run_id"] == run_id
 
     first = registry.register_run(run_dir, config)
-    assert first.run_id == logger.run_id
+    assert first.run_id == run_id
     assert (first.version, first.decision, first.aliases) == ("1", registry.PROMOTED, ["champion"])
     assert first.headline_macro_f1 > 0.9 and first.gate_rows == 24 and not first.already_registered
     assert first.champion_version is None and first.champion_headline is None

@@ -7,6 +7,7 @@ on import, and `save_config` writes it next to every output it produced.
 from __future__ import annotations
 
 import difflib
+import logging
 import os
 from collections.abc import Mapping
 from importlib import resources
@@ -18,7 +19,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 
 from fashion_tagger.core.errors import ConfigError
 from fashion_tagger.core.layout import CONFIG_FILENAME, Home
+from fashion_tagger.core.parallel import AUTO, WorkerCount, parse_devices
 from fashion_tagger.core.schema import ATTRIBUTES
+
+log = logging.getLogger(__name__)
 
 HOME_ENV = "FASHION_TAGGER_HOME"
 DEFAULT_HOME = Path("~/.fashion-tagger")
@@ -45,6 +49,22 @@ def _checks_environment(info: ValidationInfo) -> bool:
 
 
 CHECK_ENVIRONMENT = "check_environment"
+
+
+def _auto_workers(value: Any, key: str, *, legacy_auto: int) -> Any:
+    """A worker count is `auto` or a number >= 0. LEGACY_AUTO is how KEY spelled auto before (0 or -1): still
+    read, with a deprecation message, so configurations written before keep working."""
+    if isinstance(value, str) and value.strip().lower() == AUTO:
+        return AUTO
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        value = int(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value == legacy_auto:
+            log.warning("%s=%d is deprecated: write %s=auto (read as auto now)", key, value, key)
+            return AUTO
+        if value < 0:
+            raise ValueError(f"{key} must be 'auto' or a number >= 0, not {value}")
+    return value
 
 
 class _Section(BaseModel):
@@ -100,7 +120,12 @@ class ImagesConfig(_Section):
     width: int = Field(240, ge=16, le=2048, description="input width in pixels; product photos are 3:4, e.g. 240 x 320")
     height: int = Field(320, ge=16, le=2048, description="input height in pixels")
     jpeg_quality: int = Field(95, ge=50, le=100)
-    workers: int = Field(0, ge=0, description="process pool size; 0 means one per CPU")
+    workers: WorkerCount = Field(AUTO, description="process pool size of validate and prepare; auto: one per CPU")
+
+    @field_validator("workers", mode="before")
+    @classmethod
+    def _legacy_auto(cls, value: Any) -> Any:
+        return _auto_workers(value, "images.workers", legacy_auto=0)
 
 
 class ModelConfig(_Section):
@@ -170,9 +195,10 @@ class TrainConfig(_Section):
     channels_last: bool = True
     compile: bool = False
     accelerator: str = "auto"
-    devices: int | str = Field("auto", description="auto (all GPUs), a count, or a list like '0,1'")
+    devices: int | str = Field(AUTO, description="auto (all GPUs), a count, or a list like '0,1'")
     num_nodes: int = Field(1, ge=1)
-    num_workers: int = Field(-1, ge=-1, description="DataLoader workers; -1 means min(8, CPUs)")
+    num_workers: WorkerCount = Field(AUTO, description="DataLoader workers; auto: min(8, CPUs); 0: the main "
+                                     "process loads")
     cpu_threads: int = Field(
         0, ge=0, description="torch threads when training on CPU; 0 keeps torch's default (one per core)"
     )
@@ -183,6 +209,17 @@ class TrainConfig(_Section):
     force: bool = Field(False, description="train even when the data, labels and training configuration equal the "
                         "champion's")
 
+
+    @field_validator("num_workers", mode="before")
+    @classmethod
+    def _legacy_auto(cls, value: Any) -> Any:
+        return _auto_workers(value, "train.num_workers", legacy_auto=-1)
+
+    @field_validator("devices")
+    @classmethod
+    def _parsable_devices(cls, value: int | str) -> int | str:
+        parse_devices(value)  # the one parser, which the trainer and the orchestrator both use; raises on junk
+        return value
 
 class RegistryConfig(_Section):
     tracking_uri: str | None = Field(None, description="default $MLFLOW_TRACKING_URI, else SQLite in home")
@@ -218,7 +255,20 @@ class TaggingConfig(_Section):
     )
     batch_size: int = Field(64, ge=1, description="images per forward pass")
     shard_size: int = Field(5000, ge=1, description="images per shard (one Airflow task each)")
-    workers: int = Field(-1, ge=-1, description="DataLoader decoding workers; -1 means min(8, CPUs)")
+    workers: WorkerCount = Field(AUTO, description="DataLoader decoding workers; auto: min(8, CPUs); 0: the main "
+                                 "process decodes")
+    catalog: str | None = Field(None, description="the catalog to tag: a folder of product photos (optionally with "
+                                "styles.csv listing the ids) or s3://bucket/prefix; empty: $FASHION_TAGGER_CATALOG, "
+                                "else <home>/catalog")
+    out_dir: str | None = Field(None, description="the tags folder (tags.parquet, rejects.csv, the review queue, "
+                                "the changes report); empty: $FASHION_TAGGER_TAGS_DIR, else <home>/tags")
+    model: str | None = Field(None, description="models:/NAME@ALIAS, models:/NAME/VERSION or a local export; empty: "
+                              "the champion, models:/<registry.model_name>@champion; resolved once per run and pinned")
+
+    @field_validator("workers", mode="before")
+    @classmethod
+    def _legacy_auto(cls, value: Any) -> Any:
+        return _auto_workers(value, "tagging.workers", legacy_auto=-1)
     experiment: str = Field("fashion-tagger-tagging", description="MLflow experiment of the tagging summaries")
 
     @field_validator("thresholds")
@@ -259,10 +309,6 @@ class Config(_Section):
     @property
     def cache_root(self) -> Path:
         return self.layout.cache
-
-    @property
-    def runs_root(self) -> Path:
-        return self.layout.runs
 
     @property
     def tracking_uri(self) -> str:

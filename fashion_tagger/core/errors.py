@@ -65,8 +65,3 @@ class ModelError(BadInputError):
 
 class ModelUnavailableError(TransientError):
     """Weights or a registered model that could not be fetched (hub, registry, artifact store): retried."""
-
-
-def exit_code_is_retryable(returncode: int) -> bool:
-    """How an orchestrator reads a stage child's exit code: only bad input is final."""
-    return returncode != BAD_INPUT_EXIT_CODE

@@ -75,10 +75,9 @@ def tracking_session(config: Config) -> Iterator[MlflowClient]:
     configuration from leaking into the next caller in the same process (tests, the in-process pipeline).
     """
     import mlflow
-    from mlflow.tracking._tracking_service import utils as tracking_utils
 
     uri = tracking_uri(config)
-    previous_uri = tracking_utils._tracking_uri
+    previous_uri = mlflow.get_tracking_uri() if mlflow.is_tracking_uri_set() else None
     previous_env_uri = os.environ.get("MLFLOW_TRACKING_URI")  # set_tracking_uri(None) below would delete it
     endpoint = config.registry.s3_endpoint_url
     previous_endpoint = os.environ.get(S3_ENDPOINT_ENV)
@@ -253,7 +252,7 @@ def start_or_resume_run(client: MlflowClient, config: Config, run_dir: str | Pat
 
 
 def log_epoch_history(client: MlflowClient, run_id: str, history: list[Mapping[str, Any]]) -> int:
-    """Per-epoch metrics from a run's metrics.json history (for runs trained without the MLflow logger)."""
+    """Per-epoch metrics from a run's metrics.json history (training writes them there; register logs them)."""
     import time
 
     from mlflow.entities import Metric
@@ -279,27 +278,3 @@ def load_model(model_uri: str, config: Config | None = None) -> Any:
 
     with tracking_session(config or load_config()):
         return mlflow.pyfunc.load_model(model_uri)
-
-
-def mlflow_logger(config: Config, run_dir: str | Path, *, split_dir: str | Path | None = None) -> Any:
-    """A Lightning `MLFlowLogger` for per-epoch metrics, logging into the run recorded in RUN_DIR.
-
-    On rank zero the run is created (or resumed, when RUN_DIR was trained before) with our tags and the
-    flattened config as params, and its id is written to RUN_DIR/mlflow_run.json, which `register` reads
-    to log the model into the same run. Other ranks get a logger that Lightning keeps silent.
-    """
-    from lightning.pytorch.loggers import MLFlowLogger
-    from lightning.pytorch.utilities import rank_zero_only
-
-    uri = tracking_uri(config)
-    if rank_zero_only.rank != 0:
-        return MLFlowLogger(experiment_name=config.registry.experiment, tracking_uri=uri)
-    client = new_client(uri, config.layout.mlflow_artifacts)
-    run_id = start_or_resume_run(client, config, run_dir, dataset_hash=dataset_hash_of(split_dir))
-    log_params_once(client, run_id, flat_params(config))
-    return MLFlowLogger(
-        experiment_name=config.registry.experiment,
-        tracking_uri=uri,
-        run_id=run_id,
-        artifact_location=artifact_location(config),
-    )

@@ -20,7 +20,7 @@ from tqdm import tqdm
 from fashion_tagger.core import io
 from fashion_tagger.core.errors import DataError
 from fashion_tagger.core.layout import SPLIT_PARTS, SplitDir, cache_size_dir, cached_image_path
-from fashion_tagger.core.parallel import resolve_workers
+from fashion_tagger.core.parallel import WorkerCount, pool_workers
 from fashion_tagger.core.progress import log_progress
 
 log = logging.getLogger(__name__)
@@ -131,7 +131,7 @@ def prepare_images(
     width: int = 240,
     height: int = 320,
     jpeg_quality: int = 95,
-    workers: int = 0,
+    workers: WorkerCount = "auto",
 ) -> PrepareResult:
     """Write every distinct image of train/val/test into the cache at width x height; cached ones are skipped."""
     started = time.perf_counter()
@@ -184,11 +184,11 @@ def prepare_images(
     return result
 
 
-def _run_tasks(tasks: list[tuple[Any, ...]], workers: int) -> list[tuple[str, str]]:
+def _run_tasks(tasks: list[tuple[Any, ...]], workers: WorkerCount) -> list[tuple[str, str]]:
     """Process the tasks (in a pool when it pays off) and return (sha, error) of each failure."""
     if not tasks:
         return []
-    workers = resolve_workers(workers, len(tasks))
+    workers = pool_workers(workers, len(tasks))
     progress = tqdm(total=len(tasks), desc="prepare", unit="img", disable=None)
     errors = []
     with progress:

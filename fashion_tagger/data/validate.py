@@ -25,7 +25,7 @@ from tqdm import tqdm
 from fashion_tagger.core.errors import DataError, QualityGateError
 from fashion_tagger.core.io import StageResult, atomic_path, sha256_bytes, write_json, write_parquet
 from fashion_tagger.core.layout import IMAGES_DIRNAME, STYLES_FILENAME, ValidateDir
-from fashion_tagger.core.parallel import resolve_workers
+from fashion_tagger.core.parallel import WorkerCount, pool_workers
 from fashion_tagger.core.schema import ATTRIBUTES, STYLE_COLUMNS
 from fashion_tagger.data.labels import fold_case_variants
 
@@ -237,9 +237,11 @@ def _check_image(path: str, min_side: int = 1, max_aspect_ratio: float = float("
     return result
 
 
-def _check_images(paths: list[str], workers: int, min_side: int, max_aspect_ratio: float) -> list[dict[str, Any]]:
+def _check_images(
+    paths: list[str], workers: WorkerCount, min_side: int, max_aspect_ratio: float
+) -> list[dict[str, Any]]:
     check = functools.partial(_check_image, min_side=min_side, max_aspect_ratio=max_aspect_ratio)
-    workers = resolve_workers(workers, len(paths))
+    workers = pool_workers(workers, len(paths))
     progress = {"total": len(paths), "desc": "validate images", "unit": "img", "disable": None}
     if workers == 1 or len(paths) < _POOL_MIN_IMAGES:
         return [check(p) for p in tqdm(paths, **progress)]
@@ -337,7 +339,7 @@ def validate_dataset(
     metadata_only: bool = False,
     max_reject_fraction: float = 0.05,
     min_rows: int = 100,
-    workers: int = 0,
+    workers: WorkerCount = "auto",
     min_image_side: int = DEFAULT_MIN_IMAGE_SIDE,
     max_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO,
 ) -> ValidationResult:
@@ -350,7 +352,7 @@ def validate_dataset(
     or an aspect ratio above `max_aspect_ratio`. Any format Pillow decodes is accepted whatever its name says
     (`format` column), and so is any colour mode (`mode`): prepare converts to RGB. Labels that differ only in
     case are folded to their most frequent spelling (`labels_folded` in the report). Lines that are not UTF-8
-    are read as cp1252 (`encoding`, `cp1252_lines`). `workers=0` means one process per available CPU;
+    are read as cp1252 (`encoding`, `cp1252_lines`). `workers="auto"` means one process per available CPU;
     `metadata_only` opens and hashes no image at all.
 
     Raises DataError for a dataset that cannot be read at all (no styles.csv, missing or repeated columns, no

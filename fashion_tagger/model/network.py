@@ -17,7 +17,11 @@ from torch import nn
 
 from fashion_tagger.core.errors import ModelError, ModelUnavailableError
 
-__all__ = ["FashionTagger", "ModelError", "create_backbone"]
+__all__ = ["NETWORK_FIELDS", "FashionTagger", "ModelError", "build_network", "create_backbone"]
+
+# The model settings that rebuild the network (an export and a checkpoint keep them); the rest of `model.` is
+# about weights (pretrained, pretrained_path), which a rebuild never downloads.
+NETWORK_FIELDS = ("backbone", "hidden_dim", "dropout", "drop_path_rate")
 
 
 class AttributeHead(nn.Sequential):
@@ -131,5 +135,22 @@ def create_backbone(
         ) from exc
 
 
-def count_parameters(model: nn.Module, trainable_only: bool = True) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+def build_network(
+    fields: Mapping[str, Any],
+    num_classes: Mapping[str, int],
+    *,
+    pretrained: bool = False,
+    pretrained_path: str | Path | None = None,
+) -> FashionTagger:
+    """The one way the tagger network is built: from its NETWORK_FIELDS (a `model.` config section, a checkpoint's
+    hyperparameters or an export's tagger.json) and the head sizes. Training asks for pretrained weights on a
+    fresh run; a rebuild (checkpoint, export, serving) never does and loads its state dict instead."""
+    return FashionTagger(
+        str(fields["backbone"]),
+        num_classes,
+        pretrained=pretrained,
+        pretrained_path=pretrained_path,
+        hidden_dim=int(fields.get("hidden_dim") or 0),
+        dropout=float(fields.get("dropout") or 0.0),
+        drop_path_rate=float(fields.get("drop_path_rate") or 0.0),
+    )

@@ -294,23 +294,6 @@ def config_from_params(params: Mapping[str, Any], *, fixed: Mapping[str, Any] | 
 # --- stages as child processes ---------------------------------------------------------------------------------------
 
 
-def gpu_processes(devices: str | int | None) -> int:
-    """How many training processes a `train.devices` value asks for: `4` or `0,1,2,3` -> 4; `auto`/`1` -> 1.
-
-    One process is launched directly; Lightning picks the devices itself. Several get one process per GPU
-    through torchrun, which Lightning detects and joins.
-    """
-    if devices is None:
-        return 1
-    text = str(devices).strip()
-    if text.isdigit():
-        return max(int(text), 1)
-    ids = [part for part in text.strip("[]").split(",") if part.strip()]
-    if len(ids) > 1 and all(part.strip().isdigit() for part in ids):
-        return len(ids)
-    return 1
-
-
 def stage_command(stage: str, run_root: str | Path, *, nproc: int = 1, python: str | None = None) -> list[str]:
     """The one entry point of a stage child process: `python -m fashion_tagger STAGE RUN_ROOT`, or the same under
     torchrun with NPROC processes on this node. Every setting comes from the run's own config.yaml."""

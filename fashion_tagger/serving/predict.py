@@ -26,7 +26,7 @@ from fashion_tagger.core.errors import DataError, FashionTaggerError
 from fashion_tagger.core.layout import RunLayout, TrainDir
 from fashion_tagger.data.labels import LabelSpace
 from fashion_tagger.data.prepare import resize_image
-from fashion_tagger.model.network import FashionTagger
+from fashion_tagger.model.network import NETWORK_FIELDS, FashionTagger, build_network
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,6 @@ WEIGHTS_FILENAME = "weights.pt"
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
 CONFIDENCE_SUFFIX = "_confidence"
 ERROR_COLUMN = "error"  # None for a tagged image, else why it could not be read (its tags stay empty)
-MODEL_FIELDS = ("backbone", "hidden_dim", "dropout", "drop_path_rate")  # what rebuilds the network
 
 
 class ImageTransform:
@@ -73,7 +72,7 @@ class Predictor:
         self.label_space = label_space
         self.image_size = (int(image_size[0]), int(image_size[1]))  # (width, height)
         self.mean, self.std = [float(v) for v in mean], [float(v) for v in std]
-        self.model_config = {k: model_config[k] for k in MODEL_FIELDS}
+        self.model_config = {k: model_config[k] for k in NETWORK_FIELDS}
         self.config = config or {}  # the training config, when built from a checkpoint
         self.transform = ImageTransform(*self.image_size, self.mean, self.std)
 
@@ -92,14 +91,7 @@ class Predictor:
         **kwargs: Any,
     ) -> Predictor:
         label_space = LabelSpace.from_dict(labels)
-        model = FashionTagger(
-            model_config["backbone"],
-            label_space.num_classes,
-            pretrained=False,
-            hidden_dim=int(model_config.get("hidden_dim", 0)),
-            dropout=float(model_config.get("dropout", 0.0)),
-            drop_path_rate=float(model_config.get("drop_path_rate", 0.0)),
-        )
+        model = build_network(model_config, label_space.num_classes)
         model.load_state_dict(state_dict)
         mean = kwargs.pop("mean", None) or model.data_config["mean"]
         std = kwargs.pop("std", None) or model.data_config["std"]

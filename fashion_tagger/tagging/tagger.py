@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import io as _io
 import logging
-import multiprocessing
 import os
 import tempfile
 import time
@@ -25,7 +24,7 @@ import pandas as pd
 from fashion_tagger.core import io
 from fashion_tagger.core.config import Config, load_config
 from fashion_tagger.core.errors import DataError, FashionTaggerError
-from fashion_tagger.core.parallel import usable_cpus
+from fashion_tagger.core.parallel import WorkerCount, loader_workers
 from fashion_tagger.core.schema import ATTRIBUTES
 
 if TYPE_CHECKING:
@@ -377,15 +376,6 @@ def _one_thread(_: int) -> None:
     torch.set_num_threads(1)  # a worker decodes one image at a time; more threads only fight the main process
 
 
-def loader_workers(requested: int, items: int) -> int:
-    """`requested` DataLoader workers (-1: min(8, CPUs)), none for tiny jobs or inside a daemon process (a
-    Celery task process), which may not start processes: there the main process decodes."""
-    workers = min(8, usable_cpus()) if requested < 0 else requested
-    if multiprocessing.current_process().daemon:
-        return 0
-    return max(0, min(workers, items // 16))
-
-
 # --- tagging ------------------------------------------------------------------------------------------------------
 
 
@@ -424,7 +414,7 @@ def tag_items(
     *,
     previous: pd.DataFrame | None = None,
     batch_size: int = 64,
-    workers: int = -1,
+    workers: WorkerCount = "auto",
     s3_endpoint_url: str | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame, TagCounts]:
     """(table, rejects, counts) for ITEMS (id, image_path), in their order.

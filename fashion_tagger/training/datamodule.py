@@ -6,7 +6,6 @@ and at which size), so an epoch decodes small JPEGs instead of full-size photos.
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -21,6 +20,7 @@ from torchvision.transforms import Compose, RandomResizedCrop
 
 from fashion_tagger.core.errors import DataError
 from fashion_tagger.core.layout import SplitDir
+from fashion_tagger.core.parallel import WorkerCount, loader_workers
 from fashion_tagger.data.cache import cached_image_path, read_prepared
 from fashion_tagger.data.labels import LabelSpace, label_column
 
@@ -39,11 +39,6 @@ def read_split(split_dir: str | Path, part: str, attributes: Sequence[str]) -> p
     if missing:
         raise DataError(f"{path} is missing columns: {', '.join(missing)}; rebuild it with `fashion-tagger split`")
     return frame
-
-
-def resolve_workers(num_workers: int) -> int:
-    """-1 means min(8, CPUs): enough to feed a GPU from small cached JPEGs without oversubscribing."""
-    return min(8, os.cpu_count() or 1) if num_workers < 0 else num_workers
 
 
 def load_rgb(path: str | Path) -> Image.Image:
@@ -143,7 +138,7 @@ class TaggerDataModule(L.LightningDataModule):
         split_dir: str | Path,
         *,
         batch_size: int,
-        num_workers: int = -1,
+        num_workers: WorkerCount = "auto",
         pin_memory: bool = False,
     ) -> None:
         super().__init__()
@@ -151,7 +146,7 @@ class TaggerDataModule(L.LightningDataModule):
         self.prepared = read_prepared(self.split_dir)
         self.label_space = LabelSpace.load(self.split_dir)
         self.batch_size = batch_size
-        self.num_workers = resolve_workers(num_workers)
+        self.num_workers = loader_workers(num_workers)
         self.pin_memory = pin_memory
         self.train_set: TaggerDataset | None = None
         self.val_set: TaggerDataset | None = None

@@ -38,11 +38,11 @@ from fashion_tagger.core.config import CHECK_ENVIRONMENT, Config, load_config, s
 from fashion_tagger.core.errors import RunError
 from fashion_tagger.core.io import StageResult, atomic_path, read_json, remove_stale_temporaries, write_json
 from fashion_tagger.core.layout import CHECKPOINT_BEST, SplitDir, TrainDir
-from fashion_tagger.core.parallel import cpu_threads
+from fashion_tagger.core.parallel import cpu_threads, parse_devices
 from fashion_tagger.data.cache import read_prepared
 from fashion_tagger.data.labels import LabelSpace
 from fashion_tagger.evaluation.metrics import macro_f1
-from fashion_tagger.model.network import FashionTagger
+from fashion_tagger.model.network import FashionTagger, build_network
 from fashion_tagger.model.weights import resolve_pretrained_path
 from fashion_tagger.training.datamodule import TaggerDataModule, normalize, pixel_stats
 from fashion_tagger.training.epoch_log import EpochProgressLog, lightning_logs_once
@@ -179,16 +179,11 @@ class TaggerModule(L.LightningModule):
 def build_model(config: Config, label_space: LabelSpace, *, pretrained: bool) -> FashionTagger:
     """The network of `config` sized from the label space; pretrained weights only when asked (fresh runs)."""
     m = config.model
-    return FashionTagger(
-        m.backbone,
-        label_space.num_classes,
-        # model.pretrained=false trains from scratch even where a preset names weights in pretrained_path.
-        pretrained=pretrained and m.pretrained,
-        pretrained_path=resolve_pretrained_path(m.pretrained_path, m.backbone, config.home_dir)
-        if pretrained and m.pretrained else None,
-        hidden_dim=m.hidden_dim,
-        dropout=m.dropout,
-        drop_path_rate=m.drop_path_rate,
+    # model.pretrained=false trains from scratch even where a preset names weights in pretrained_path.
+    load = pretrained and m.pretrained
+    return build_network(
+        m.model_dump(), label_space.num_classes, pretrained=load,
+        pretrained_path=resolve_pretrained_path(m.pretrained_path, m.backbone, config.home_dir) if load else None,
     )
 
 
@@ -328,21 +323,12 @@ def resolve_precision(precision: str, on_gpu: bool) -> str:
     return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
 
 
-def _parse_devices(devices: str) -> int | str | list[int]:
-    value = str(devices).strip()
-    if value.lstrip("-").isdigit():
-        return int(value)
-    if "," in value:
-        return [int(v) for v in value.split(",") if v.strip()]
-    return value
-
-
 def resolve_hardware(config: Config) -> dict[str, Any]:
     """Trainer accelerator/devices/num_nodes/strategy/precision from the config and torchrun's environment."""
     train = config.train
     accelerator = train.accelerator
     on_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
-    devices: int | str | list[int] = _parse_devices(train.devices)
+    devices: int | str | list[int] = parse_devices(train.devices)
     num_nodes = train.num_nodes
     # Under torchrun every process already exists: the world shape comes from its environment.
     if "TORCHELASTIC_RUN_ID" in os.environ and "LOCAL_WORLD_SIZE" in os.environ:
