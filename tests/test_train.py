@@ -20,13 +20,9 @@ from fashion_tagger.core.io import read_json
 from fashion_tagger.core.layout import TrainDir
 from fashion_tagger.evaluation.evaluate import evaluate_run
 from fashion_tagger.training.datamodule import eval_transform, normalize, pixel_stats, train_transform
-from fashion_tagger.training.train import (
-    MIN_LR_RATIO,
-    TrainError,
-    lr_factor_fn,
-    resolve_hardware,
-    train_model,
-)
+from fashion_tagger.training.hardware import resolve_hardware
+from fashion_tagger.training.module import MIN_LR_RATIO, lr_factor_fn
+from fashion_tagger.training.train import TrainError, train_model
 
 WIDTH, HEIGHT = 32, 40
 

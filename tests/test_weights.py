@@ -26,7 +26,7 @@ from fashion_tagger.model.weights import (
     resolve_pretrained_path,
     write_weights,
 )
-from fashion_tagger.training.train import build_model
+from fashion_tagger.training.module import build_model
 
 LITE0_TENSORS = 296
 

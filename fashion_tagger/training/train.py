@@ -1,15 +1,11 @@
-"""Train the tagger with Lightning: masked multi-head loss, AdamW with warmup + cosine, best/last checkpoints.
-
-`train_model` is the stage function behind `fashion-tagger train`. Training the same run directory again
-resumes from its last checkpoint at the next epoch, so a retried Airflow task continues instead of restarting;
-a run that already finished is returned as it is.
+"""The train stage: `train_model` puts the module, the data, the callbacks and the hardware into one Lightning
+Trainer. Training a run directory again resumes from its last checkpoint at the next epoch (a retried Airflow task
+continues instead of restarting); a run that already finished is returned as it is.
 """
 
 from __future__ import annotations
 
 import logging
-import math
-import os
 import sys
 import time
 import warnings
@@ -23,7 +19,6 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 from lightning.pytorch.callbacks import (
-    BaseFinetuning,
     Callback,
     EarlyStopping,
     LearningRateMonitor,
@@ -31,27 +26,21 @@ from lightning.pytorch.callbacks import (
     TQDMProgressBar,
 )
 from lightning.pytorch.loggers import CSVLogger, Logger
-from lightning.pytorch.plugins.io import TorchCheckpointIO
-from lightning.pytorch.strategies import DDPStrategy
 
-from fashion_tagger.core.config import CHECK_ENVIRONMENT, Config, load_config, save_config
+from fashion_tagger.core.config import Config, load_config, save_config
 from fashion_tagger.core.errors import RunError
-from fashion_tagger.core.io import StageResult, atomic_path, read_json, remove_stale_temporaries, write_json
+from fashion_tagger.core.io import StageResult, read_json, remove_stale_temporaries, write_json
 from fashion_tagger.core.layout import CHECKPOINT_BEST, SplitDir, TrainDir
-from fashion_tagger.core.parallel import cpu_threads, parse_devices
+from fashion_tagger.core.parallel import cpu_threads
 from fashion_tagger.data.cache import read_prepared
 from fashion_tagger.data.labels import LabelSpace
-from fashion_tagger.evaluation.metrics import macro_f1
-from fashion_tagger.model.network import FashionTagger, build_network
-from fashion_tagger.model.weights import resolve_pretrained_path
-from fashion_tagger.training.datamodule import TaggerDataModule, normalize, pixel_stats
+from fashion_tagger.training.callbacks import AtomicCheckpointIO, BackboneFreeze, EpochHistory
+from fashion_tagger.training.datamodule import TaggerDataModule
 from fashion_tagger.training.epoch_log import EpochProgressLog, lightning_logs_once
-from fashion_tagger.training.losses import build_loss
+from fashion_tagger.training.hardware import resolve_hardware
+from fashion_tagger.training.module import MONITOR, TaggerModule
 
 log = logging.getLogger(__name__)
-
-MONITOR = "val_macro_f1"  # mean over attributes of validation macro-F1: the headline metric
-MIN_LR_RATIO = 0.01  # cosine ends at 1% of the peak, not 0, so the last epoch still learns
 
 
 class TrainError(RunError):
@@ -74,281 +63,6 @@ class TrainResult(StageResult):
     seconds: float = 0.0
     metrics_path: Path | None = None
     scores: dict[str, float] = field(default_factory=dict)  # validation macro-F1 per attribute at the best epoch
-
-
-class TaggerModule(L.LightningModule):
-    """The tagger, its loss and optimiser; hyperparameters hold the whole config and label space.
-
-    A checkpoint is therefore self-contained: `Predictor.from_checkpoint` rebuilds the network from it
-    without the split directory or the config file.
-    """
-
-    def __init__(
-        self,
-        config: dict[str, Any],
-        labels: dict[str, Any],
-        image_size: Sequence[int],
-        load_pretrained: bool = False,
-    ) -> None:
-        super().__init__()
-        # load_pretrained is left out so that loading a checkpoint never reaches for the hub.
-        self.save_hyperparameters(ignore=["load_pretrained"])
-        self.config = Config.model_validate(config, context={CHECK_ENVIRONMENT: False})
-        self.label_space = LabelSpace.from_dict(labels)
-        self.attributes = self.label_space.attributes
-        self.image_size = (int(image_size[0]), int(image_size[1]))
-        self.model = build_model(self.config, self.label_space, pretrained=load_pretrained)
-        # Buffers follow the module to its device; not persistent, so checkpoints hold only the network.
-        pixel_mean, pixel_std = pixel_stats(self.model.data_config["mean"], self.model.data_config["std"])
-        self.register_buffer("pixel_mean", pixel_mean, persistent=False)
-        self.register_buffer("pixel_std", pixel_std, persistent=False)
-        train = self.config.train
-        self.criterion = build_loss(
-            train.loss,
-            self.attributes,
-            label_smoothing=train.label_smoothing,
-            attribute_weights=train.attribute_weights,
-        )
-        self._val_preds: list[torch.Tensor] = []
-        self._val_labels: list[torch.Tensor] = []
-
-    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        return self.model(images)
-
-    def _targets(self, labels: torch.Tensor) -> dict[str, torch.Tensor]:
-        return dict(zip(self.attributes, labels.unbind(1), strict=True))
-
-    def _inputs(self, images: torch.Tensor) -> torch.Tensor:
-        """The loader's uint8 batch, normalised here on the device."""
-        images = normalize(images, self.pixel_mean, self.pixel_std)
-        return images.contiguous(memory_format=torch.channels_last) if self.config.train.channels_last else images
-
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        images, labels = batch
-        loss, parts = self.criterion(self(self._inputs(images)), self._targets(labels))
-        self.log("train_loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(images))
-        self.log_dict({f"train_loss_{a}": v for a, v in parts.items()}, on_step=False, on_epoch=True,
-                      batch_size=len(images))
-        return loss
-
-    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        images, labels = batch
-        logits = self(self._inputs(images))
-        loss, _ = self.criterion(logits, self._targets(labels))
-        self.log("val_loss", loss, on_epoch=True, prog_bar=True, sync_dist=True, batch_size=len(images))
-        self._val_preds.append(torch.stack([logits[a].argmax(1) for a in self.attributes], 1))
-        self._val_labels.append(labels)
-
-    def on_validation_epoch_end(self) -> None:
-        if not self._val_preds:
-            return
-        preds, labels = torch.cat(self._val_preds), torch.cat(self._val_labels)
-        self._val_preds.clear()
-        self._val_labels.clear()
-        if self.trainer.world_size > 1:
-            # DistributedSampler pads every rank to the same length, so the gathered tensors stack.
-            preds = self.all_gather(preds).flatten(0, 1)
-            labels = self.all_gather(labels).flatten(0, 1)
-        preds, labels = preds.cpu().numpy(), labels.cpu().numpy()
-        scores = {
-            a: macro_f1(labels[:, i], preds[:, i], self.label_space.num_classes[a])
-            for i, a in enumerate(self.attributes)
-        }
-        # Every rank computed the same numbers from the gathered tensors; sync_dist only averages equal values.
-        self.log_dict({f"val_f1_{a}": s for a, s in scores.items()}, sync_dist=True)
-        self.log(MONITOR, sum(scores.values()) / len(scores), prog_bar=True, sync_dist=True)
-
-    def configure_optimizers(self) -> dict[str, Any]:
-        train = self.config.train
-        optimizer = torch.optim.AdamW(
-            parameter_groups(self.model, train.lr, train.backbone_lr_scale, train.weight_decay), lr=train.lr
-        )
-        total_steps = max(1, int(self.trainer.estimated_stepping_batches))
-        steps_per_epoch = max(1, total_steps // max(1, self.trainer.max_epochs or 1))
-        factor = lr_factor_fn(
-            train.schedule,
-            total_steps=total_steps,
-            warmup_steps=int(round(train.warmup_epochs * steps_per_epoch)),
-            step_every=train.step_size * steps_per_epoch,
-            step_gamma=train.step_gamma,
-        )
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
-
-def build_model(config: Config, label_space: LabelSpace, *, pretrained: bool) -> FashionTagger:
-    """The network of `config` sized from the label space; pretrained weights only when asked (fresh runs)."""
-    m = config.model
-    # model.pretrained=false trains from scratch even where a preset names weights in pretrained_path.
-    load = pretrained and m.pretrained
-    return build_network(
-        m.model_dump(), label_space.num_classes, pretrained=load,
-        pretrained_path=resolve_pretrained_path(m.pretrained_path, m.backbone, config.home_dir) if load else None,
-    )
-
-
-def parameter_groups(
-    model: FashionTagger, lr: float, backbone_lr_scale: float, weight_decay: float
-) -> list[dict[str, Any]]:
-    """Backbone at lr x scale, heads at lr; biases and norm weights (1-d) get no weight decay."""
-    groups = []
-    for part, part_lr in ((model.backbone, lr * backbone_lr_scale), (model.heads, lr)):
-        params = list(part.parameters())
-        decay = [p for p in params if p.ndim > 1]
-        no_decay = [p for p in params if p.ndim <= 1]
-        groups.append({"params": decay, "lr": part_lr, "weight_decay": weight_decay})
-        groups.append({"params": no_decay, "lr": part_lr, "weight_decay": 0.0})
-    return [g for g in groups if g["params"]]
-
-
-def lr_factor_fn(
-    schedule: str, *, total_steps: int, warmup_steps: int, step_every: int, step_gamma: float
-):
-    """Multiplier of each group's base lr per optimiser step: linear warmup, then cosine or step decay."""
-    warmup_steps = min(warmup_steps, max(0, total_steps - 1))
-
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / (warmup_steps + 1)
-        if schedule == "step":
-            return step_gamma ** ((step - warmup_steps) // max(1, step_every))
-        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-        return MIN_LR_RATIO + (1 - MIN_LR_RATIO) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return factor
-
-
-class BackboneFreeze(BaseFinetuning):
-    """Train only the heads for the first `epochs` epochs, then the whole network.
-
-    Freezing happens per epoch rather than before training so that DDP registers every parameter when it
-    wraps the model (it would never synchronise parameters frozen at that moment); the backbone's parameters
-    are in the optimiser from the start, so unfreezing adds no parameter group. BatchNorm layers keep
-    training, as in Lightning's fine-tuning example.
-    """
-
-    def __init__(self, epochs: int) -> None:
-        super().__init__()
-        self.epochs = epochs
-
-    def freeze_before_training(self, pl_module: L.LightningModule) -> None:
-        """Nothing here on purpose: see the class docstring."""
-
-    def finetune_function(self, pl_module: L.LightningModule, epoch: int, optimizer: torch.optim.Optimizer) -> None:
-        backbone = pl_module.model.backbone
-        if epoch < self.epochs:
-            self.freeze(backbone, train_bn=True)
-        elif any(not p.requires_grad for p in backbone.parameters()):
-            log.info("epoch %d: unfreezing the backbone", epoch)
-            self.make_trainable(backbone)
-
-
-class EpochHistory(Callback):
-    """Per-epoch metrics, time and train images/s, kept in the checkpoint and mirrored to metrics.json.
-
-    It records at validation end, before ModelCheckpoint saves (Lightning runs checkpoint callbacks last),
-    so last.ckpt always holds the history up to and including its own epoch.
-    """
-
-    def __init__(self, metrics_path: Path) -> None:
-        self.metrics_path = metrics_path
-        self.history: list[dict[str, Any]] = []
-        self._epoch_start = 0.0
-        self._train_seconds = 0.0
-        self._train_images = 0
-        self._loss_sum = 0.0
-        self._loss_batches = 0
-
-    @property
-    def state_key(self) -> str:
-        return "EpochHistory"
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"history": self.history}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.history = list(state_dict.get("history", []))
-
-    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._epoch_start = time.perf_counter()
-        self._train_images = 0
-        self._loss_sum, self._loss_batches = 0.0, 0
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self._train_images += len(batch[0]) * trainer.world_size
-        self._train_seconds = time.perf_counter() - self._epoch_start
-        # Lightning's epoch-mean train loss is only reduced after validation; keep our own (this rank's).
-        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
-        if loss is not None:
-            self._loss_sum += float(loss)
-            self._loss_batches += 1
-
-    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.sanity_checking:
-            return
-        val_metrics = {k: round(float(v), 6) for k, v in trainer.callback_metrics.items() if k.startswith("val_")}
-        self.history = [h for h in self.history if h["epoch"] != trainer.current_epoch]
-        self.history.append(
-            {
-                "epoch": trainer.current_epoch,
-                "step": trainer.global_step,
-                "train_loss": round(self._loss_sum / max(1, self._loss_batches), 6),
-                **dict(sorted(val_metrics.items())),
-                "lr": trainer.optimizers[0].param_groups[-1]["lr"] if trainer.optimizers else None,
-                "train_seconds": round(self._train_seconds, 3),
-                "epoch_seconds": round(time.perf_counter() - self._epoch_start, 3),
-                "train_images_per_s": round(self._train_images / max(self._train_seconds, 1e-9), 2),
-            }
-        )
-        if trainer.is_global_zero:
-            write_json(self.metrics_path, {"status": "running", "epochs_completed": len(self.history),
-                                           "history": self.history})
-
-
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Checkpoints written beside their final name and renamed into place: a process killed while saving leaves
-    the previous last.ckpt whole (and a temporary the next attempt removes), so resuming never meets half a file."""
-
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
-        with atomic_path(path) as tmp:
-            super().save_checkpoint(checkpoint, tmp, storage_options)
-
-
-def resolve_precision(precision: str, on_gpu: bool) -> str:
-    """auto: bf16 mixed precision on GPUs that have it (fp16 mixed on older ones), fp32 on CPU."""
-    if precision != "auto":
-        return precision
-    if not on_gpu:
-        return "32-true"
-    return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
-
-
-def resolve_hardware(config: Config) -> dict[str, Any]:
-    """Trainer accelerator/devices/num_nodes/strategy/precision from the config and torchrun's environment."""
-    train = config.train
-    accelerator = train.accelerator
-    on_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
-    devices: int | str | list[int] = parse_devices(train.devices)
-    num_nodes = train.num_nodes
-    # Under torchrun every process already exists: the world shape comes from its environment.
-    if "TORCHELASTIC_RUN_ID" in os.environ and "LOCAL_WORLD_SIZE" in os.environ:
-        devices = int(os.environ["LOCAL_WORLD_SIZE"])
-        num_nodes = max(1, int(os.environ.get("WORLD_SIZE", devices)) // devices)
-    if devices in ("auto", -1):
-        n_devices = torch.cuda.device_count() if on_gpu else 1
-    else:
-        n_devices = len(devices) if isinstance(devices, list) else int(devices)
-    strategy: Any = "auto"
-    if n_devices * num_nodes > 1:
-        # Parameters frozen for some epochs get no gradient then; DDP must be told to expect that.
-        strategy = DDPStrategy(find_unused_parameters=train.freeze_backbone_epochs > 0, gradient_as_bucket_view=True)
-    return {
-        "accelerator": "gpu" if on_gpu else ("cpu" if accelerator == "auto" else accelerator),
-        "devices": devices,
-        "num_nodes": num_nodes,
-        "strategy": strategy,
-        "precision": resolve_precision(train.precision, on_gpu),
-    }
 
 
 def _check_same_run(train_dir: TrainDir, config: Config, split_dir: Path) -> None:
