@@ -45,7 +45,7 @@ def _checks_environment(info: ValidationInfo) -> bool:
     A configuration being built (a preset, overrides, trigger parameters) is checked; a run's saved config
     read back by a later stage, perhaps on another worker, is not: it was checked when the run began.
     """
-    return (info.context or {}).get(CHECK_ENVIRONMENT, True)
+    return bool((info.context or {}).get(CHECK_ENVIRONMENT, True))
 
 
 CHECK_ENVIRONMENT = "check_environment"
@@ -341,12 +341,12 @@ def _read_yaml(source: str | Path) -> dict[str, Any]:
     elif path.exists():
         origin = str(path)
         try:
-            data = path.read_bytes()
+            raw = path.read_bytes()
         except OSError as exc:
             raise ConfigError(f"config {path} cannot be read: {exc.strerror or exc}") from None
-        offset = data.find(b"\0")  # a NUL byte is binary even where the rest decodes
+        offset = raw.find(b"\0")  # a NUL byte is binary even where the rest decodes
         try:
-            text = data.decode("utf-8-sig")
+            text = raw.decode("utf-8-sig")
         except UnicodeDecodeError as exc:
             text, offset = "", exc.start if offset < 0 else min(offset, exc.start)
         if offset >= 0:

@@ -39,7 +39,8 @@ class StageResult:
     """Base of every stage's return value: paths out plus a small summary, JSON-able for CLI and XCom."""
 
     def to_dict(self) -> dict[str, Any]:
-        return _jsonable(dataclasses.asdict(self))
+        summary: dict[str, Any] = _jsonable(dataclasses.asdict(self))
+        return summary
 
 
 def process_umask() -> int:

@@ -14,7 +14,7 @@ from typing import Literal
 
 log = logging.getLogger(__name__)
 
-AUTO = "auto"
+AUTO: Literal["auto"] = "auto"
 WorkerCount = int | Literal["auto"]
 LOADER_WORKERS_CAP = 8  # enough to feed a GPU from small cached JPEGs without oversubscribing the host
 TINY_JOB_IMAGES = 16  # a DataLoader worker per this many images at most: starting workers costs more below it

@@ -88,7 +88,7 @@ def tracking_session(config: Config) -> Iterator[MlflowClient]:
     try:
         yield new_client(uri, config.layout.mlflow_artifacts)
     finally:
-        mlflow.set_tracking_uri(previous_uri)
+        mlflow.set_tracking_uri(previous_uri)  # type: ignore[arg-type]  # None unsets it, as mlflow documents
         if previous_env_uri is not None:
             os.environ["MLFLOW_TRACKING_URI"] = previous_env_uri
         if endpoint and not previous_endpoint:
@@ -247,8 +247,9 @@ def start_or_resume_run(client: MlflowClient, config: Config, run_dir: str | Pat
 
     tags[MLFLOW_RUN_NAME] = run_dir.name
     run = client.create_run(experiment_id, tags=tags)
-    write_run_id(run_dir, run.info.run_id, experiment_id, tracking_uri(config))
-    return run.info.run_id
+    run_id = str(run.info.run_id)
+    write_run_id(run_dir, run_id, experiment_id, tracking_uri(config))
+    return run_id
 
 
 def log_epoch_history(client: MlflowClient, run_id: str, history: list[Mapping[str, Any]]) -> int:
