@@ -39,15 +39,17 @@ test: $(STAMP)  ## run the whole test suite (installs PostgreSQL and Redis when 
 	scripts/ensure_services.sh
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/lint-imports
+	$(VENV)/bin/mypy
 	$(MAKE) --no-print-directory lint-deploy
 	$(VENV)/bin/pytest
 
 test-fast: $(STAMP)  ## tests without the slow tier
 	$(VENV)/bin/pytest -m "not slow and not services and not browser"
 
-lint: $(STAMP)  ## ruff and the import-layer contracts (lint-imports, see pyproject.toml)
+lint: $(STAMP)  ## ruff, the per-subpackage import contracts (lint-imports) and mypy (see pyproject.toml)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/lint-imports
+	$(VENV)/bin/mypy
 
 # hadolint fails on any finding of level info or above; compose-lint on any medium or higher one that
 # .compose-lint.yml does not exclude with a reason. --no-env: grade the committed file, not a local .env.
