@@ -8,6 +8,7 @@ matrix product, so 1,000 resamples over a few thousand images take well under a 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
@@ -55,7 +56,7 @@ def paired_bootstrap(
     *,
     resamples: int,
     seed: int,
-) -> dict[str, object]:
+) -> dict[str, Any]:
     """Intervals of (challenger - champion) headline macro-F1 and of each attribute's macro-F1 drop
     (champion - challenger), both models scored on the same resampled images."""
     attributes = [a for a in labels.attributes if a in y_true]

@@ -136,7 +136,8 @@ def run_gate(
     log.info("gate: scoring %s version %s on %d test images", name, version, len(data.paths))
     challenger, predictions, challenger_pred = score_model(f"models:/{name}/{version}", data,
                                                            registry.gate_batch_size)
-    champion = comparison = None
+    champion: dict[str, Any] | None = None
+    comparison: dict[str, Any] | None = None
     warnings: list[str] = []
     if champion_version is not None and champion_version == version:
         # An earlier attempt moved the alias and stopped before recording why.

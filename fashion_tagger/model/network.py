@@ -61,7 +61,8 @@ class FashionTagger(nn.Module):
             backbone, pretrained=pretrained, pretrained_path=pretrained_path, drop_path_rate=drop_path_rate
         )
         # Models with a pre-logits stage (MobileNetV3's conv_head, ViT's pre-logits) emit head_hidden_size.
-        in_features = getattr(self.backbone, "head_hidden_size", None) or self.backbone.num_features
+        features = getattr(self.backbone, "head_hidden_size", None) or self.backbone.num_features
+        in_features = int(features)  # type: ignore[arg-type]  # nn.Module's __getattr__ hides timm's int
         self.heads = nn.ModuleDict(
             {
                 attribute: AttributeHead(in_features, n, hidden_dim=hidden_dim, dropout=dropout)

@@ -12,6 +12,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -144,7 +145,8 @@ def export_timm(name: str, out: str | Path) -> WeightsResult:
         ) from exc
     tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     out = Path(out)
-    architecture = model.pretrained_cfg.get("architecture") or name.partition(".")[0]
+    pretrained_cfg: dict[str, Any] = getattr(model, "pretrained_cfg", None) or {}
+    architecture = pretrained_cfg.get("architecture") or name.partition(".")[0]
     _save(tensors, out, {"architecture": architecture, "source": f"timm:{name}"})
     log.info("wrote %d tensors of %s into %s", len(tensors), name, out)
     return _result(out, architecture, name, tensors, True, started)
