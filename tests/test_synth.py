@@ -13,15 +13,17 @@ from PIL import Image
 
 from fashion_tagger.core.errors import DataError
 from fashion_tagger.core.schema import STYLE_COLUMNS
-from fashion_tagger.data.synthetic import generator as synth
-from fashion_tagger.data.synthetic.generator import generate_dataset, render_image, vocabularies
+from fashion_tagger.data.synthetic import tables
+from fashion_tagger.data.synthetic.generator import SynthResult, generate_dataset
+from fashion_tagger.data.synthetic.render import COLOUR_RGB, render_image
+from fashion_tagger.data.synthetic.styles import vocabularies
 
 ROWS = 1200
 HEADER = "id,gender,masterCategory,subCategory,articleType,baseColour,season,year,usage,productDisplayName"
 
 
 @pytest.fixture(scope="module")
-def generated(tmp_path_factory) -> tuple[Path, synth.SynthResult]:
+def generated(tmp_path_factory) -> tuple[Path, SynthResult]:
     out = tmp_path_factory.mktemp("synth") / "raw"
     return out, generate_dataset(out, rows=ROWS, size="small", seed=11)
 
@@ -84,9 +86,26 @@ def test_vocabularies_and_hierarchy_come_from_the_real_tables(generated):
     assert len(vocab["baseColour"]) == 46 and len(vocab["articleType"]) == 143
     for column, allowed in vocab.items():
         assert set(frame[column]) - {"NA", ""} <= allowed, column
-    combos = {row[1:4] for row in synth.tables.JOINT_COUNTS}
+    combos = {row[1:4] for row in tables.articles()}
     assert set(frame[["masterCategory", "subCategory", "articleType"]].itertuples(index=False, name=None)) <= combos
-    assert set(frame["baseColour"]) - {"NA"} <= set(synth.COLOUR_RGB)
+    assert set(frame["baseColour"]) - {"NA"} <= set(COLOUR_RGB)
+
+
+def test_tables_are_the_real_counts_and_agree_with_each_other():
+    articles = tables.articles()
+    assert sum(row[4] for row in articles) == 44424  # the real lines that parse
+    assert len({row[:4] for row in articles}) == len(articles)
+    rows_by_article: dict[str, int] = defaultdict(int)
+    for *_, article, n in articles:
+        rows_by_article[article] += n
+    for article, counts in tables.usage_by_article().items():
+        assert sum(counts.values()) <= rows_by_article[article], article
+    assert list(tables.colour_counts()) == list(COLOUR_RGB)  # every colour drawable, in the real file's order
+    assert list(tables.season_counts()) == ["Summer", "Fall", "Winter", "Spring"]
+    assert all(isinstance(year, int) for year in tables.year_counts())
+    assert next(iter(tables.brand_counts())) == "Nike"
+    with pytest.raises(TypeError):
+        tables.colour_counts()["Black"] = 0  # shared by every caller: read-only
 
 
 def test_class_frequencies_are_roughly_real(generated):
@@ -164,15 +183,19 @@ def _product_mean(image: Image.Image) -> np.ndarray:
     return pixels[(pixels < 230).any(axis=1)].mean(axis=0)
 
 
+TSHIRT = {
+    "gender": "Men",
+    "masterCategory": "Apparel",
+    "subCategory": "Topwear",
+    "articleType": "Tshirts",
+    "baseColour": "Green",
+    "season": "Summer",
+    "usage": "Casual",
+}
+
+
 def test_colour_is_visible_in_the_product_pixels():
-    attrs = {
-        "gender": "Men",
-        "masterCategory": "Apparel",
-        "subCategory": "Topwear",
-        "articleType": "Tshirts",
-        "season": "Fall",
-        "usage": "Casual",
-    }
+    attrs = {**TSHIRT, "season": "Fall"}
     red = _product_mean(render_image({**attrs, "baseColour": "Red"}, seed=1))
     blue = _product_mean(render_image({**attrs, "baseColour": "Blue"}, seed=1))
     assert red[0] > red[2] + 60 and blue[2] > blue[0] + 60
@@ -180,15 +203,7 @@ def test_colour_is_visible_in_the_product_pixels():
 
 
 def test_attributes_change_the_pixels():
-    base = {
-        "gender": "Men",
-        "masterCategory": "Apparel",
-        "subCategory": "Topwear",
-        "articleType": "Tshirts",
-        "baseColour": "Green",
-        "season": "Summer",
-        "usage": "Casual",
-    }
+    base = TSHIRT
     reference = np.asarray(render_image(base, seed=3), dtype=np.int16)
     for column, other in [
         ("articleType", "Shirts"),
@@ -219,7 +234,7 @@ def test_vocabularies_match_the_real_file(real_data):
     for column, allowed in vocabularies().items():
         assert allowed == set(real[column].dropna()), column
     real_combos = set(real[["masterCategory", "subCategory", "articleType"]].itertuples(index=False, name=None))
-    assert {row[1:4] for row in synth.tables.JOINT_COUNTS} == real_combos
+    assert {row[1:4] for row in tables.articles()} == real_combos
 
 
 def test_generated_images_look_like_the_real_small_ones(real_data, generated):
