@@ -22,15 +22,6 @@ if TYPE_CHECKING:
     from fashion_tagger.evaluation.gate import GateData
 
 
-def text_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    """Columns padded to their widest cell, a dashed rule under the headers: the CLI's listings."""
-    table = [tuple(headers), *(tuple(row) for row in rows)]
-    widths = [max(len(line[i]) for line in table) for i in range(len(headers))]
-    lines = ["  ".join(cell.ljust(widths[i]) for i, cell in enumerate(line)).rstrip() for line in table]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
 def split_report(split_dir: Path) -> dict[str, Any]:
     path = SplitDir(split_dir).report
     return read_json(path) if path.is_file() else {}

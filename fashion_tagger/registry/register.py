@@ -20,6 +20,7 @@ from fashion_tagger.core.config import Config
 from fashion_tagger.core.errors import RunError
 from fashion_tagger.core.io import StageResult, file_lock, read_json, write_json, write_text
 from fashion_tagger.core.layout import TrainDir
+from fashion_tagger.core.text import text_table
 from fashion_tagger.data.labels import LabelSpace
 from fashion_tagger.evaluation import gate as gate_module
 from fashion_tagger.registry import model_card as reports
@@ -419,7 +420,7 @@ def format_versions(rows: Sequence[Mapping[str, Any]]) -> str:
         )
         for row in rows
     ]
-    return f"{rows[0]['name']}\n" + reports.text_table(headers, table)
+    return f"{rows[0]['name']}\n" + text_table(headers, table)
 
 
 def ui_command(tracking_uri: str, port: int = 5000) -> str:

@@ -23,10 +23,9 @@ from fashion_tagger.core.config import Config, load_config, save_config
 from fashion_tagger.core.errors import RunError
 from fashion_tagger.core.io import read_json, write_json
 from fashion_tagger.core.layout import Home, RunLayout, new_run_id
+from fashion_tagger.runs.stage_registry import stage_names
 
 log = logging.getLogger(__name__)
-
-STAGES: tuple[str, ...] = ("fetch", "validate", "split", "prepare", "train", "evaluate", "register")
 
 COMPLETE, FAILED, INTERRUPTED, RUNNING = "complete", "failed", "interrupted", "running"
 STAGE_STARTED, STAGE_COMPLETE, STAGE_FAILED = "started", "complete", "failed"
@@ -134,7 +133,7 @@ def record_stage(layout: RunLayout, stage: str, status: str, **fields: Any) -> N
 
 def completed_stages(state: Mapping[str, Any]) -> list[str]:
     """The stages that are done: complete, or skipped because there was nothing to retrain."""
-    return [s for s in STAGES if state["stages"].get(s, {}).get("status") in DONE]
+    return [s for s in stage_names() if state["stages"].get(s, {}).get("status") in DONE]
 
 
 def last_completed_stage(state: Mapping[str, Any]) -> str | None:
@@ -204,7 +203,7 @@ def run_status(layout: RunLayout, state: Mapping[str, Any] | None = None) -> str
     if is_locked_elsewhere(layout):
         return RUNNING
     state = state or read_state(layout)
-    if len(completed_stages(state)) == len(STAGES):
+    if len(completed_stages(state)) == len(stage_names()):
         return COMPLETE
     if any(entry.get("status") == STAGE_FAILED for entry in state["stages"].values()):
         return FAILED
@@ -217,7 +216,7 @@ def list_runs(home: Home) -> list[dict[str, Any]]:
     for layout in home.run_layouts():
         state = read_state(layout)
         status = run_status(layout, state)
-        pending = next((s for s in STAGES if state["stages"].get(s, {}).get("status") not in DONE), None)
+        pending = next((s for s in stage_names() if state["stages"].get(s, {}).get("status") not in DONE), None)
         register = state["stages"].get("register", {}).get("result", {})
         rows.append({
             "run_id": layout.run_id,
@@ -245,7 +244,7 @@ def format_runs(rows: list[Mapping[str, Any]]) -> str:
     """A plain table for `fashion-tagger runs`."""
     if not rows:
         return "no runs yet: start one with `fashion-tagger run --config demo`"
-    from fashion_tagger.registry.model_card import text_table
+    from fashion_tagger.core.text import text_table
 
     headers = ("run", "status", "last stage done", "created", "model version")
     return text_table(headers, [
