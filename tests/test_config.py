@@ -77,3 +77,24 @@ def test_saved_config_round_trips(tmp_path):
     flat = config_to_flat_dict(cfg)
     assert flat["train.epochs"] == 2
     assert flat["model.backbone"] == cfg.model.backbone
+
+
+def test_every_worker_count_spells_auto_the_same_way():
+    config = load_config(None)
+    assert config.images.workers == config.train.num_workers == config.tagging.workers == "auto"
+    explicit = load_config(None, {"images": {"workers": 3}, "train": {"num_workers": 0}, "tagging": {"workers": "2"}})
+    assert (explicit.images.workers, explicit.train.num_workers, explicit.tagging.workers) == (3, 0, 2)
+
+
+@pytest.mark.parametrize(("key", "legacy"), [("images.workers", 0), ("train.num_workers", -1), ("tagging.workers", -1)])
+def test_the_old_spellings_of_auto_still_read_with_a_deprecation_message(key, legacy, caplog):
+    section, field = key.split(".")
+    with caplog.at_level("WARNING"):
+        config = load_config(None, {section: {field: legacy}})
+    assert getattr(getattr(config, section), field) == "auto"
+    assert f"{key}={legacy} is deprecated: write {key}=auto" in caplog.text
+
+
+def test_a_negative_worker_count_is_an_error_naming_the_key():
+    with pytest.raises(ConfigError, match=r"train.num_workers must be 'auto' or a number >= 0, not -3"):
+        load_config(None, {"train": {"num_workers": -3}})

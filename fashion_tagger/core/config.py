@@ -12,10 +12,19 @@ import os
 from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from fashion_tagger.core.errors import ConfigError
 from fashion_tagger.core.layout import CONFIG_FILENAME, Home
@@ -51,9 +60,10 @@ def _checks_environment(info: ValidationInfo) -> bool:
 CHECK_ENVIRONMENT = "check_environment"
 
 
-def _auto_workers(value: Any, key: str, *, legacy_auto: int) -> Any:
-    """A worker count is `auto` or a number >= 0. LEGACY_AUTO is how KEY spelled auto before (0 or -1): still
-    read, with a deprecation message, so configurations written before keep working."""
+def _auto_workers(value: Any, key: str, legacy_auto: int) -> Any:
+    """A worker count is `auto` or a number >= 0. LEGACY_AUTO is how KEY spelled auto before (0 for
+    images.workers, -1 for train.num_workers and tagging.workers): still read, with a deprecation message, so
+    configurations written before keep working."""
     if isinstance(value, str) and value.strip().lower() == AUTO:
         return AUTO
     if isinstance(value, str) and value.strip().lstrip("-").isdigit():
@@ -65,6 +75,13 @@ def _auto_workers(value: Any, key: str, *, legacy_auto: int) -> Any:
         if value < 0:
             raise ValueError(f"{key} must be 'auto' or a number >= 0, not {value}")
     return value
+
+
+def _worker_count(key: str, legacy_auto: int) -> BeforeValidator:
+    def check(value: Any) -> Any:
+        return _auto_workers(value, key, legacy_auto)
+
+    return BeforeValidator(check)
 
 
 class _Section(BaseModel):
@@ -120,12 +137,8 @@ class ImagesConfig(_Section):
     width: int = Field(240, ge=16, le=2048, description="input width in pixels; product photos are 3:4, e.g. 240 x 320")
     height: int = Field(320, ge=16, le=2048, description="input height in pixels")
     jpeg_quality: int = Field(95, ge=50, le=100)
-    workers: WorkerCount = Field(AUTO, description="process pool size of validate and prepare; auto: one per CPU")
-
-    @field_validator("workers", mode="before")
-    @classmethod
-    def _legacy_auto(cls, value: Any) -> Any:
-        return _auto_workers(value, "images.workers", legacy_auto=0)
+    workers: Annotated[WorkerCount, _worker_count("images.workers", 0)] = Field(
+        AUTO, description="process pool size of validate and prepare; auto: one per CPU")
 
 
 class ModelConfig(_Section):
@@ -197,8 +210,8 @@ class TrainConfig(_Section):
     accelerator: str = "auto"
     devices: int | str = Field(AUTO, description="auto (all GPUs), a count, or a list like '0,1'")
     num_nodes: int = Field(1, ge=1)
-    num_workers: WorkerCount = Field(AUTO, description="DataLoader workers; auto: min(8, CPUs); 0: the main "
-                                     "process loads")
+    num_workers: Annotated[WorkerCount, _worker_count("train.num_workers", -1)] = Field(
+        AUTO, description="DataLoader workers; auto: min(8, CPUs); 0: the main process loads")
     cpu_threads: int = Field(
         0, ge=0, description="torch threads when training on CPU; 0 keeps torch's default (one per core)"
     )
@@ -209,11 +222,6 @@ class TrainConfig(_Section):
     force: bool = Field(False, description="train even when the data, labels and training configuration equal the "
                         "champion's")
 
-
-    @field_validator("num_workers", mode="before")
-    @classmethod
-    def _legacy_auto(cls, value: Any) -> Any:
-        return _auto_workers(value, "train.num_workers", legacy_auto=-1)
 
     @field_validator("devices")
     @classmethod
@@ -255,8 +263,8 @@ class TaggingConfig(_Section):
     )
     batch_size: int = Field(64, ge=1, description="images per forward pass")
     shard_size: int = Field(5000, ge=1, description="images per shard (one Airflow task each)")
-    workers: WorkerCount = Field(AUTO, description="DataLoader decoding workers; auto: min(8, CPUs); 0: the main "
-                                 "process decodes")
+    workers: Annotated[WorkerCount, _worker_count("tagging.workers", -1)] = Field(
+        AUTO, description="DataLoader decoding workers; auto: min(8, CPUs); 0: the main process decodes")
     catalog: str | None = Field(None, description="the catalog to tag: a folder of product photos (optionally with "
                                 "styles.csv listing the ids) or s3://bucket/prefix; empty: $FASHION_TAGGER_CATALOG, "
                                 "else <home>/catalog")
@@ -264,11 +272,6 @@ class TaggingConfig(_Section):
                                 "the changes report); empty: $FASHION_TAGGER_TAGS_DIR, else <home>/tags")
     model: str | None = Field(None, description="models:/NAME@ALIAS, models:/NAME/VERSION or a local export; empty: "
                               "the champion, models:/<registry.model_name>@champion; resolved once per run and pinned")
-
-    @field_validator("workers", mode="before")
-    @classmethod
-    def _legacy_auto(cls, value: Any) -> Any:
-        return _auto_workers(value, "tagging.workers", legacy_auto=-1)
     experiment: str = Field("fashion-tagger-tagging", description="MLflow experiment of the tagging summaries")
 
     @field_validator("thresholds")
