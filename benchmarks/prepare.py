@@ -20,6 +20,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from fashion_tagger.core.config import load_config  # noqa: E402
 from fashion_tagger.data.prepare import prepare_image, prepare_images  # noqa: E402
 
 DEFAULT_REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "fashion-real" / "images-full"
@@ -100,7 +101,8 @@ def pool_scaling(paths: list[Path], width: int, height: int, work: Path, workers
     frame.iloc[:0].to_parquet(split / "val.parquet")
     rows = []
     for n in sorted({1, workers}):
-        result = prepare_images(split, work / f"cache-{n}", width=width, height=height, workers=n)
+        config = load_config(None, {"images": {"width": width, "height": height, "workers": n}})
+        result = prepare_images(split, work / f"cache-{n}", config)
         rows.append(
             {"workers": n, "images": result.images, "seconds": result.seconds, "img/s": result.images / result.seconds}
         )

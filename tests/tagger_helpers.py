@@ -96,9 +96,11 @@ def train_on_real_small_images(real_small_raw: Path, root: Path, **extra: object
     from fashion_tagger.data.validate import validate_dataset
     from fashion_tagger.training.train import train_model
 
-    validate_dataset(real_small_raw, root / "clean", workers=2)
-    split_dataset(root / "clean", root / "split", min_class_count=100, max_rows=3000)
-    prepare_images(root / "split", root / "cache", width=48, height=64, workers=2)
+    data = load_config(None, {"data": {"max_rows": 3000}, "labels": {"min_class_count": 100},
+                              "images": {"width": 48, "height": 64, "workers": 2}})
+    validate_dataset(real_small_raw, root / "clean", data)
+    split_dataset(root / "clean", root / "split", data)
+    prepare_images(root / "split", root / "cache", data)
     config = load_config("demo", {
         "images": {"width": 48, "height": 64},
         "model": {"backbone": "test_efficientnet", "pretrained": False},

@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from fashion_tagger.core import io
+from fashion_tagger.core.config import Config, load_config
 from fashion_tagger.core.errors import DataError
 from fashion_tagger.core.layout import cached_image_path
 from fashion_tagger.data.prepare import fitted_size, prepare_image, prepare_images
@@ -18,6 +19,11 @@ from fashion_tagger.data.prepare import fitted_size, prepare_image, prepare_imag
 PREPARED_FILENAME, FAILURES_FILENAME = "prepared.json", "prepare_failures.json"  # as layout.SplitDir names them
 
 W, H = 60, 80
+
+
+def images(**settings: object) -> Config:
+    """The default configuration with these `images.*` settings."""
+    return load_config(None, {"images": settings})
 
 
 def _save(image: Image.Image, path: Path, fmt: str = "JPEG") -> tuple[str, str]:
@@ -121,7 +127,7 @@ def test_prepare_images_writes_each_distinct_image_once_and_hits_the_cache(image
     split = _split_dir(tmp_path, rows)
     cache = tmp_path / "cache"
 
-    first = prepare_images(split, cache, width=W, height=H, workers=2)
+    first = prepare_images(split, cache, images(width=W, height=H, workers=2))
     assert (first.images, first.written, first.cached, first.failed) == (6, 6, 0, 0)
     for _, sha in rows:
         with Image.open(cached_image_path(cache, sha, W, H)) as out:
@@ -136,13 +142,13 @@ def test_prepare_images_writes_each_distinct_image_once_and_hits_the_cache(image
     assert prepared["seconds"] >= 0
 
     mtimes = {p: p.stat().st_mtime_ns for p in written}
-    second = prepare_images(split, cache, width=W, height=H, workers=1)
+    second = prepare_images(split, cache, images(width=W, height=H, workers=1))
     assert (second.images, second.written, second.cached) == (6, 0, 6)
     assert {p: p.stat().st_mtime_ns for p in written} == mtimes
     assert io.read_json(split / PREPARED_FILENAME)["cached"] == 6
 
     # Another size is another cache entry; the same content never is.
-    other = prepare_images(split, cache, width=30, height=40, workers=1)
+    other = prepare_images(split, cache, images(width=30, height=40, workers=1))
     assert (other.written, other.cached) == (6, 0)
 
 
@@ -153,7 +159,7 @@ def test_a_broken_image_is_reported_by_name_and_sha(images_dir, tmp_path):
     split = _split_dir(tmp_path, [(good, good_sha), (str(bad), "ab" * 32)])
     io.write_json(split / PREPARED_FILENAME, {"stale": True})
     with pytest.raises(DataError, match=r"1 of 2 images could not be prepared.*bad\.jpg.*abab"):
-        prepare_images(split, tmp_path / "cache", width=W, height=H, workers=1)
+        prepare_images(split, tmp_path / "cache", images(width=W, height=H, workers=1))
     failures = io.read_json(split / FAILURES_FILENAME)
     assert [f["image_path"] for f in failures] == [str(bad)] and "UnidentifiedImageError" in failures[0]["error"]
     assert not (split / PREPARED_FILENAME).exists()  # never claims a cache it does not have
@@ -164,16 +170,16 @@ def test_a_broken_image_is_reported_by_name_and_sha(images_dir, tmp_path):
 def test_split_without_hashes_or_columns_is_a_clear_error(tmp_path):
     split = _split_dir(tmp_path, [("a.jpg", None), ("b.jpg", None)])
     with pytest.raises(DataError, match="metadata-only"):
-        prepare_images(split, tmp_path / "cache")
+        prepare_images(split, tmp_path / "cache", load_config())
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(DataError, match="train.parquet does not exist"):
-        prepare_images(empty, tmp_path / "cache")
+        prepare_images(empty, tmp_path / "cache", load_config())
     pd.DataFrame({"image_path": ["a.jpg"]}).to_parquet(empty / "train.parquet")
     pd.DataFrame({"image_path": ["a.jpg"]}).to_parquet(empty / "val.parquet")
     pd.DataFrame({"image_path": ["a.jpg"]}).to_parquet(empty / "test.parquet")
     with pytest.raises(DataError, match="missing columns: image_sha256"):
-        prepare_images(empty, tmp_path / "cache")
+        prepare_images(empty, tmp_path / "cache", load_config())
 
 
 def test_real_full_size_images_keep_their_aspect(real_data, tmp_path):

@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from fashion_tagger.core.config import Config, load_config
 from fashion_tagger.core.errors import DataError
 from fashion_tagger.core.schema import ATTRIBUTES, IGNORE_INDEX
 from fashion_tagger.data.labels import LabelSpace, label_column
@@ -32,6 +33,11 @@ VOCAB = {
     "usage": (["Casual", "Sports", "Ethnic", "Formal", "Party"], [0.75, 0.1, 0.07, 0.06, 0.02]),
 }
 MIN_CLASS_COUNT = 100
+
+
+def split_config(*overrides: str) -> Config:
+    """The default configuration with labels.min_class_count=MIN_CLASS_COUNT (these tables' classes), then OVERRIDES."""
+    return load_config(None, [f"labels.min_class_count={MIN_CLASS_COUNT}", *overrides])
 
 
 def make_clean(clean_dir: Path, rows: int, *, seed: int = 0, duplicates: bool = True) -> pd.DataFrame:
@@ -77,7 +83,7 @@ def clean_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def split(clean_dir, tmp_path_factory):
-    result = split_dataset(clean_dir, tmp_path_factory.mktemp("split"), min_class_count=MIN_CLASS_COUNT, seed=3)
+    result = split_dataset(clean_dir, tmp_path_factory.mktemp("split"), split_config("split.seed=3"))
     return result, pd.read_parquet(result.train_path), pd.read_parquet(result.val_path)
 
 
@@ -138,8 +144,8 @@ def test_labels_are_tied_to_the_clean_table_and_encoded(split, clean_dir):
 
 def test_same_seed_same_split_other_seed_other_split(clean_dir, tmp_path, split):
     _, train, _ = split
-    again = split_dataset(clean_dir, tmp_path / "again", min_class_count=MIN_CLASS_COUNT, seed=3)
-    other = split_dataset(clean_dir, tmp_path / "other", min_class_count=MIN_CLASS_COUNT, seed=4)
+    again = split_dataset(clean_dir, tmp_path / "again", split_config("split.seed=3"))
+    other = split_dataset(clean_dir, tmp_path / "other", split_config("split.seed=4"))
     assert pd.read_parquet(again.train_path)["id"].tolist() == train["id"].tolist()
     assert pd.read_parquet(other.train_path)["id"].tolist() != train["id"].tolist()
     assert other.max_share_deviation <= 0.01
@@ -153,19 +159,16 @@ def test_test_membership_is_stable_when_rows_are_added_and_removed(tmp_path):
     first_rows = full.iloc[:4000]
     (tmp_path / "v1").mkdir()
     first_rows.to_parquet(tmp_path / "v1" / "clean.parquet", index=False)
-    first = split_dataset(tmp_path / "v1", tmp_path / "s1", min_class_count=MIN_CLASS_COUNT,
-                          test_membership=membership)
+    first = split_dataset(tmp_path / "v1", tmp_path / "s1", split_config(), test_membership=membership)
     test_1 = set(pd.read_parquet(first.test_path)["id"])
     rest_1 = set(pd.read_parquet(first.train_path)["id"]) | set(pd.read_parquet(first.val_path)["id"])
 
     # 10% new rows (some of them duplicates of earlier images) and 100 earlier rows removed.
     grown = full.drop(index=full.index[:100])
-    second = split_dataset(tmp_path / "all", tmp_path / "s2", min_class_count=MIN_CLASS_COUNT,
-                           test_membership=membership)
+    second = split_dataset(tmp_path / "all", tmp_path / "s2", split_config(), test_membership=membership)
     (tmp_path / "v3").mkdir()
     grown.to_parquet(tmp_path / "v3" / "clean.parquet", index=False)
-    third = split_dataset(tmp_path / "v3", tmp_path / "s3", min_class_count=MIN_CLASS_COUNT,
-                          test_membership=membership)
+    third = split_dataset(tmp_path / "v3", tmp_path / "s3", split_config(), test_membership=membership)
     for result in (second, third):
         test = pd.read_parquet(result.test_path)
         rest = pd.concat([pd.read_parquet(result.train_path), pd.read_parquet(result.val_path)])
@@ -181,13 +184,14 @@ def test_test_membership_is_stable_when_rows_are_added_and_removed(tmp_path):
     assert report["new_units"] > 0 and 0 < report["new_test_units"] < report["new_units"] * 0.2
     assert json.loads(third.report_path.read_text())["test_membership"]["new_units"] == 0
     # Without a record, the same table splits the same way again (deterministic by seed).
-    a = split_dataset(tmp_path / "v1", tmp_path / "a", min_class_count=MIN_CLASS_COUNT)
-    b = split_dataset(tmp_path / "v1", tmp_path / "b", min_class_count=MIN_CLASS_COUNT)
+    a = split_dataset(tmp_path / "v1", tmp_path / "a", split_config())
+    b = split_dataset(tmp_path / "v1", tmp_path / "b", split_config())
     assert pd.read_parquet(a.test_path)["id"].tolist() == pd.read_parquet(b.test_path)["id"].tolist()
 
 
 def test_max_rows_takes_a_stratified_subset_of_that_size(clean_dir, tmp_path):
-    result = split_dataset(clean_dir, tmp_path / "subset", min_class_count=50, seed=1, max_rows=1500)
+    subset_config = split_config("labels.min_class_count=50", "split.seed=1", "data.max_rows=1500")
+    result = split_dataset(clean_dir, tmp_path / "subset", subset_config)
     train, val = pd.read_parquet(result.train_path), pd.read_parquet(result.val_path)
     test = pd.read_parquet(result.test_path)
     assert len(train) + len(val) + len(test) == result.train_rows + result.val_rows + result.test_rows == 1500
@@ -197,7 +201,7 @@ def test_max_rows_takes_a_stratified_subset_of_that_size(clean_dir, tmp_path):
         shares = subset[attribute].value_counts(normalize=True)
         assert (shares - full[attribute].value_counts(normalize=True)).abs().max() < 0.01
     assert not set(train["duplicate_group"].dropna()) & set(val["duplicate_group"].dropna())
-    again = split_dataset(clean_dir, tmp_path / "subset2", min_class_count=50, seed=1, max_rows=1500)
+    again = split_dataset(clean_dir, tmp_path / "subset2", subset_config)
     assert pd.read_parquet(again.val_path)["id"].tolist() == val["id"].tolist()
 
 
@@ -205,19 +209,19 @@ def test_metadata_only_table_splits_row_by_row(tmp_path):
     frame = make_clean(tmp_path / "clean", 1500, seed=5, duplicates=False)
     frame["image_sha256"] = pd.array([None] * len(frame), dtype="string")
     frame.to_parquet(tmp_path / "clean" / "clean.parquet", index=False)
-    result = split_dataset(tmp_path / "clean", tmp_path / "split", min_class_count=50)
+    result = split_dataset(tmp_path / "clean", tmp_path / "split", split_config("labels.min_class_count=50"))
     assert result.train_rows + result.val_rows + result.test_rows == 1500
     assert json.loads(result.report_path.read_text())["units"] == 1500
 
 
 def test_missing_clean_table_says_to_validate_first(tmp_path):
     with pytest.raises(DataError, match=r"clean\.parquet does not exist: run the validate stage first"):
-        split_dataset(tmp_path / "nothing", tmp_path / "split")
+        split_dataset(tmp_path / "nothing", tmp_path / "split", load_config())
 
 
 def test_synthetic_dataset_validates_and_splits(synthetic_raw, tmp_path):
-    clean = validate_dataset(synthetic_raw, tmp_path / "clean", workers=2)
-    result = split_dataset(clean.out_dir, tmp_path / "split", min_class_count=20)
+    clean = validate_dataset(synthetic_raw, tmp_path / "clean", load_config(None, ["images.workers=2"]))
+    result = split_dataset(clean.out_dir, tmp_path / "split", split_config("labels.min_class_count=20"))
     train, val = pd.read_parquet(result.train_path), pd.read_parquet(result.val_path)
     test = pd.read_parquet(result.test_path)
     assert len(train) + len(val) + len(test) == clean.rows_clean
@@ -230,9 +234,10 @@ def test_synthetic_dataset_validates_and_splits(synthetic_raw, tmp_path):
 
 
 def test_real_metadata_split_keeps_every_class_near_its_test_and_val_share(real_data, tmp_path, capsys):
-    clean = validate_dataset(real_data, tmp_path / "clean", metadata_only=True)
+    clean = validate_dataset(real_data, tmp_path / "clean", load_config(None, ["data.metadata_only=true"]))
     started = time.perf_counter()
-    result = split_dataset(clean.out_dir, tmp_path / "split", test_membership=tmp_path / "membership.parquet")
+    result = split_dataset(clean.out_dir, tmp_path / "split", load_config(),
+                           test_membership=tmp_path / "membership.parquet")
     elapsed = time.perf_counter() - started
     assert result.train_rows + result.val_rows + result.test_rows == 44_424
     assert sum(result.num_classes.values()) == 71
@@ -247,8 +252,8 @@ def test_real_metadata_split_keeps_every_class_near_its_test_and_val_share(real_
 
 def test_real_small_images_validate_and_split(real_small_raw, tmp_path):
     raw = real_small_raw
-    clean = validate_dataset(raw, tmp_path / "clean", workers=2)
-    result = split_dataset(clean.out_dir, tmp_path / "split", min_class_count=100)
+    clean = validate_dataset(raw, tmp_path / "clean", load_config(None, ["images.workers=2"]))
+    result = split_dataset(clean.out_dir, tmp_path / "split", split_config())
     train, val = pd.read_parquet(result.train_path), pd.read_parquet(result.val_path)
     assert len(train) + len(val) + result.test_rows == clean.rows_clean
     assert not set(train["image_sha256"]) & set(val["image_sha256"])

@@ -48,9 +48,11 @@ def prepared_split(synthetic_raw, tmp_path_factory):
     from fashion_tagger.data.validate import validate_dataset
 
     root = tmp_path_factory.mktemp("train-data")
-    validate_dataset(synthetic_raw, root / "clean", workers=1)
-    split_dataset(root / "clean", root / "split", min_class_count=20)
-    prepare_images(root / "split", root / "cache", width=WIDTH, height=HEIGHT, workers=1)
+    data = load_config(None, {"labels": {"min_class_count": 20}, "images": {"width": WIDTH, "height": HEIGHT,
+                                                                            "workers": 1}})
+    validate_dataset(synthetic_raw, root / "clean", data)
+    split_dataset(root / "clean", root / "split", data)
+    prepare_images(root / "split", root / "cache", data)
     return root / "split"
 
 

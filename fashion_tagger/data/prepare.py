@@ -18,6 +18,7 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from fashion_tagger.core import io
+from fashion_tagger.core.config import Config
 from fashion_tagger.core.errors import DataError
 from fashion_tagger.core.layout import SPLIT_PARTS, SplitDir, cache_size_dir, cached_image_path
 from fashion_tagger.core.parallel import WorkerCount, pool_workers
@@ -124,17 +125,12 @@ def load_split_images(split_dir: Path) -> pd.DataFrame:
     return images.drop_duplicates("image_sha256", keep="first").reset_index(drop=True)
 
 
-def prepare_images(
-    split_dir: str | Path,
-    cache_root: str | Path,
-    *,
-    width: int = 240,
-    height: int = 320,
-    jpeg_quality: int = 95,
-    workers: WorkerCount = "auto",
-) -> PrepareResult:
-    """Write every distinct image of train/val/test into the cache at width x height; cached ones are skipped."""
+def prepare_images(split_dir: str | Path, cache_root: str | Path, config: Config) -> PrepareResult:
+    """Write every distinct image of train/val/test into the cache at images.width x images.height, with
+    `images.workers` processes; cached ones are skipped."""
     started = time.perf_counter()
+    width, height, jpeg_quality, workers = (config.images.width, config.images.height, config.images.jpeg_quality,
+                                            config.images.workers)
     split_dir, cache_root = Path(split_dir), Path(cache_root)
     split = SplitDir(split_dir)
     images = load_split_images(split_dir)

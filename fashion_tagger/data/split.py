@@ -21,15 +21,14 @@ import numpy as np
 import pandas as pd
 from iterstrat.ml_stratifiers import MultilabelStratifiedShuffleSplit
 
+from fashion_tagger.core.config import Config
 from fashion_tagger.core.errors import DataError
 from fashion_tagger.core.io import StageResult, read_json, write_json, write_parquet
 from fashion_tagger.core.layout import SplitDir, ValidateDir
-from fashion_tagger.core.schema import ATTRIBUTES
 from fashion_tagger.data.labels import LabelSpace, label_column
 from fashion_tagger.data.validate import table_sha256
 
 log = logging.getLogger(__name__)
-
 
 
 @dataclass
@@ -243,26 +242,17 @@ def _class_shares(
 
 
 def split_dataset(
-    clean_dir: str | Path,
-    out_dir: str | Path,
-    *,
-    attributes: Sequence[str] = ATTRIBUTES,
-    min_class_count: int = 500,
-    val_fraction: float = 0.2,
-    test_fraction: float = 0.1,
-    seed: int = 42,
-    max_rows: int | None = None,
-    test_membership: str | Path | None = None,
+    clean_dir: str | Path, out_dir: str | Path, config: Config, *, test_membership: str | Path | None = None
 ) -> SplitResult:
     """Write labels.json, train/val/test.parquet and split_report.json for the clean table in CLEAN_DIR.
 
+    The labels come from `labels.*`, the shares and seed from `split.*`, a stratified subset from `data.max_rows`.
     TEST_MEMBERSHIP (the home's record, `layout.Home.test_membership`) keeps test stable across retrains: a unit
     recorded there keeps its side; None splits from scratch.
     """
-    if not 0 < val_fraction < 1 or not 0 < test_fraction < 1 or val_fraction + test_fraction >= 1:
-        raise DataError(f"val_fraction ({val_fraction}) and test_fraction ({test_fraction}) must each be between "
-                        "0 and 1 and leave rows to train on (their sum below 1)")
-    attributes = list(attributes)
+    attributes, min_class_count = list(config.labels.attributes), config.labels.min_class_count
+    val_fraction, test_fraction, seed = config.split.val_fraction, config.split.test_fraction, config.split.seed
+    max_rows = config.data.max_rows
     clean, source_hash = load_clean(clean_dir)
     rows_available = len(clean)
 

@@ -6,7 +6,6 @@ number, so `lines_read == rows_clean + rows_rejected` always holds; a quality ga
 
 from __future__ import annotations
 
-import csv
 import functools
 import hashlib
 import io
@@ -22,12 +21,14 @@ from typing import Any
 import pandas as pd
 from tqdm import tqdm
 
+from fashion_tagger.core.config import Config, DataConfig
 from fashion_tagger.core.errors import DataError, QualityGateError
 from fashion_tagger.core.io import StageResult, atomic_path, sha256_bytes, write_json, write_parquet
 from fashion_tagger.core.layout import IMAGES_DIRNAME, STYLES_FILENAME, ValidateDir
 from fashion_tagger.core.parallel import WorkerCount, pool_workers
 from fashion_tagger.core.schema import ATTRIBUTES, STYLE_COLUMNS
 from fashion_tagger.data.labels import fold_case_variants
+from fashion_tagger.data.styles_csv import ParsedStyles, Reject, StyleRecord, read_styles
 
 log = logging.getLogger(__name__)
 
@@ -45,11 +46,6 @@ HASHED_COLUMNS = tuple(c for c in CLEAN_COLUMNS if c != "image_path")
 _INTEGER = re.compile(r"[+-]?[0-9]+")
 _YEAR = re.compile(r"[+-]?[0-9]+(?:\.0*)?")  # 2012, or 2012.0 as a spreadsheet may write it
 MAX_ID = 2**63 - 1  # ids are stored as int64
-DEFAULT_MIN_IMAGE_SIDE = 32
-DEFAULT_MAX_ASPECT_RATIO = 4.0
-_UTF8_BOM = b"\xef\xbb\xbf"
-_UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
-_CP1252_UNDEFINED = frozenset(b"\x81\x8d\x8f\x90\x9d")
 # Below this many images a process pool costs more than it saves.
 _POOL_MIN_IMAGES = 64
 
@@ -67,136 +63,6 @@ class ValidationResult(StageResult):
     duplicate_groups: int = 0
     clean_sha256: str = ""
     metadata_only: bool = False
-
-
-@dataclass
-class _Reject:
-    line_number: int
-    id: str
-    reason: str
-    detail: str
-    raw_line: str
-
-
-@dataclass
-class _Record:
-    line_number: int
-    raw_line: str
-    values: dict[str, str]
-
-
-@dataclass
-class _Parsed:
-    records: list[_Record]
-    rejects: list[_Reject]
-    lines_read: int
-    encoding: str = "utf-8"
-    cp1252_lines: int = 0  # physical lines (header included) that were not valid UTF-8
-
-
-def _decode_cp1252(raw: bytes) -> str:
-    try:
-        return raw.decode("cp1252")
-    except UnicodeDecodeError:
-        # Five bytes have no cp1252 character; Latin-1 keeps them as the control characters they are.
-        return "".join(chr(b) if b in _CP1252_UNDEFINED else bytes([b]).decode("cp1252") for b in raw)
-
-
-def _decode_lines(path: Path, data: bytes) -> tuple[list[str], str, int]:
-    """Physical lines with their endings (CRLF, LF or CR), each decoded as UTF-8, or as cp1252 when it is not.
-
-    Deciding per line keeps a file that mixes both (a UTF-8 export edited in a Latin-1 tool) readable, and
-    no character is ever replaced by U+FFFD. Returns the lines, the encoding's name and the cp1252 count.
-    """
-    if data.startswith(_UTF16_BOMS):
-        raise DataError(f"{path} is UTF-16 (it starts with a UTF-16 byte-order mark): save it as UTF-8 and rerun")
-    bom = data.startswith(_UTF8_BOM)
-    lines: list[str] = []
-    fallback = 0
-    for raw in data[len(_UTF8_BOM) if bom else 0 :].splitlines(keepends=True):
-        try:
-            lines.append(raw.decode("utf-8"))
-        except UnicodeDecodeError:
-            lines.append(_decode_cp1252(raw))
-            fallback += 1
-    encoding = "utf-8-sig" if bom else "utf-8"
-    if fallback:
-        encoding += " with cp1252 fallback"
-        log.warning("%s: %d lines are not valid UTF-8 and were read as cp1252", path, fallback)
-    return lines, encoding, fallback
-
-
-def _split_line(line: str) -> list[str]:
-    """The fields of one physical line; csv.Error for an unbalanced quote or a field over csv's size limit.
-
-    The Kaggle file has no quoted line breaks, so a record never spans lines: an unmatched quote rejects its
-    own line instead of swallowing every line after it.
-    """
-    return next(csv.reader([line], strict=True), [])
-
-
-def _read_header(path: Path, line: str | None) -> list[str]:
-    try:
-        header = [name.strip() for name in _split_line(line)] if line is not None else []
-    except csv.Error as exc:
-        raise DataError(f"{path}: the header line cannot be parsed as CSV ({exc})") from None
-    if not any(header):
-        raise DataError(f"{path} is empty: expected the header {','.join(STYLE_COLUMNS)}")
-    repeated = [name for name, n in Counter(header).items() if n > 1]
-    if repeated:
-        where = "; ".join(
-            f"{name!r} in columns {', '.join(str(i + 1) for i, h in enumerate(header) if h == name)}"
-            for name in repeated
-        )
-        raise DataError(
-            f"{path.name} names a column more than once: {where} ({path}); keep one column of each name, "
-            f"as in the Kaggle header {','.join(STYLE_COLUMNS)}"
-        )
-    missing = [c for c in STYLE_COLUMNS if c not in header]
-    if missing:
-        raise DataError(
-            f"{path.name} is missing columns: {', '.join(missing)} ({path}; expected the Kaggle header "
-            f"{','.join(STYLE_COLUMNS)})"
-        )
-    return header
-
-
-def _read_records(path: Path) -> _Parsed:
-    """Parse styles.csv keeping each record's line number and raw text; bad lines become rejects."""
-    if not path.is_file():
-        raise DataError(f"{path} does not exist: a raw dataset directory holds styles.csv and images/")
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise DataError(f"{path} cannot be read: {exc}") from None
-    lines, encoding, cp1252_lines = _decode_lines(path, data)
-    header = _read_header(path, lines[0] if lines else None)
-    records: list[_Record] = []
-    rejects: list[_Reject] = []
-    for line_number, line in enumerate(lines[1:], start=2):
-        raw = line.rstrip("\r\n")
-        try:
-            fields = _split_line(line)
-        except csv.Error as exc:
-            raw_id = raw.split(",", 1)[0].strip()
-            rejects.append(_Reject(line_number, raw_id, "malformed_line", f"not parsable as CSV: {exc}", raw))
-            continue
-        if not fields or (len(fields) == 1 and not fields[0].strip()):
-            rejects.append(_Reject(line_number, "", "blank_line", "line holds no fields", raw))
-        elif len(fields) != len(header):
-            raw_id = fields[0].strip()
-            detail = f"expected {len(header)} fields, found {len(fields)}"
-            if len(fields) > len(header):
-                detail += " (an unquoted comma, e.g. in productDisplayName)"
-            rejects.append(_Reject(line_number, raw_id, "malformed_line", detail, raw))
-        elif "\ufffd" in line:
-            # U+FFFD in the file itself: the text was already damaged by a wrong decoding before it got here.
-            column = next((name for name, value in zip(header, fields, strict=True) if "\ufffd" in value), "a field")
-            rejects.append(_Reject(line_number, fields[0].strip(), "bad_encoding",
-                                   f"{column} holds U+FFFD, a character lost to a wrong decoding upstream", raw))
-        else:
-            records.append(_Record(line_number, raw, dict(zip(header, fields, strict=True))))
-    return _Parsed(records, rejects, len(lines) - 1, encoding, cp1252_lines)
 
 
 def _check_image(path: str, min_side: int = 1, max_aspect_ratio: float = float("inf")) -> dict[str, Any]:
@@ -266,7 +132,7 @@ def table_sha256(clean: pd.DataFrame) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def _missing_counts(records: list[_Record]) -> dict[str, dict[str, int]]:
+def _missing_counts(records: list[StyleRecord]) -> dict[str, dict[str, int]]:
     counts: dict[str, dict[str, int]] = {}
     for column in STYLE_COLUMNS:
         kinds = Counter(MISSING_TOKENS[r.values[column].strip()] for r in records
@@ -275,7 +141,7 @@ def _missing_counts(records: list[_Record]) -> dict[str, dict[str, int]]:
     return counts
 
 
-def _clean_frame(records: list[_Record], images: list[dict[str, Any]], paths: list[str]) -> pd.DataFrame:
+def _clean_frame(records: list[StyleRecord], images: list[dict[str, Any]], paths: list[str]) -> pd.DataFrame:
     columns: dict[str, Any] = {"id": pd.array([int(r.values["id"]) for r in records], dtype="int64")}
     for column in STYLE_COLUMNS[1:]:
         values = [r.values[column].strip() for r in records]
@@ -300,7 +166,7 @@ def _parse_year(text: str) -> int | None:
     return year if -MAX_ID <= year <= MAX_ID else None
 
 
-def _fold_labels(records: list[_Record]) -> dict[str, list[dict[str, Any]]]:
+def _fold_labels(records: list[StyleRecord]) -> dict[str, list[dict[str, Any]]]:
     """Give labels that differ only in case one spelling, the most frequent; say what changed and how often."""
     folded: dict[str, list[dict[str, Any]]] = {}
     for attribute in ATTRIBUTES:
@@ -326,97 +192,104 @@ def _duplicate_groups(hashes: pd.Series) -> pd.Series:
     return pd.array([order.get(h) if isinstance(h, str) else None for h in shared], dtype="Int64")
 
 
-def _write_rejects(rejects: list[_Reject], path: Path) -> None:
+def _write_rejects(rejects: list[Reject], path: Path) -> None:
     frame = pd.DataFrame([r.__dict__ for r in rejects], columns=list(REJECT_COLUMNS))
     with atomic_path(path) as tmp:
         frame.to_csv(tmp, index=False, lineterminator="\n")
 
 
-def validate_dataset(
-    raw_dir: str | Path,
-    out_dir: str | Path,
-    *,
-    metadata_only: bool = False,
-    max_reject_fraction: float = 0.05,
-    min_rows: int = 100,
-    workers: WorkerCount = "auto",
-    min_image_side: int = DEFAULT_MIN_IMAGE_SIDE,
-    max_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO,
-) -> ValidationResult:
+def _unique_ids(records: list[StyleRecord], rejects: list[Reject]) -> list[StyleRecord]:
+    """The records whose id is an integer in 1..MAX_ID seen for the first time; the others go to REJECTS."""
+    candidates: list[StyleRecord] = []
+    first_line_of: dict[int, int] = {}
+    for record in records:
+        raw_id = record.values["id"].strip()
+        if not _INTEGER.fullmatch(raw_id):
+            rejects.append(Reject(record.line_number, raw_id, "non_integer_id", f"id {raw_id!r} is not an "
+                                  "integer", record.raw_line))
+            continue
+        style_id = int(raw_id)
+        if not 1 <= style_id <= MAX_ID:
+            shown = raw_id if len(raw_id) <= 40 else f"{raw_id[:20]}...({len(raw_id)} digits)"
+            rejects.append(Reject(record.line_number, raw_id, "bad_id", f"id {shown} is outside 1..{MAX_ID} "
+                                  "(2^63-1, the largest id the clean table can store)", record.raw_line))
+            continue
+        record.values["id"] = raw_id
+        if style_id in first_line_of:
+            rejects.append(Reject(record.line_number, raw_id, "duplicate_id",
+                                  f"id {style_id} first seen on line {first_line_of[style_id]}", record.raw_line))
+            continue
+        first_line_of[style_id] = record.line_number
+        candidates.append(record)
+    return candidates
+
+
+def _usable_images(
+    candidates: list[StyleRecord], images_dir: Path, data: DataConfig, workers: WorkerCount, rejects: list[Reject]
+) -> tuple[list[StyleRecord], list[dict[str, Any]], list[str]]:
+    """The records whose image exists as <id>.jpg and passes `_check_image`, with its metadata and path; the others
+    go to REJECTS."""
+    by_stem = _images_by_stem(images_dir)
+    present: list[tuple[StyleRecord, str]] = []
+    for record in candidates:
+        style_id = record.values["id"]
+        path = str(images_dir / f"{style_id}{IMAGE_SUFFIX}")
+        names = by_stem.get(style_id, [])
+        if f"{style_id}{IMAGE_SUFFIX}" in names:
+            present.append((record, path))
+        elif names:
+            rejects.append(Reject(record.line_number, style_id, "wrong_extension",
+                                  f"found {', '.join(sorted(names))} in {images_dir}, expected "
+                                  f"{style_id}{IMAGE_SUFFIX}", record.raw_line))
+        else:
+            rejects.append(Reject(record.line_number, style_id, "missing_image",
+                                  f"{path} does not exist", record.raw_line))
+    checks = _check_images([p for _, p in present], workers, data.min_image_side, data.max_aspect_ratio)
+    records, images, paths = [], [], []
+    for (record, path), check in zip(present, checks, strict=True):
+        if "reason" in check:
+            rejects.append(Reject(record.line_number, record.values["id"], check["reason"],
+                                  f"{path}: {check['detail']}", record.raw_line))
+        else:
+            records.append(record)
+            images.append(check)
+            paths.append(path)
+    return records, images, paths
+
+
+def validate_dataset(raw_dir: str | Path, out_dir: str | Path, config: Config) -> ValidationResult:
     """Check styles.csv and every image of RAW_DIR; write clean.parquet, rejects.csv and report.json to OUT_DIR.
 
     Rejected, each with a reason: malformed or blank lines, text damaged before it arrived (U+FFFD),
     non-integer ids, ids outside 1..2^63-1, repeated ids (the first one is kept), missing images, images
     present only under another extension (the Kaggle layout is <id>.jpg), files Pillow cannot decode
-    (zero-byte, truncated, not an image, decompression bombs) and images with a side below `min_image_side`
-    or an aspect ratio above `max_aspect_ratio`. Any format Pillow decodes is accepted whatever its name says
+    (zero-byte, truncated, not an image, decompression bombs) and images with a side below `data.min_image_side`
+    or an aspect ratio above `data.max_aspect_ratio`. Any format Pillow decodes is accepted whatever its name says
     (`format` column), and so is any colour mode (`mode`): prepare converts to RGB. Labels that differ only in
     case are folded to their most frequent spelling (`labels_folded` in the report). Lines that are not UTF-8
-    are read as cp1252 (`encoding`, `cp1252_lines`). `workers="auto"` means one process per available CPU;
-    `metadata_only` opens and hashes no image at all.
+    are read as cp1252 (`encoding`, `cp1252_lines`). Images are checked by `images.workers` processes;
+    `data.metadata_only` opens and hashes no image at all.
 
     Raises DataError for a dataset that cannot be read at all (no styles.csv, missing or repeated columns, no
     images/), and QualityGateError, after writing rejects.csv and report.json, when too much is rejected.
     No cell's content raises: every data line ends up clean or rejected.
     """
+    data = config.data
     raw_dir = Path(raw_dir).expanduser().resolve()
     out_dir = Path(out_dir).expanduser().resolve()
-    parsed = _read_records(raw_dir / STYLES_FILENAME)
+    parsed = read_styles(raw_dir / STYLES_FILENAME)
     images_dir = raw_dir / IMAGES_DIRNAME
-    if not metadata_only and not images_dir.is_dir():
+    if not data.metadata_only and not images_dir.is_dir():
         raise DataError(f"{images_dir} does not exist: put the images there as <id>.jpg, or pass --metadata-only")
 
     rejects = list(parsed.rejects)
-    candidates: list[_Record] = []
-    first_line_of: dict[int, int] = {}
-    for record in parsed.records:
-        raw_id = record.values["id"].strip()
-        if not _INTEGER.fullmatch(raw_id):
-            rejects.append(_Reject(record.line_number, raw_id, "non_integer_id", f"id {raw_id!r} is not an "
-                                   "integer", record.raw_line))
-            continue
-        style_id = int(raw_id)
-        if not 1 <= style_id <= MAX_ID:
-            shown = raw_id if len(raw_id) <= 40 else f"{raw_id[:20]}...({len(raw_id)} digits)"
-            rejects.append(_Reject(record.line_number, raw_id, "bad_id", f"id {shown} is outside 1..{MAX_ID} "
-                                   "(2^63-1, the largest id the clean table can store)", record.raw_line))
-            continue
-        record.values["id"] = raw_id
-        if style_id in first_line_of:
-            rejects.append(_Reject(record.line_number, raw_id, "duplicate_id",
-                                   f"id {style_id} first seen on line {first_line_of[style_id]}", record.raw_line))
-            continue
-        first_line_of[style_id] = record.line_number
-        candidates.append(record)
-
-    paths = [str(images_dir / f"{r.values['id']}{IMAGE_SUFFIX}") for r in candidates]
-    if metadata_only:
-        clean_records, clean_images, clean_paths = candidates, [{} for _ in candidates], paths
+    candidates = _unique_ids(parsed.records, rejects)
+    if data.metadata_only:
+        clean_records, clean_images = candidates, [{} for _ in candidates]
+        clean_paths = [str(images_dir / f"{r.values['id']}{IMAGE_SUFFIX}") for r in candidates]
     else:
-        by_stem = _images_by_stem(images_dir)
-        present: list[tuple[_Record, str]] = []
-        for record, path in zip(candidates, paths, strict=True):
-            style_id = record.values["id"]
-            names = by_stem.get(style_id, [])
-            if f"{style_id}{IMAGE_SUFFIX}" in names:
-                present.append((record, path))
-            elif names:
-                rejects.append(_Reject(record.line_number, style_id, "wrong_extension",
-                                       f"found {', '.join(sorted(names))} in {images_dir}, expected "
-                                       f"{style_id}{IMAGE_SUFFIX}", record.raw_line))
-            else:
-                rejects.append(_Reject(record.line_number, style_id, "missing_image",
-                                       f"{path} does not exist", record.raw_line))
-        checks = _check_images([p for _, p in present], workers, min_image_side, max_aspect_ratio)
-        clean_records, clean_images, clean_paths = [], [], []
-        for (record, path), check in zip(present, checks, strict=True):
-            if "reason" in check:
-                rejects.append(_Reject(record.line_number, record.values["id"], check["reason"],
-                                       f"{path}: {check['detail']}", record.raw_line))
-            else:
-                clean_records.append(record)
-                clean_images.append(check)
-                clean_paths.append(path)
+        clean_records, clean_images, clean_paths = _usable_images(candidates, images_dir, data,
+                                                                  config.images.workers, rejects)
 
     labels_folded = _fold_labels(clean_records)
     clean = _clean_frame(clean_records, clean_images, clean_paths)
@@ -427,9 +300,9 @@ def validate_dataset(
     out_dir.mkdir(parents=True, exist_ok=True)
     out = ValidateDir(out_dir)
     clean_path, rejects_path, report_path = out.clean, out.rejects, out.report
-    report = _report(raw_dir, parsed, clean, rejects, clean_records, metadata_only, max_reject_fraction, min_rows)
+    report = _report(raw_dir, parsed, clean, rejects, clean_records, data)
     report["labels_folded"] = labels_folded
-    report["image_rules"] = {"min_image_side": min_image_side, "max_aspect_ratio": max_aspect_ratio}
+    report["image_rules"] = {"min_image_side": data.min_image_side, "max_aspect_ratio": data.max_aspect_ratio}
     _write_rejects(rejects, rejects_path)
     gate = report["quality_gate"]
     if gate["passed"]:
@@ -455,20 +328,19 @@ def validate_dataset(
         rejected_by_reason=report["rejected_by_reason"],
         duplicate_groups=report["duplicate_groups"],
         clean_sha256=report["clean_sha256"],
-        metadata_only=metadata_only,
+        metadata_only=data.metadata_only,
     )
 
 
 def _report(
     raw_dir: Path,
-    parsed: _Parsed,
+    parsed: ParsedStyles,
     clean: pd.DataFrame,
-    rejects: list[_Reject],
-    clean_records: list[_Record],
-    metadata_only: bool,
-    max_reject_fraction: float,
-    min_rows: int,
+    rejects: list[Reject],
+    clean_records: list[StyleRecord],
+    data: DataConfig,
 ) -> dict[str, Any]:
+    max_reject_fraction, min_rows = data.max_reject_fraction, data.min_rows
     reject_fraction = len(rejects) / parsed.lines_read if parsed.lines_read else 0.0
     failures = []
     if reject_fraction > max_reject_fraction:
@@ -482,7 +354,7 @@ def _report(
     modes = clean["mode"].dropna().value_counts().sort_index()
     return {
         "source": str(raw_dir),
-        "metadata_only": metadata_only,
+        "metadata_only": data.metadata_only,
         "encoding": parsed.encoding,
         "cp1252_lines": parsed.cp1252_lines,
         "lines_read": parsed.lines_read,

@@ -51,17 +51,7 @@ def validate(run: Run) -> StageResult:
     """Check styles.csv and every image of the fetched dataset: `validate/` (clean table, rejects, report)."""
     from fashion_tagger.data.validate import validate_dataset
 
-    config = run.config
-    return validate_dataset(
-        stage_result(run.layout, "fetch")["raw_dir"],
-        run.layout.validate.dir,
-        metadata_only=config.data.metadata_only,
-        max_reject_fraction=config.data.max_reject_fraction,
-        min_rows=config.data.min_rows,
-        workers=config.images.workers,
-        min_image_side=config.data.min_image_side,
-        max_aspect_ratio=config.data.max_aspect_ratio,
-    )
+    return validate_dataset(stage_result(run.layout, "fetch")["raw_dir"], run.layout.validate.dir, run.config)
 
 
 def split(run: Run) -> StageResult:
@@ -70,17 +60,8 @@ def split(run: Run) -> StageResult:
     from fashion_tagger.data.split import split_dataset
 
     config = run.config
-    result = split_dataset(
-        run.layout.validate.dir,
-        run.layout.split.dir,
-        attributes=config.labels.attributes,
-        min_class_count=config.labels.min_class_count,
-        val_fraction=config.split.val_fraction,
-        test_fraction=config.split.test_fraction,
-        seed=config.split.seed,
-        max_rows=config.data.max_rows,
-        test_membership=config.layout.test_membership(config.split.test_fraction, config.split.seed),
-    )
+    result = split_dataset(run.layout.validate.dir, run.layout.split.dir, config,
+                           test_membership=config.layout.test_membership(config.split.test_fraction, config.split.seed))
     result.fingerprint = write_fingerprint(config, run.layout.split.dir)["fingerprint"]
     return result
 
@@ -89,15 +70,7 @@ def prepare(run: Run) -> StageResult:
     """Resize every image of the split once into the shared cache `<home>/cache/`."""
     from fashion_tagger.data.prepare import prepare_images
 
-    config = run.config
-    return prepare_images(
-        run.layout.split.dir,
-        config.cache_root,
-        width=config.images.width,
-        height=config.images.height,
-        jpeg_quality=config.images.jpeg_quality,
-        workers=config.images.workers,
-    )
+    return prepare_images(run.layout.split.dir, run.config.cache_root, run.config)
 
 
 def train(run: Run) -> StageResult:
