@@ -11,7 +11,7 @@ import torch
 from lightning.pytorch.strategies import DDPStrategy
 
 from fashion_tagger.core.config import Config
-from fashion_tagger.core.parallel import parse_devices
+from fashion_tagger.core.parallel import AUTO, parse_devices
 
 
 def resolve_precision(precision: str, on_gpu: bool) -> str:
@@ -34,7 +34,7 @@ def resolve_hardware(config: Config) -> dict[str, Any]:
     if "TORCHELASTIC_RUN_ID" in os.environ and "LOCAL_WORLD_SIZE" in os.environ:
         devices = int(os.environ["LOCAL_WORLD_SIZE"])
         num_nodes = max(1, int(os.environ.get("WORLD_SIZE", devices)) // devices)
-    if devices in ("auto", -1):
+    if devices in (AUTO, -1):  # -1 is Lightning's "all GPUs"
         n_devices = torch.cuda.device_count() if on_gpu else 1
     else:
         n_devices = len(devices) if isinstance(devices, list) else int(devices)
