@@ -44,7 +44,39 @@ class BackboneFreeze(BaseFinetuning):
             self.make_trainable(backbone)
 
 
-class EpochHistory(Callback):
+class EpochMeter(Callback):
+    """The training part of the current epoch: when it started, when its last batch ended, the images of every
+    rank and the mean of this rank's batch losses (Lightning reduces its own epoch mean only after validation)."""
+
+    def __init__(self) -> None:
+        self.epoch_start = self.train_end = 0.0
+        self.images = 0
+        self._loss_sum, self._loss_batches = 0.0, 0
+
+    @property
+    def train_seconds(self) -> float:
+        return self.train_end - self.epoch_start
+
+    @property
+    def train_loss(self) -> float:
+        return self._loss_sum / self._loss_batches if self._loss_batches else float("nan")
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.epoch_start = self.train_end = time.perf_counter()
+        self.images = 0
+        self._loss_sum, self._loss_batches = 0.0, 0
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        self.images += len(batch[0]) * trainer.world_size
+        self.train_end = time.perf_counter()
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        if loss is not None:
+            self._loss_sum += float(loss)
+            self._loss_batches += 1
+
+
+class EpochHistory(EpochMeter):
     """Per-epoch metrics, time and train images/s, kept in the checkpoint and mirrored to metrics.json.
 
     It records at validation end, before ModelCheckpoint saves (Lightning runs checkpoint callbacks last),
@@ -52,13 +84,9 @@ class EpochHistory(Callback):
     """
 
     def __init__(self, metrics_path: Path) -> None:
+        super().__init__()
         self.metrics_path = metrics_path
         self.history: list[dict[str, Any]] = []
-        self._epoch_start = 0.0
-        self._train_seconds = 0.0
-        self._train_images = 0
-        self._loss_sum = 0.0
-        self._loss_batches = 0
 
     @property
     def state_key(self) -> str:
@@ -70,20 +98,6 @@ class EpochHistory(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.history = list(state_dict.get("history", []))
 
-    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._epoch_start = time.perf_counter()
-        self._train_images = 0
-        self._loss_sum, self._loss_batches = 0.0, 0
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self._train_images += len(batch[0]) * trainer.world_size
-        self._train_seconds = time.perf_counter() - self._epoch_start
-        # Lightning's epoch-mean train loss is only reduced after validation; keep our own (this rank's).
-        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
-        if loss is not None:
-            self._loss_sum += float(loss)
-            self._loss_batches += 1
-
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking:
             return
@@ -93,12 +107,12 @@ class EpochHistory(Callback):
             {
                 "epoch": trainer.current_epoch,
                 "step": trainer.global_step,
-                "train_loss": round(self._loss_sum / max(1, self._loss_batches), 6),
+                "train_loss": round(self.train_loss, 6) if self._loss_batches else 0.0,
                 **dict(sorted(val_metrics.items())),
                 "lr": trainer.optimizers[0].param_groups[-1]["lr"] if trainer.optimizers else None,
-                "train_seconds": round(self._train_seconds, 3),
-                "epoch_seconds": round(time.perf_counter() - self._epoch_start, 3),
-                "train_images_per_s": round(self._train_images / max(self._train_seconds, 1e-9), 2),
+                "train_seconds": round(self.train_seconds, 3),
+                "epoch_seconds": round(time.perf_counter() - self.epoch_start, 3),
+                "train_images_per_s": round(self.images / max(self.train_seconds, 1e-9), 2),
             }
         )
         if trainer.is_global_zero:

@@ -8,9 +8,8 @@ import logging
 import time
 from typing import Any
 
-from lightning.pytorch.callbacks import Callback
-
 from fashion_tagger.core.progress import duration
+from fashion_tagger.training.callbacks import EpochMeter
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +31,7 @@ def lightning_logs_once() -> None:
         logger.propagate = True
 
 
-class EpochProgressLog(Callback):
+class EpochProgressLog(EpochMeter):
     """One INFO line per training epoch, for runs without a progress bar:
 
     `epoch 3/30: train loss 0.8123, val_macro_f1 0.7012 (best 0.7012), 152 img/s, elapsed 4m10s, left ~37m30s`
@@ -43,13 +42,12 @@ class EpochProgressLog(Callback):
     """
 
     def __init__(self, monitor: str, logger: logging.Logger | None = None) -> None:
+        super().__init__()
         self.monitor = monitor
         self.logger = logger or log
         self.best: float | None = None
-        self._fit_start = self._epoch_start = self._train_end = 0.0
+        self._fit_start = 0.0
         self._first_epoch = 0
-        self._images = 0
-        self._loss_sum, self._loss_batches = 0.0, 0
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         self._fit_start = time.perf_counter()
@@ -57,34 +55,20 @@ class EpochProgressLog(Callback):
         previous = getattr(trainer.checkpoint_callback, "best_model_score", None)
         self.best = float(previous) if previous is not None else None
 
-    def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
-        self._epoch_start = self._train_end = time.perf_counter()
-        self._images = 0
-        self._loss_sum, self._loss_batches = 0.0, 0
-
-    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
-        self._images += len(batch[0]) * trainer.world_size
-        self._train_end = time.perf_counter()
-        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
-        if loss is not None:
-            self._loss_sum += float(loss)
-            self._loss_batches += 1
-
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         # Lightning runs the epoch's validation before this hook, so its score is in callback_metrics here.
         if not trainer.is_global_zero:
             return
         now = time.perf_counter()
         epoch, epochs = trainer.current_epoch + 1, trainer.max_epochs
-        loss = self._loss_sum / self._loss_batches if self._loss_batches else float("nan")
-        parts = [f"train loss {loss:.4f}"]
+        parts = [f"train loss {self.train_loss:.4f}"]
         score = trainer.callback_metrics.get(self.monitor)
         if score is not None:
             score = float(score)
             self.best = score if self.best is None else max(self.best, score)
             parts.append(f"{self.monitor} {score:.4f} (best {self.best:.4f})")
-        train_s = self._train_end - self._epoch_start
-        parts.append(f"{self._images / train_s:.0f} img/s" if train_s > 0 else "0 img/s")
+        train_s = self.train_seconds
+        parts.append(f"{self.images / train_s:.0f} img/s" if train_s > 0 else "0 img/s")
         elapsed = now - self._fit_start
         done_here = epoch - self._first_epoch
         left = elapsed / max(1, done_here) * max(0, (epochs or epoch) - epoch)
