@@ -17,6 +17,7 @@ import typer
 
 from fashion_tagger.core.config import load_config
 from fashion_tagger.core.errors import FashionTaggerError
+from fashion_tagger.runs.stage_registry import stage_names, stages
 
 app = typer.Typer(
     name="fashion-tagger",
@@ -106,16 +107,8 @@ def _stage_command(name: str, summary: str) -> None:
     app.command(name)(command)
 
 
-for _name, _summary in (
-    ("fetch", "Make the run's dataset source available under <home>/raw/ (a complete earlier copy is reused)"),
-    ("validate", "Validate and clean styles.csv and the images: clean.parquet, rejects.csv, report.json"),
-    ("split", "Encode labels and write a stratified train/validation split (duplicate images kept together)"),
-    ("prepare", "Resize every image once into the content-addressed cache shared by all runs"),
-    ("train", "Train the tagger, or resume it from its last checkpoint"),
-    ("evaluate", "Per-attribute and per-class metrics, confusion matrices and plots"),
-    ("register", "Register the model in MLflow and apply the promotion gate"),
-):
-    _stage_command(_name, _summary)
+for _stage in stages():  # the stage registry (runs/stage_registry.py), in run order
+    _stage_command(_stage.name, _stage.summary)
 
 
 @app.command()
@@ -191,17 +184,16 @@ def weights(
     _emit(write_weights(source, load_config(config, set_).home_dir, out=out, force=force))
 
 
-@app.command("run")
+@app.command("run", help=(
+    f"Run every stage in this process: {', '.join(stage_names())}.\n\nTrain, evaluate and register are skipped, "
+    "with a line saying why, when the data, labels and training configuration equal the champion's; --force "
+    "trains anyway."))
 def run_pipeline(
     config: ConfigOption = None,
     set_: SetOption = None,
     resume: Annotated[str | None, typer.Option(help="continue this run after its last completed stage")] = None,
     force: Annotated[bool, typer.Option("--force", help="train even when nothing changed since the champion")] = False,
 ) -> None:
-    """Run every stage in this process: fetch, validate, split, prepare, train, evaluate, register.
-
-    Train, evaluate and register are skipped, with a line saying why, when the data, labels and training
-    configuration equal the champion's; --force trains anyway."""
     from fashion_tagger.runs.pipeline import run_all
     from fashion_tagger.runs.run import create_run, interrupted_runs_like, open_run
 

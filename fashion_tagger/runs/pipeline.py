@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from fashion_tagger.core.io import StageResult
-from fashion_tagger.runs.run import STAGE_COMPLETE, STAGE_SKIPPED, STAGES, Run, read_state, run_lock
+from fashion_tagger.runs.run import STAGE_COMPLETE, STAGE_SKIPPED, Run, read_state, run_lock
+from fashion_tagger.runs.stage_registry import stage_names
 from fashion_tagger.runs.stages import run_stage
 
 log = logging.getLogger(__name__)
@@ -30,17 +31,18 @@ class PipelineResult(StageResult):
 
 
 def run_all(run: Run, *, force: bool = False) -> PipelineResult:
-    """fetch -> validate -> split -> prepare -> train -> evaluate -> register; completed stages are kept as they are.
+    """Every stage in run order (fetch -> ... -> register); completed stages are kept as they are.
 
-    Train, evaluate and register are skipped when nothing changed since the champion (`stages.retrain_skip_reason`)
-    unless FORCE or `train.force` is set.
+    Train, evaluate and register (`stages.retrain_stages`) are skipped when nothing changed since the champion
+    (`stages.retrain_skip_reason`) unless FORCE or `train.force` is set.
     """
     from fashion_tagger.registry.register import describe_registration
-    from fashion_tagger.runs.stages import RETRAIN_STAGES, retrain_skip_reason, skip_retraining
+    from fashion_tagger.runs.stages import retrain_skip_reason, retrain_stages, skip_retraining
 
     result = PipelineResult(run_id=run.id, run_root=run.root)
     with run_lock(run.layout):  # for the whole run, so a second `run --resume` of it fails at once
-        for name in STAGES:
+        retrain = retrain_stages()
+        for name in stage_names():
             entry = read_state(run.layout)["stages"].get(name, {})
             # A stage skipped by an earlier attempt (nothing changed) runs when this one is forced.
             if entry.get("status") == STAGE_COMPLETE or (entry.get("status") == STAGE_SKIPPED and not force):
@@ -49,10 +51,10 @@ def run_all(run: Run, *, force: bool = False) -> PipelineResult:
                 result.stages[name] = entry.get("result", {})
                 result.not_retrained = result.not_retrained or entry.get("reason", "")
                 continue
-            if name == RETRAIN_STAGES[0] and (reason := retrain_skip_reason(run, force=force)):
+            if retrain and name == retrain[0] and (reason := retrain_skip_reason(run, force=force)):
                 skip_retraining(run, reason)
                 result.not_retrained = reason
-                result.skipped += list(RETRAIN_STAGES)
+                result.skipped += list(retrain)
                 break
             result.stages[name] = run_stage(run, name)
             result.seconds[name] = read_state(run.layout)["stages"][name].get("seconds", 0.0)

@@ -12,7 +12,7 @@ import fcntl
 import logging
 import os
 import socket
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -240,7 +240,7 @@ def interrupted_runs_like(config: Config) -> list[str]:
     return matches
 
 
-def format_runs(rows: list[Mapping[str, Any]]) -> str:
+def format_runs(rows: Sequence[Mapping[str, Any]]) -> str:
     """A plain table for `fashion-tagger runs`."""
     if not rows:
         return "no runs yet: start one with `fashion-tagger run --config demo`"

@@ -1,17 +1,15 @@
-"""The seven stages of a run, each with one shape: `stage(run) -> result`, its settings from the run's own config.
+"""The seven stages of a run, each `stage(run) -> result` with its settings from the run's own config, declared once
+in run order with `@register_stage` (`stage_registry.py`).
 
-`run_stage(run, name)` is what every caller uses (the CLI stage commands, `fashion-tagger run`, the DAG's
-in-process tasks and its child processes): it holds the run's lock, removes what a killed writer of this stage
-left behind, and records the stage as started, complete (with its result) or failed in the run's state.
-Heavy modules are imported inside each function.
+`run_stage(run, name)` is what every caller uses (the CLI, `fashion-tagger run`, the DAG): it holds the run's lock,
+removes what a killed writer of the stage left, and records the stage as started, complete or failed in the run's
+state. Heavy modules are imported inside each function.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from fashion_tagger.core import io
@@ -21,7 +19,6 @@ from fashion_tagger.runs.run import (
     STAGE_FAILED,
     STAGE_SKIPPED,
     STAGE_STARTED,
-    STAGES,
     Run,
     is_rank_zero,
     record_stage,
@@ -29,10 +26,20 @@ from fashion_tagger.runs.run import (
     stage_result,
     stage_state,
 )
+from fashion_tagger.runs.stage_registry import get_stage, register_stage, stage_names, stages
 
 log = logging.getLogger(__name__)
 
 
+@register_stage(
+    summary="Make the run's dataset source available under <home>/raw/ (a complete earlier copy is reused)",
+    task_id="fetch_dataset", outlet="fashion_tagger_raw_dataset", outlet_extra=("source", "raw_dir", "rows"),
+    doc="""
+    Validate the trigger parameters, create the run folder with its `config.yaml`, and make the dataset
+    available under `<home>/raw/<name>/` (Kaggle, S3, a folder or a generated one). A complete earlier
+    download is reused; a second run fetching the same source waits for the first and reuses it.
+    """,
+)
 def fetch(run: Run) -> StageResult:
     """Make the configured source available under `<home>/raw/<name>/` (a complete earlier copy is reused)."""
     from fashion_tagger.data.sources import fetch_dataset
@@ -47,6 +54,18 @@ def fetch(run: Run) -> StageResult:
     )
 
 
+@register_stage(
+    summary="Validate and clean styles.csv and the images: clean.parquet, rejects.csv, report.json",
+    output=lambda layout: layout.validate.dir, task_id="validate_dataset",
+    # Its image checks use a process pool, which a Celery worker's (daemon) task process may not start.
+    child_process=True,
+    doc="""
+    Check `styles.csv` and every image: `validate/clean.parquet`, `rejects.csv` (each rejected line with
+    its reason) and `report.json`. Fails without retrying when a quality gate fails. Runs as a child
+    process (`python -m fashion_tagger validate RUN`): its image checks use a process pool, and a Celery
+    worker's task process is a daemon, which may not start processes of its own.
+    """,
+)
 def validate(run: Run) -> StageResult:
     """Check styles.csv and every image of the fetched dataset: `validate/` (clean table, rejects, report)."""
     from fashion_tagger.data.validate import validate_dataset
@@ -54,6 +73,11 @@ def validate(run: Run) -> StageResult:
     return validate_dataset(stage_result(run.layout, "fetch")["raw_dir"], run.layout.validate.dir, run.config)
 
 
+@register_stage(
+    summary="Encode labels and write a stratified train/validation/test split (duplicate images kept together)",
+    output=lambda layout: layout.split.dir, task_id="build_splits",
+    doc="Encode the labels and write the train/validation/test parts to `split/` (an image once in test stays).",
+)
 def split(run: Run) -> StageResult:
     """Encode the labels and split the clean table: `split/` (parts, labels.json, split report)."""
     from fashion_tagger.data.fingerprint import write_fingerprint
@@ -66,6 +90,17 @@ def split(run: Run) -> StageResult:
     return result
 
 
+@register_stage(
+    summary="Resize every image once into the content-addressed cache shared by all runs",
+    output=lambda layout: layout.split.dir, task_id="prepare_images",
+    # Its forkserver pool re-imports the main module, which inside an Airflow worker is Airflow itself.
+    child_process=True,
+    doc="""
+    Resize every image of the split once into the shared cache `<home>/cache/`, keyed by content hash.
+    Runs as a child process (`python -m fashion_tagger prepare RUN`): its worker pool starts processes that
+    re-import the main module, which inside an Airflow worker is Airflow itself.
+    """,
+)
 def prepare(run: Run) -> StageResult:
     """Resize every image of the split once into the shared cache `<home>/cache/`."""
     from fashion_tagger.data.prepare import prepare_images
@@ -73,6 +108,20 @@ def prepare(run: Run) -> StageResult:
     return prepare_images(run.layout.split.dir, run.config.cache_root, run.config)
 
 
+@register_stage(
+    summary="Train the tagger, or resume it from its last checkpoint",
+    output=lambda layout: layout.train.dir, task_id="train_model",
+    # CUDA must never start inside the worker (a forked process cannot initialise it again).
+    child_process=True, gpu=True, per_device=True, timeout_hours=12, skip_when_unchanged=True,
+    doc="""
+    Train in a child process (`python -m fashion_tagger train RUN`, torchrun when the task has several GPUs)
+    so CUDA never starts inside the worker; its output streams into this log. Writes `train/checkpoints/`
+    and `train/metrics.json`; a retry resumes from `train/checkpoints/last.ckpt`.
+
+    Skipped, with the reason in this log, when the data, labels and training configuration equal the
+    champion's (their fingerprint); evaluation and registration are then skipped too. `force` trains anyway.
+    """,
+)
 def train(run: Run) -> StageResult:
     """Train, or resume from `train/checkpoints/last.ckpt`: no completed epoch is trained again."""
     from fashion_tagger.training.train import train_model
@@ -80,6 +129,15 @@ def train(run: Run) -> StageResult:
     return train_model(run.config, split_dir=run.layout.split.dir, run_dir=run.layout.train.dir)
 
 
+@register_stage(
+    summary="Per-attribute and per-class metrics, confusion matrices and plots",
+    output=lambda layout: layout.train.eval.dir, task_id="evaluate_model",
+    child_process=True, gpu=True, timeout_hours=2,
+    doc="""
+    Score the best checkpoint on the test part (the headline) and the validation part in a child process:
+    per-attribute and per-class metrics, confusion matrices and plots in `train/eval/`.
+    """,
+)
 def evaluate(run: Run) -> StageResult:
     """Score the best checkpoint on the test part (the headline) and the validation part: `train/eval/`."""
     from fashion_tagger.evaluation.evaluate import evaluate_run
@@ -87,6 +145,17 @@ def evaluate(run: Run) -> StageResult:
     return evaluate_run(run.layout.train.dir, run.config, split_dir=run.layout.split.dir)
 
 
+@register_stage(
+    summary="Register the model in MLflow and apply the promotion gate",
+    output=lambda layout: layout.train.dir, task_id="register_model", outlet="fashion_tagger_model",
+    outlet_extra=("model_name", "version", "model_uri", "aliases", "decision"),
+    doc="""
+    Log the run to MLflow, register the model as a new version (alias `challenger`) and apply the
+    promotion gate: alias `champion` moves only when the new version beats it on the test part by more than
+    the noise (a paired bootstrap). The decision, its interval and reason are recorded on the version. A
+    model that is already registered (same weights, labels, preprocessing) is not registered again.
+    """,
+)
 def register(run: Run) -> StageResult:
     """Register the model in MLflow and apply the promotion gate."""
     from fashion_tagger.registry.register import register_run
@@ -94,19 +163,12 @@ def register(run: Run) -> StageResult:
     return register_run(run.layout.train.dir, run.config)
 
 
-STAGE_FUNCTIONS: dict[str, Callable[[Run], StageResult]] = {
-    "fetch": fetch,
-    "validate": validate,
-    "split": split,
-    "prepare": prepare,
-    "train": train,
-    "evaluate": evaluate,
-    "register": register,
-}
-assert tuple(STAGE_FUNCTIONS) == STAGES
-
-
-RETRAIN_STAGES = ("train", "evaluate", "register")  # what a run skips when nothing changed since the champion
+def retrain_stages() -> tuple[str, ...]:
+    """What a run skips when nothing changed since the champion: the first `skip_when_unchanged` stage (train)
+    and every stage after it, as Airflow skips the tasks downstream of a skipped one."""
+    names = stage_names()
+    first = next((i for i, stage in enumerate(stages()) if stage.skip_when_unchanged), len(names))
+    return names[first:]
 
 
 def retrain_skip_reason(run: Run, *, force: bool = False) -> str | None:
@@ -130,48 +192,32 @@ def retrain_skip_reason(run: Run, *, force: bool = False) -> str | None:
 
 
 def skip_retraining(run: Run, reason: str) -> None:
-    """Record train, evaluate and register as skipped, with REASON, in the run's state."""
+    """Record train, evaluate and register (`retrain_stages`) as skipped, with REASON, in the run's state."""
+    skipped = retrain_stages()
     with run_lock(run.layout):
-        for name in RETRAIN_STAGES:
+        for name in skipped:
             record_stage(run.layout, name, STAGE_SKIPPED, reason=reason)
-    log.info("run %s: skipping %s: %s", run.id, ", ".join(RETRAIN_STAGES), reason)
-
-
-def _output_dir(run: Run, name: str) -> Path | None:
-    """Where a stage writes inside the run (its atomic-write temporaries are cleaned from there)."""
-    layout = run.layout
-    return {
-        "validate": layout.validate.dir,
-        "split": layout.split.dir,
-        "prepare": layout.split.dir,
-        "train": layout.train.dir,
-        "evaluate": layout.train.eval.dir,
-        "register": layout.train.dir,
-    }.get(name)
+    log.info("run %s: skipping %s: %s", run.id, ", ".join(skipped), reason)
 
 
 def run_stage(run: Run, name: str) -> dict[str, Any]:
     """Execute stage NAME of RUN and return its result as a dict; the stage before it must have completed."""
-    if name not in STAGE_FUNCTIONS:
-        from fashion_tagger.core.errors import RunError
-
-        raise RunError(f"unknown stage {name!r}: the stages are {', '.join(STAGES)}")
-    index = STAGES.index(name)
+    stage = get_stage(name)
+    index = stage_names().index(name)
     if index:
-        stage_result(run.layout, STAGES[index - 1])  # raises, naming the stage to run first
+        stage_result(run.layout, stage_names()[index - 1])  # raises, naming the stage to run first
     if not is_rank_zero():
         # torchrun's other ranks join rank 0's training; rank 0 alone locks the run and records its state.
-        return STAGE_FUNCTIONS[name](run).to_dict()
+        return stage.function(run).to_dict()
     with run_lock(run.layout):
-        output_dir = _output_dir(run, name)
-        if output_dir is not None and (removed := io.remove_stale_temporaries(output_dir)):
+        if stage.output is not None and (removed := io.remove_stale_temporaries(stage.output(run.layout))):
             log.info("stage %s: removed %d temporary file(s) left by an interrupted attempt", name, removed)
         attempts = int(stage_state(run.layout, name).get("attempts", 0))
         log.info("run %s: stage %s%s", run.id, name, f" (attempt {attempts + 1})" if attempts else "")
         record_stage(run.layout, name, STAGE_STARTED)
         started = time.perf_counter()
         try:
-            result = STAGE_FUNCTIONS[name](run).to_dict()
+            result = stage.function(run).to_dict()
         except Exception as exc:  # Ctrl-C or a kill leaves the stage "started": the run shows as interrupted
             record_stage(run.layout, name, STAGE_FAILED, error=f"{type(exc).__name__}: {exc}"[:2000],
                          seconds=round(time.perf_counter() - started, 2))
