@@ -130,7 +130,7 @@ def test_several_training_processes_start_through_torchrun(first_run, tmp_path, 
     """The multi-GPU launch (FASHION_TAGGER_TRAIN_GPUS > 1), here as two CPU ranks over gloo."""
     from fashion_tagger.core.config import load_config
     from fashion_tagger.core.parallel import device_processes
-    from fashion_tagger.orchestration import form as orchestration
+    from fashion_tagger.orchestration import child
     from fashion_tagger.runs.run import create_run
     from fashion_tagger.runs.stages import run_stage
 
@@ -141,9 +141,9 @@ def test_several_training_processes_start_through_torchrun(first_run, tmp_path, 
     for stage in ("fetch", "validate", "split", "prepare"):
         run_stage(run, stage)  # the dataset and the prepared images are reused from the first run
     nproc = device_processes(run.config.train.devices)
-    assert "torch.distributed.run" in orchestration.stage_command("train", run.root, nproc=nproc)
+    assert "torch.distributed.run" in child.stage_command("train", run.root, nproc=nproc)
     with caplog.at_level(logging.INFO, logger="fashion_tagger.training.train"):
-        result = orchestration.run_stage_process("train", run.root, nproc=nproc)
+        result = child.run_stage_process("train", run.root, nproc=nproc)
     assert result["epochs_completed"] == 1
     log = "\n".join(r.getMessage() for r in caplog.records)
     assert "GLOBAL_RANK: 1" in log and "Starting with 2 processes" in log

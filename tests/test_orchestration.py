@@ -13,7 +13,9 @@ import pytest
 from fashion_tagger.core.config import Config, ConfigError, load_config, preset_names
 from fashion_tagger.core.layout import run_dir_name
 from fashion_tagger.core.parallel import device_processes, parse_devices
+from fashion_tagger.orchestration import child, dag_support
 from fashion_tagger.orchestration import form as orch
+from fashion_tagger.runs.stage_registry import stage_names
 
 AIRFLOW_RUN_ID = "manual__2025-06-01T10:20:30.123456+00:00"
 
@@ -135,6 +137,47 @@ def test_bad_params_raise_a_config_error_naming_the_field(params, expected):
         orch.config_from_params(params)
 
 
+def test_the_tagging_form_is_generated_from_the_config_schema():
+    form = orch.tagging_form_params()
+    assert list(form) == ["source", "out_dir", "model", "shard_size", "batch_size"]  # the DAG's parameter names
+    tagging = Config.model_json_schema()["$defs"]["TaggingConfig"]["properties"]
+    assert form["shard_size"]["minimum"] == tagging["shard_size"]["minimum"] == 1
+    assert form["source"]["description"].startswith(tagging["catalog"]["description"])
+    assert form["model"]["pattern"] and all(spec["default"] is None for spec in form.values())
+
+
+def test_tagging_params_become_tagging_overrides_of_the_preset():
+    fields = orch.TAGGING_FORM_FIELDS
+    assert orch.param_overrides({"source": "/photos", "out_dir": None, "model": "", "shard_size": 20}, fields) == {
+        "tagging": {"catalog": "/photos", "shard_size": 20}}
+    config = orch.config_from_params({"preset": "demo", "model": "models:/x/3", "batch_size": 8}, fields=fields)
+    assert (config.tagging.model, config.tagging.batch_size) == ("models:/x/3", 8)
+    assert config.tagging.shard_size == load_config("demo").tagging.shard_size
+    with pytest.raises(ConfigError, match=r"shard_size \(tagging.shard_size\)"):
+        orch.config_from_params({"shard_size": 0}, fields=fields)
+    with pytest.raises(ConfigError, match="unknown parameter.s. epochs: the DAG accepts preset, source, out_dir"):
+        orch.param_overrides({"epochs": 3}, fields)
+
+
+# --- what every DAG shares -------------------------------------------------------------------------------------------
+
+
+def test_deployment_settings_come_from_the_environment_and_name_a_bad_value(monkeypatch):
+    from datetime import timedelta
+
+    for name in (dag_support.GPU_QUEUE_ENV, dag_support.RETRIES_ENV, dag_support.TRAIN_GPUS_ENV,
+                 "FASHION_TAGGER_TRAIN_TIMEOUT_HOURS"):
+        monkeypatch.delenv(name, raising=False)
+    assert (dag_support.gpu_queue(), dag_support.task_retries(), dag_support.train_gpus()) == ("gpu", 2, 1)
+    assert dag_support.timeout_from_env("train", 12) == timedelta(hours=12)
+    monkeypatch.setenv("FASHION_TAGGER_TRAIN_TIMEOUT_HOURS", "0.5")
+    monkeypatch.setenv(dag_support.TRAIN_GPUS_ENV, "0")
+    assert (dag_support.timeout_from_env("train", 12), dag_support.train_gpus()) == (timedelta(minutes=30), 1)
+    monkeypatch.setenv(dag_support.RETRIES_ENV, "two")
+    with pytest.raises(ConfigError, match=r"\$FASHION_TAGGER_TASK_RETRIES must be a whole number, not 'two'"):
+        dag_support.task_retries()
+
+
 def test_default_source_follows_env_then_kaggle_credentials(monkeypatch, tmp_path):
     monkeypatch.delenv(orch.SOURCE_ENV, raising=False)
     monkeypatch.delenv("KAGGLE_API_TOKEN", raising=False)
@@ -173,15 +216,15 @@ def test_a_train_devices_value_nobody_can_parse_is_a_config_error_naming_it():
 
 
 def test_a_stage_child_is_the_stage_name_and_the_run_and_torchrun_only_for_several_gpus(tmp_path):
-    single = orch.stage_command("train", tmp_path / "run")
+    single = child.stage_command("train", tmp_path / "run")
     assert single == [sys.executable, "-m", "fashion_tagger", "train", str(tmp_path / "run")]
-    multi = orch.stage_command("train", tmp_path / "run", nproc=4)
+    multi = child.stage_command("train", tmp_path / "run", nproc=4)
     assert multi[:5] == [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=4"]
     assert multi[5:] == single[1:]
-    assert orch.stage_command("prepare", tmp_path / "run")[3:] == ["prepare", str(tmp_path / "run")]
+    assert child.stage_command("prepare", tmp_path / "run")[3:] == ["prepare", str(tmp_path / "run")]
 
 
-@pytest.mark.parametrize("stage", ["fetch", "validate", "split", "prepare", "train", "evaluate", "register"])
+@pytest.mark.parametrize("stage", stage_names())
 def test_every_stage_command_takes_the_run_and_nothing_else(stage):
     result = subprocess.run(
         [sys.executable, "-m", "fashion_tagger", stage, "--help"], capture_output=True, text=True, timeout=120
@@ -204,30 +247,30 @@ print("trailing noise")
 def test_run_logged_streams_every_line_and_returns_the_last_json(caplog):
     logger = logging.getLogger("test.child")
     with caplog.at_level(logging.INFO, logger="test.child"):
-        output = orch.run_logged([sys.executable, "-c", CHILD], logger=logger)
+        output = child.run_logged([sys.executable, "-c", CHILD], logger=logger)
     messages = [r.getMessage() for r in caplog.records]
     assert messages[0].startswith("running: ")
     for line in ("step 1", "a warning on stderr", "step 2", '  "best_score": 0.5', "trailing noise"):
         assert line in messages
     assert messages.index("step 1") < messages.index("step 2")
     assert output.result == {"run_dir": "/x", "best_score": 0.5}
-    assert orch.run_logged([sys.executable, "-c", CHILD], logger=logger).result["best_score"] == 0.5
+    assert child.run_logged([sys.executable, "-c", CHILD], logger=logger).result["best_score"] == 0.5
 
 
 def test_a_failing_child_raises_with_its_last_lines():
     code = "import sys; print('loading'); print('CUDA out of memory', file=sys.stderr); sys.exit(3)"
-    with pytest.raises(orch.StageProcessError, match=r"exited with code 3(.|\n)*CUDA out of memory"):
-        orch.run_logged([sys.executable, "-c", code])
-    with pytest.raises(orch.StageProcessError, match="printed no JSON result"):
-        orch.run_json_command("evaluate", [sys.executable, "-c", "print('no result')"])
+    with pytest.raises(child.StageProcessError, match=r"exited with code 3(.|\n)*CUDA out of memory"):
+        child.run_logged([sys.executable, "-c", code])
+    with pytest.raises(child.StageProcessError, match="printed no JSON result"):
+        child.run_json_command("evaluate", [sys.executable, "-c", "print('no result')"])
 
 
 @pytest.mark.parametrize(("code", "retryable"), [(2, False), (75, True), (1, True), (-9, True)])
 def test_a_child_error_follows_the_exit_code_contract(code, retryable):
     """2 is bad input (fail now); 75 (transient), a crash (1) or a kill (-9) are retried."""
     script = "import os, signal; os.kill(os.getpid(), signal.SIGKILL)" if code == -9 else f"raise SystemExit({code})"
-    with pytest.raises(orch.StageProcessError) as caught:
-        orch.run_logged([sys.executable, "-c", script])
+    with pytest.raises(child.StageProcessError) as caught:
+        child.run_logged([sys.executable, "-c", script])
     assert caught.value.returncode == code and caught.value.retryable is retryable
 
 
@@ -249,7 +292,7 @@ def test_an_interrupted_task_stops_its_child(tmp_path):
 
     started = time.monotonic()
     with pytest.raises(_Interrupt):
-        orch.run_logged([sys.executable, "-c", code], logger=RaisingLogger("interrupt"))
+        child.run_logged([sys.executable, "-c", code], logger=RaisingLogger("interrupt"))
     assert time.monotonic() - started < 60
     pid = int(pid_file.read_text())
     # The child was terminated and reaped: its pid no longer refers to a live process of ours.
@@ -259,5 +302,5 @@ def test_an_interrupted_task_stops_its_child(tmp_path):
 
 def test_last_json_object_skips_noise_and_non_objects():
     text = 'log line\n{"a": 1}\n[1, 2]\n{ broken\n{\n  "b": 2\n}\nbye'
-    assert orch.last_json_object(text) == {"b": 2}
-    assert orch.last_json_object("nothing here") is None
+    assert child.last_json_object(text) == {"b": 2}
+    assert child.last_json_object("nothing here") is None

@@ -1,31 +1,16 @@
-"""What an orchestrator needs around the stages: the trigger form generated from the config schema, trigger
-parameters -> `Config`, and stages run as child processes whose output streams line by line into the caller's log.
-
-No Airflow import: the DAG in dags/ composes these helpers, and plain unit tests cover them.
+"""The DAGs' trigger forms, generated from the config schema (one `FormField` table per form), and trigger
+parameters -> `Config`. No Airflow import: the DAGs wrap `form_params()` in `Param`s, plain unit tests cover it.
 """
 
 from __future__ import annotations
 
-import json
-import logging
 import os
-import re
-import shlex
-import signal
-import subprocess
-import sys
-import threading
-from collections import deque
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from fashion_tagger.core.config import Config, load_config, merge_overrides, preset_names
-from fashion_tagger.core.errors import BAD_INPUT_EXIT_CODE, TRANSIENT_EXIT_CODE, ConfigError, FashionTaggerError
-
-log = logging.getLogger(__name__)
+from fashion_tagger.core.errors import ConfigError
 
 SOURCE_ENV = "FASHION_TAGGER_SOURCE"
 PRESET_ENV = "FASHION_TAGGER_PRESET"
@@ -37,7 +22,10 @@ KEEP, YES, NO = "keep", "yes", "no"  # the three answers of a yes/no field whose
 SECTION_DATA = "Data"
 SECTION_MODEL = "Model and training"
 SECTION_REGISTRY = "Registration"
+SECTION_CATALOG = "Catalog"
+SECTION_TAGGING = "Model and batches"
 EMPTY_KEEPS_PRESET = " Leave empty to keep the preset's value."
+EMPTY_KEEPS_CONFIG = " Leave empty to keep the configuration's value."
 
 
 @dataclass(frozen=True)
@@ -56,7 +44,7 @@ class FormField:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-# The one table of the trigger form. `preset` picks the base that the others override.
+# The training DAG's trigger form. `preset` picks the base that the others override.
 FORM_FIELDS: tuple[FormField, ...] = (
     FormField("source", "data.source", "Dataset source", SECTION_DATA,
               examples=("kaggle:paramaggarwal/fashion-product-images-dataset", KAGGLE_SMALL,
@@ -79,54 +67,14 @@ FORM_FIELDS: tuple[FormField, ...] = (
 )
 PARAM_CONFIG_KEYS: dict[str, str] = {f.name: f.key for f in FORM_FIELDS}
 
-
-class StageProcessError(FashionTaggerError):
-    """A stage run as a child process exited with an error; the message carries the end of its output.
-
-    Its kind follows the child's exit code (the CLI's error contract): bad input is final, anything else is
-    worth a retry (a transient fault, a crash, a kill).
-    """
-
-    def __init__(self, message: str, returncode: int | None = None):
-        super().__init__(message)
-        self.returncode = returncode
-
-    @property
-    def exit_code(self) -> int:  # type: ignore[override]
-        return BAD_INPUT_EXIT_CODE if self.returncode == BAD_INPUT_EXIT_CODE else TRANSIENT_EXIT_CODE
-
-    @property
-    def bad_input(self) -> bool:
-        return not self.retryable
-
-
-# --- what every DAG of the project shares ---------------------------------------------------------------------------
-
-
-def default_args(retries: int) -> dict[str, Any]:
-    """Airflow `default_args` of the project's DAGs: RETRIES with exponential backoff from 1 to 30 minutes."""
-    from datetime import timedelta
-
-    return {
-        "owner": "fashion-tagger",
-        "retries": retries,
-        "retry_delay": timedelta(minutes=1),
-        "retry_exponential_backoff": 2.0,
-        "max_retry_delay": timedelta(minutes=30),
-    }
-
-
-@contextmanager
-def final_errors_raise(fail: type[Exception]) -> Iterator[None]:
-    """The orchestrator's side of the error contract (errors.py): bad input is re-raised as FAIL (Airflow's
-    AirflowFailException: no retry, a retry would meet the same input); transient faults and crashes propagate
-    unchanged, so the orchestrator retries them."""
-    try:
-        yield
-    except FashionTaggerError as exc:
-        if not exc.retryable:
-            raise fail(f"{type(exc).__name__}: {exc}") from exc
-        raise
+# The tagging DAG's trigger form; its base is the preset $FASHION_TAGGER_PRESET (`default_preset`).
+TAGGING_FORM_FIELDS: tuple[FormField, ...] = (
+    FormField("source", "tagging.catalog", "Catalog", SECTION_CATALOG),
+    FormField("out_dir", "tagging.out_dir", "Tags folder", SECTION_CATALOG),
+    FormField("model", "tagging.model", "Model", SECTION_TAGGING, pattern=r"^(models:/\S+|[/~.]\S*)$"),
+    FormField("shard_size", "tagging.shard_size", "Shard size", SECTION_TAGGING),
+    FormField("batch_size", "tagging.batch_size", "Batch size", SECTION_TAGGING),
+)
 
 
 # --- the trigger form, generated from the config schema -------------------------------------------------------------
@@ -163,12 +111,11 @@ def preset_display(name: str) -> str:
 
 
 def form_params(config_cls: type[Config] = Config) -> dict[str, dict[str, Any]]:
-    """The trigger form as keyword arguments of Airflow `Param`s, generated from CONFIG_CLS's schema and the presets.
+    """The training form as keyword arguments of Airflow `Param`s, generated from CONFIG_CLS's schema and the presets.
 
     Every field may be left empty (null), which keeps the preset's value; yes/no fields offer a three-way choice
     (keep the preset's value / yes / no) so that "empty" is never shown as "no".
     """
-    schema = config_cls.model_json_schema()
     presets = preset_names()
     params: dict[str, dict[str, Any]] = {
         PRESET_PARAM: {
@@ -181,7 +128,24 @@ def form_params(config_cls: type[Config] = Config) -> dict[str, dict[str, Any]]:
             "section": SECTION_DATA,
         }
     }
-    for form_field in FORM_FIELDS:
+    params |= field_params(FORM_FIELDS, config_cls)
+    params["source"]["default"] = default_source(default_preset())
+    return params
+
+
+def tagging_form_params(config_cls: type[Config] = Config) -> dict[str, dict[str, Any]]:
+    """The tagging form (`TAGGING_FORM_FIELDS`) as keyword arguments of Airflow `Param`s, from CONFIG_CLS's schema."""
+    return field_params(TAGGING_FORM_FIELDS, config_cls, empty=EMPTY_KEEPS_CONFIG)
+
+
+def field_params(
+    fields: Sequence[FormField], config_cls: type[Config] = Config, *, empty: str = EMPTY_KEEPS_PRESET
+) -> dict[str, dict[str, Any]]:
+    """One `Param`'s keyword arguments per form field: type, bounds, choices and description from the schema;
+    every field may be left empty (null), which EMPTY says keeps the base configuration's value."""
+    schema = config_cls.model_json_schema()
+    params: dict[str, dict[str, Any]] = {}
+    for form_field in fields:
         prop = _field_schema(schema, form_field.key)
         description = (prop.get("description") or prop.get("title") or form_field.title).rstrip(".") + "."
         spec: dict[str, Any] = {"title": form_field.title, "section": form_field.section}
@@ -197,7 +161,7 @@ def form_params(config_cls: type[Config] = Config) -> dict[str, dict[str, Any]]:
             spec |= {
                 "default": None,
                 "type": ["null", prop["type"]],
-                "description": description + EMPTY_KEEPS_PRESET,
+                "description": description + empty,
             }
             for bound in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "minLength", "maxLength"):
                 if bound in prop:
@@ -209,7 +173,6 @@ def form_params(config_cls: type[Config] = Config) -> dict[str, dict[str, Any]]:
         if form_field.pattern:
             spec["pattern"] = form_field.pattern
         params[form_field.name] = spec | form_field.extra
-    params["source"]["default"] = default_source(default_preset())
     return params
 
 
@@ -256,16 +219,17 @@ def _param_value(name: str, value: Any) -> Any:
     return value
 
 
-def param_overrides(params: Mapping[str, Any]) -> dict[str, Any]:
-    """Nested config overrides from trigger parameters; unknown names are an error, empty values are skipped."""
-    unknown = sorted(set(params) - set(PARAM_CONFIG_KEYS) - {PRESET_PARAM})
+def param_overrides(params: Mapping[str, Any], fields: Sequence[FormField] = FORM_FIELDS) -> dict[str, Any]:
+    """Nested config overrides from trigger parameters of the form FIELDS; unknown names are an error, empty values
+    are skipped. `preset` names the base they override, which `config_from_params` loads."""
+    keys = {f.name: f.key for f in fields}
+    unknown = sorted(set(params) - set(keys) - {PRESET_PARAM})
     if unknown:
         raise ConfigError(
-            f"unknown parameter(s) {', '.join(unknown)}: the DAG accepts {PRESET_PARAM}, "
-            f"{', '.join(PARAM_CONFIG_KEYS)}"
+            f"unknown parameter(s) {', '.join(unknown)}: the DAG accepts {PRESET_PARAM}, {', '.join(keys)}"
         )
     nested: dict[str, Any] = {}
-    for name, key in PARAM_CONFIG_KEYS.items():
+    for name, key in keys.items():
         value = _param_value(name, params.get(name))
         if value is None:
             continue
@@ -274,158 +238,21 @@ def param_overrides(params: Mapping[str, Any]) -> dict[str, Any]:
     return nested
 
 
-def config_from_params(params: Mapping[str, Any], *, fixed: Mapping[str, Any] | None = None) -> Config:
-    """Validate trigger parameters into a `Config`: the preset, then the parameters, then `fixed` overrides.
+def config_from_params(
+    params: Mapping[str, Any], *, fields: Sequence[FormField] = FORM_FIELDS, fixed: Mapping[str, Any] | None = None
+) -> Config:
+    """Validate trigger parameters of the form FIELDS into a `Config`: the preset (`preset`, else `default_preset`),
+    then the parameters, then `fixed` overrides.
 
     Errors name the parameter as the user typed it, e.g. `epochs (train.epochs): Input should be ...`.
     """
     params = {name: params[name] for name in params}
     preset = params.get(PRESET_PARAM) or default_preset()
-    overrides = merge_overrides(param_overrides(params), fixed or {})
+    overrides = merge_overrides(param_overrides(params, fields), fixed or {})
     try:
         return load_config(preset, overrides)
     except ConfigError as exc:
         message = str(exc)
-        for name, key in PARAM_CONFIG_KEYS.items():
+        for name, key in ((f.name, f.key) for f in fields):
             message = message.replace(f"{key}:", f"{name} ({key}):")
         raise ConfigError(f"bad parameters: {message}") from None
-
-
-# --- stages as child processes ---------------------------------------------------------------------------------------
-
-
-def stage_command(stage: str, run_root: str | Path, *, nproc: int = 1, python: str | None = None) -> list[str]:
-    """The one entry point of a stage child process: `python -m fashion_tagger STAGE RUN_ROOT`, or the same under
-    torchrun with NPROC processes on this node. Every setting comes from the run's own config.yaml."""
-    python = python or sys.executable
-    tail = ["-m", "fashion_tagger", stage, str(run_root)]
-    if nproc > 1:
-        return [python, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *tail]
-    return [python, *tail]
-
-
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
-    # A worker killed hard (OOM, SIGKILL) must not leave a trainer holding the GPU.
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
-
-
-def _pump(stream: Any, logger: logging.Logger, keep: deque[str], prefix: str) -> None:
-    for line in stream:
-        line = line.rstrip("\n")
-        keep.append(line)
-        logger.info("%s%s", prefix, line)
-
-
-def last_json_object(text: str) -> dict[str, Any] | None:
-    """The last top-level JSON object printed in `text` (the stage commands end by printing their result)."""
-    decoder = json.JSONDecoder()
-    starts = [m.start() for m in re.finditer(r"(?m)^\{", text)]
-    for start in reversed(starts):
-        try:
-            value, _ = decoder.raw_decode(text, start)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(value, dict):
-            return value
-    return None
-
-
-@dataclass
-class CommandOutput:
-    returncode: int
-    stdout: str
-    result: dict[str, Any] | None  # the JSON object the command printed last, if any
-
-
-def run_logged(
-    cmd: Sequence[str],
-    *,
-    logger: logging.Logger | None = None,
-    env: Mapping[str, str] | None = None,
-    cwd: str | Path | None = None,
-    tail_lines: int = 40,
-) -> CommandOutput:
-    """Run `cmd`, logging its stdout and stderr line by line as they come; raise `StageProcessError` on failure.
-
-    The child is terminated if this call is interrupted (an orchestrator's timeout or kill raises here) and,
-    on Linux, when this process dies.
-    """
-    logger = logger or log
-    child_env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
-    logger.info("running: %s", shlex.join(cmd))
-    proc = subprocess.Popen(
-        list(cmd),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        errors="replace",
-        bufsize=1,
-        env=child_env,
-        cwd=cwd,
-        preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
-    )
-    stdout_lines: deque[str] = deque(maxlen=5000)
-    stderr_tail: deque[str] = deque(maxlen=tail_lines)
-    stderr_thread = threading.Thread(target=_pump, args=(proc.stderr, logger, stderr_tail, ""), daemon=True)
-    stderr_thread.start()
-    try:
-        _pump(proc.stdout, logger, stdout_lines, "")
-        returncode = proc.wait()
-    except BaseException:
-        _terminate(proc, logger)
-        raise
-    finally:
-        stderr_thread.join(timeout=10)
-    stdout = "\n".join(stdout_lines)
-    if returncode != 0:
-        tail = "\n".join(list(stderr_tail)[-tail_lines:] or list(stdout_lines)[-tail_lines:])
-        raise StageProcessError(
-            f"`{shlex.join(cmd[:5])} ...` exited with code {returncode}; its last lines:\n{tail}", returncode
-        )
-    return CommandOutput(returncode=returncode, stdout=stdout, result=last_json_object(stdout))
-
-
-def _terminate(proc: subprocess.Popen, logger: logging.Logger, grace_s: float = 30.0) -> None:
-    if proc.poll() is not None:
-        return
-    logger.warning("stopping child process %d", proc.pid)
-    proc.terminate()
-    try:
-        proc.wait(timeout=grace_s)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
-def run_stage_process(
-    stage: str,
-    run_root: str | Path,
-    *,
-    nproc: int = 1,
-    logger: logging.Logger | None = None,
-    env: Mapping[str, str] | None = None,
-) -> dict[str, Any]:
-    """Run stage STAGE of the run at RUN_ROOT in a child process and return the result it printed.
-
-    Its output is logged as `fashion_tagger.<stage>` unless another logger is given.
-    """
-    return run_json_command(stage, stage_command(stage, run_root, nproc=nproc), logger=logger, env=env)
-
-
-def run_json_command(
-    stage: str,
-    cmd: Sequence[str],
-    *,
-    logger: logging.Logger | None = None,
-    env: Mapping[str, str] | None = None,
-) -> dict[str, Any]:
-    """Run CMD (a stage command) and return the JSON object it printed last; an error if it printed none."""
-    output = run_logged(cmd, logger=logger or logging.getLogger(f"fashion_tagger.{stage}"), env=env)
-    if output.result is None:
-        raise StageProcessError(f"`fashion_tagger {stage}` finished but printed no JSON result")
-    return output.result
