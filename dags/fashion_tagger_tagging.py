@@ -9,47 +9,25 @@ from __future__ import annotations
 
 import os
 import sys
-from contextlib import contextmanager
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
-from airflow.sdk import Asset, AssetOrTimeSchedule, CronTriggerTimetable, Param, dag, task
+from airflow.sdk import Param, dag, task
+from fashion_tagger_common import (
+    CATALOG,
+    CATALOG_TAGS,
+    DEFAULT_ARGS,
+    GPU_POOL,
+    GPU_QUEUE,
+    REGISTERED_MODEL,
+    errors_follow_the_contract,
+    schedule,
+)
 
-from fashion_tagger.orchestration import form as orchestration  # light: no torch/mlflow at parse time
+from fashion_tagger.orchestration import dag_support, form  # light: no torch/mlflow at parse time
 
-# Deployment settings, read when the file is parsed; the queue, pool and retry variables are the training DAG's.
-GPU_QUEUE = os.environ.get("FASHION_TAGGER_GPU_QUEUE", "gpu")
-GPU_POOL = os.environ.get("FASHION_TAGGER_GPU_POOL", "gpu")
-RETRIES = int(os.environ.get("FASHION_TAGGER_TASK_RETRIES", "2"))
-SHARD_TIMEOUT = timedelta(hours=float(os.environ.get("FASHION_TAGGER_SHARD_TIMEOUT_HOURS", "4")))
-SCHEDULE_ENV = "FASHION_TAGGER_TAGGING_SCHEDULE"
+SHARD_TIMEOUT = dag_support.timeout_from_env("shard", 4)  # $FASHION_TAGGER_SHARD_TIMEOUT_HOURS
 DEFAULT_CRON = "0 3 * * *"  # nightly: picks up photos added to the catalog folder without an asset event
-
-# The training DAG's outlet (same name and URI): an event means a new version was registered, maybe a new champion.
-REGISTERED_MODEL = Asset(name="fashion_tagger_model", uri="x-fashion-tagger://registered-model", group="model")
-# Updated by whatever loads new product photos (another DAG, or the REST API's asset events).
-CATALOG = Asset(name="fashion_tagger_catalog", uri="x-fashion-tagger://catalog", group="catalog")
-CATALOG_TAGS = Asset(name="fashion_tagger_catalog_tags", uri="x-fashion-tagger://catalog-tags", group="catalog")
-
-
-def schedule_from_env(value: str | None) -> Any:
-    """A new model or catalog event, or the cron (`0 3 * * *` unless FASHION_TAGGER_TAGGING_SCHEDULE says
-    otherwise; `none` leaves the asset events only)."""
-    assets = REGISTERED_MODEL | CATALOG
-    cron = DEFAULT_CRON if value is None else value.strip()
-    if cron.lower() in ("", "none", "null", "manual"):
-        return assets
-    return AssetOrTimeSchedule(timetable=CronTriggerTimetable(cron, timezone="UTC"), assets=assets)
-
-
-@contextmanager
-def errors_follow_the_contract():
-    """fashion_tagger.core.errors' contract: bad input fails the task at once (no retry); transient faults and crashes
-    are raised as they are, so Airflow retries them."""
-    from airflow.sdk.exceptions import AirflowFailException
-
-    with orchestration.final_errors_raise(AirflowFailException):
-        yield
 
 
 TAG_SHARD_DOC = """
@@ -58,58 +36,21 @@ while the network runs, and CUDA never starts inside the Airflow worker. Images 
 (same content hash in the merged table) are not tagged again.
 """
 
-PARAMS = {
-    "source": Param(
-        None,
-        type=["null", "string"],
-        title="Catalog",
-        description="A folder of product photos on the workers (optionally with styles.csv listing the ids) or "
-        "s3://bucket/prefix. Empty: $FASHION_TAGGER_CATALOG, else <home>/catalog.",
-    ),
-    "out_dir": Param(
-        None,
-        type=["null", "string"],
-        title="Tags folder",
-        description="Where tags.parquet, rejects.csv, the review queue and the changes report live. "
-        "Empty: $FASHION_TAGGER_TAGS_DIR, else <home>/tags.",
-    ),
-    "model": Param(
-        None,
-        type=["null", "string"],
-        pattern=r"^(models:/\S+|[/~.]\S*)$",
-        title="Model",
-        description="models:/NAME@ALIAS, models:/NAME/VERSION or a local export. Empty: the champion, "
-        "models:/<registry.model_name>@champion. Resolved once per run and pinned.",
-    ),
-    "shard_size": Param(
-        None,
-        type=["null", "integer"],
-        minimum=1,
-        title="Shard size",
-        description="Images per tag_shard task. Empty: tagging.shard_size of the configuration (5000).",
-    ),
-    "batch_size": Param(
-        None,
-        type=["null", "integer"],
-        minimum=1,
-        maximum=4096,
-        title="Batch size",
-        description="Images per forward pass. Empty: tagging.batch_size of the configuration (64).",
-    ),
-}
+# The trigger form, generated from the configuration schema (fashion_tagger.orchestration.form.TAGGING_FORM_FIELDS).
+PARAMS = {name: Param(**spec) for name, spec in form.tagging_form_params().items()}
 
 
 @dag(
     dag_id="fashion_tagger_tagging",
     dag_display_name="Fashion tagger: tag the catalog",
     description="Tag every catalog photo with the champion: incremental, sharded, with a review queue.",
-    schedule=schedule_from_env(os.environ.get(SCHEDULE_ENV)),
+    schedule=schedule("FASHION_TAGGER_TAGGING_SCHEDULE", DEFAULT_CRON, or_assets=REGISTERED_MODEL | CATALOG),
     start_date=datetime(2025, 1, 1, tzinfo=UTC),
     catchup=False,
     max_active_runs=1,  # two runs would write the same tags folder
     params=PARAMS,
     tags=["fashion-tagger", "tagging", "mlflow"],
-    default_args=orchestration.default_args(RETRIES),
+    default_args=DEFAULT_ARGS,
 )
 def fashion_tagger_tagging():
     """
@@ -180,7 +121,7 @@ def fashion_tagger_tagging():
         from pathlib import Path
 
         from fashion_tagger.core.config import CONFIG_FILENAME
-        from fashion_tagger.orchestration.form import run_json_command
+        from fashion_tagger.orchestration.child import run_json_command
         from fashion_tagger.tagging.tagger import TAGS_FILENAME
 
         listing = Path(shard["listing"])

@@ -74,9 +74,9 @@ def migrate_metadata_db() -> None:
 
 
 def load_dag():
-    from airflow.dag_processing.dagbag import DagBag
+    from airflow.dag_processing.dagbag import BundleDagBag
 
-    bag = DagBag(str(REPO / "dags"))
+    bag = BundleDagBag(str(REPO / "dags"), bundle_path=REPO / "dags")  # the folder on sys.path, for its shared module
     if bag.import_errors:
         sys.exit("the DAG folder has import errors:\n" + "\n".join(f"{k}: {v}" for k, v in bag.import_errors.items()))
     return bag.dags[DAG_ID]

@@ -50,9 +50,10 @@ def dagbag(tmp_path_factory):
         # Only takes effect when this session has not imported Airflow yet; nothing here touches the database.
         mp.setenv("AIRFLOW_HOME", str(tmp_path_factory.mktemp("airflow_home")))
         mp.setenv("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
-        from airflow.dag_processing.dagbag import DagBag
+        from airflow.dag_processing.dagbag import BundleDagBag
 
-        return DagBag(str(DAGS))
+        # As the DAG processor loads a bundle: its folder on sys.path, for the DAGs' shared module.
+        return BundleDagBag(str(DAGS), bundle_path=DAGS)
 
 
 @pytest.fixture(scope="module")
@@ -63,15 +64,18 @@ def dag(dagbag):
 def test_dag_folder_imports_without_errors(dagbag):
     assert dagbag.import_errors == {}
     assert sorted(dagbag.dags) == ["fashion_tagger_tagging", DAG_ID]  # the tagging DAG: tests/test_tagging.py
+    # The shared module is imported by both DAGs, never parsed as a DAG file itself (dags/.airflowignore).
+    assert sorted(Path(stat.file).name for stat in dagbag.dagbag_stats) == [
+        "fashion_tagger_tagging.py", "fashion_tagger_training.py"]
 
 
 PARSE_PROBE = textwrap.dedent(
     """
-    import json, sys, time
-    from airflow.dag_processing.dagbag import DagBag  # loaded already in a DAG processor; not what we measure
+    import json, os, sys, time
+    from airflow.dag_processing.dagbag import BundleDagBag  # loaded already in a DAG processor; not what we measure
 
     started = time.perf_counter()
-    bag = DagBag(sys.argv[1])
+    bag = BundleDagBag(sys.argv[1], bundle_path=os.path.dirname(sys.argv[1]))
     seconds = time.perf_counter() - started
     dag = bag.dags.get("fashion_tagger_training")
     train = dag.task_dict["train_model"] if dag else None
@@ -137,8 +141,10 @@ def dag_module(dag):
     ("value", "expected"),
     [(None, "@weekly"), ("@daily", "@daily"), ("0 3 * * 1", "0 3 * * 1"), ("none", None), ("", None), ("None", None)],
 )
-def test_schedule_from_env(dag_module, value, expected):
-    assert dag_module.schedule_from_env(value) == expected
+def test_schedule_setting(value, expected):
+    from fashion_tagger.orchestration.dag_support import parse_schedule
+
+    assert parse_schedule(value, "@weekly") == expected
 
 
 def test_tasks_run_in_order(dag):
@@ -300,7 +306,7 @@ def test_transient_faults_are_raised_for_airflow_to_retry(dag_module):
     from airflow.sdk.exceptions import AirflowFailException
 
     from fashion_tagger.core.errors import DataError, ModelUnavailableError, SourceUnavailableError
-    from fashion_tagger.orchestration.form import StageProcessError
+    from fashion_tagger.orchestration.child import StageProcessError
 
     for bad in (DataError("bad"), StageProcessError("child said bad input", returncode=2)):
         with pytest.raises(AirflowFailException), dag_module.errors_follow_the_contract():

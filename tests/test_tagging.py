@@ -287,11 +287,11 @@ DAG_ENV = ("FASHION_TAGGER_TAGGING_SCHEDULE", "FASHION_TAGGER_GPU_QUEUE", "FASHI
            "FASHION_TAGGER_TASK_RETRIES", "FASHION_TAGGER_SHARD_TIMEOUT_HOURS")
 PARSE_PROBE = textwrap.dedent(
     """
-    import json, sys, time
-    from airflow.dag_processing.dagbag import DagBag
+    import json, os, sys, time
+    from airflow.dag_processing.dagbag import BundleDagBag
 
     started = time.perf_counter()
-    bag = DagBag(sys.argv[1])
+    bag = BundleDagBag(sys.argv[1], bundle_path=os.path.dirname(sys.argv[1]))  # on sys.path, as Airflow puts it
     seconds = time.perf_counter() - started
     dag = bag.dags.get("fashion_tagger_tagging")
     shard = dag.task_dict["tag_shard"] if dag else None
@@ -348,9 +348,9 @@ def test_tagging_dag_schedule_and_routing_follow_the_environment(tmp_path):
 
 
 def test_the_model_asset_is_the_one_the_training_dag_updates():
-    from airflow.dag_processing.dagbag import DagBag
+    from airflow.dag_processing.dagbag import BundleDagBag
 
-    bag = DagBag(str(REPO / "dags"))
+    bag = BundleDagBag(str(REPO / "dags"), bundle_path=REPO / "dags")
     assert bag.import_errors == {}
     training, tagger = bag.dags["fashion_tagger_training"], bag.dags[DAG_ID]
     produced = {(a.name, a.uri) for a in training.task_dict["register_model"].outlets}
@@ -363,7 +363,7 @@ def test_the_model_asset_is_the_one_the_training_dag_updates():
 RUN_PROBE = textwrap.dedent(
     """
     import json, sys
-    from airflow.dag_processing.dagbag import DagBag
+    from airflow.dag_processing.dagbag import BundleDagBag
     from airflow.models.xcom import XComModel
     from airflow.utils import db
     from airflow.utils.session import create_session
@@ -372,7 +372,7 @@ RUN_PROBE = textwrap.dedent(
         db.check_migrations(timeout=1)
     except TimeoutError:
         db.initdb()
-    dag = DagBag(sys.argv[1]).dags["fashion_tagger_tagging"]
+    dag = BundleDagBag(sys.argv[1], bundle_path=sys.argv[1]).dags["fashion_tagger_tagging"]
     run = dag.test(run_conf=json.loads(sys.argv[2]))
     with create_session() as session:
         states = {ti.task_id: str(ti.state) for ti in run.get_task_instances(session=session)}
