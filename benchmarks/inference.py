@@ -31,8 +31,8 @@ from fashion_tagger.model.network import (
     NETWORK_FIELDS,  # noqa: E402
     FashionTagger,  # noqa: E402
 )
-from fashion_tagger.serving.predict import Predictor  # noqa: E402
-from fashion_tagger.serving.pyfunc_model import DEVICE_ENV, images_from_frame  # noqa: E402
+from fashion_tagger.serving.predictor import DEVICE_ENV, Predictor  # noqa: E402
+from fashion_tagger.serving.pyfunc_model import images_from_frame  # noqa: E402
 
 DEFAULT_REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "fashion-real"
 SECTION = "## inference (issue 4)"

@@ -30,7 +30,7 @@ from inference import export_model, load_pyfunc, publish  # noqa: E402
 
 from fashion_tagger.core.config import load_config  # noqa: E402
 from fashion_tagger.core.parallel import loader_workers  # noqa: E402
-from fashion_tagger.tagging import tagger as tagging  # noqa: E402
+from fashion_tagger.tagging import jobs, outputs  # noqa: E402
 
 DEFAULT_REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "fashion-real"
 SECTION = "## catalog tagging (issue 14)"
@@ -52,9 +52,9 @@ def catalog_images(real: Path, count: int, work: Path) -> tuple[str, Path]:
     return label, folder
 
 
-def time_tag(folder: Path, export_dir: Path, out: Path, config) -> tuple[float, tagging.TaggingResult]:
+def time_tag(folder: Path, export_dir: Path, out: Path, config) -> tuple[float, outputs.TaggingResult]:
     started = time.perf_counter()
-    result = tagging.tag_catalog(folder, str(export_dir), out, config=config)
+    result = jobs.tag_catalog(folder, str(export_dir), out, config=config)
     return time.perf_counter() - started, result
 
 

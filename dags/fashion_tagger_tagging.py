@@ -7,8 +7,6 @@ the GPU queue. See docs/tagging.md.
 
 from __future__ import annotations
 
-import os
-import sys
 from datetime import UTC, datetime
 from typing import Any
 
@@ -76,25 +74,12 @@ def fashion_tagger_tagging():
         Resolve the trigger parameters into the catalog, the tags folder and one concrete model version
         (`@champion` → its version number now), and write the run's `config.yaml` and `model.json`.
         """
-        from fashion_tagger.core import io
-        from fashion_tagger.core.config import load_config, save_config
-        from fashion_tagger.core.layout import run_dir_name
-        from fashion_tagger.orchestration.form import default_preset
-        from fashion_tagger.tagging.tagger import PINNED_MODEL_FILENAME, resolve_model, run_work_dir
+        from fashion_tagger.orchestration.form import TAGGING_FORM_FIELDS, default_preset, param_overrides
+        from fashion_tagger.tagging import jobs
 
-        params = context["params"]
         with errors_follow_the_contract():
-            sizes = {key: params[key] for key in ("shard_size", "batch_size") if params.get(key) is not None}
-            config = load_config(default_preset(), {"tagging": sizes})
-            source = params.get("source") or os.environ.get("FASHION_TAGGER_CATALOG") or str(
-                config.home_dir / "catalog")
-            out_dir = params.get("out_dir") or os.environ.get("FASHION_TAGGER_TAGS_DIR") or str(
-                config.home_dir / "tags")
-            model = resolve_model(params.get("model") or f"models:/{config.registry.model_name}@champion", config)
-        work_dir = run_work_dir(out_dir, run_dir_name(context["run_id"]))
-        save_config(config, work_dir)
-        io.write_json(work_dir / PINNED_MODEL_FILENAME, model.to_dict())
-        return {"source": source, "out_dir": out_dir, "work_dir": str(work_dir), **model.to_dict()}
+            overrides = param_overrides(context["params"], TAGGING_FORM_FIELDS)  # {"tagging": {"catalog": ...}}
+            return jobs.pin_model(overrides, context["run_id"], preset=default_preset())
 
     @task
     def list_shards(run: dict[str, Any]) -> list[dict[str, Any]]:
@@ -102,37 +87,19 @@ def fashion_tagger_tagging():
         List the catalog's images (id = file name), write the listing and the listing's rejects (ids of the
         manifest without an image, duplicate ids) and split it into shards of `tagging.shard_size` images.
         """
-        from fashion_tagger.core import io
-        from fashion_tagger.core.config import CONFIG_FILENAME, load_config
-        from fashion_tagger.tagging.tagger import LISTING_FILENAME, REJECTS_FILENAME, list_catalog, split_listing
+        from fashion_tagger.tagging import jobs
 
-        config = load_config(os.path.join(run["work_dir"], CONFIG_FILENAME))
         with errors_follow_the_contract():
-            items, rejects = list_catalog(run["source"], s3_endpoint_url=config.data.s3_endpoint_url)
-        io.write_parquet(items, os.path.join(run["work_dir"], LISTING_FILENAME))
-        rejects.to_csv(os.path.join(run["work_dir"], REJECTS_FILENAME), index=False)
-        shards = split_listing(items, config.tagging.shard_size, run["work_dir"])
-        return [{"listing": str(path), "work_dir": run["work_dir"], "out_dir": run["out_dir"],
-                 "model_uri": run["model_uri"]} for path in shards]
+            return jobs.list_shards(run)
 
     # A mapped task does not take its docstring as doc_md by itself, so the UI would show none.
     @task(queue=GPU_QUEUE, pool=GPU_POOL, execution_timeout=SHARD_TIMEOUT, doc_md=TAG_SHARD_DOC)
     def tag_shard(shard: dict[str, Any]) -> dict[str, Any]:
-        from pathlib import Path
-
-        from fashion_tagger.core.config import CONFIG_FILENAME
         from fashion_tagger.orchestration.child import run_json_command
-        from fashion_tagger.tagging.tagger import TAGS_FILENAME
+        from fashion_tagger.tagging import jobs
 
-        listing = Path(shard["listing"])
-        command = [sys.executable, "-m", "fashion_tagger", "tag", *map(str, [
-            listing, "--out", listing.parent, "--model", shard["model_uri"],
-            "--previous", Path(shard["out_dir"]) / TAGS_FILENAME,
-            "--config", Path(shard["work_dir"]) / CONFIG_FILENAME,
-        ])]
         with errors_follow_the_contract():
-            result = run_json_command("tag", command)
-        return {key: result[key] for key in ("out_dir", "tagged", "reused", "rejected", "seconds")}
+            return jobs.tag_shard(shard, run_json_command)  # the command line is `jobs.shard_command(shard)`
 
     @task(outlets=[CATALOG_TAGS])
     def merge_shards(run: dict[str, Any], shards: list[dict[str, Any]], **context) -> dict[str, Any]:
@@ -140,21 +107,13 @@ def fashion_tagger_tagging():
         Merge the shards into the tags folder: `tags.parquet`, `rejects.csv`, the review queue and the
         changes against the previous table, then `summary.json`.
         """
-        import pandas as pd
+        from fashion_tagger.tagging import jobs
 
-        from fashion_tagger.core.config import CONFIG_FILENAME, load_config
-        from fashion_tagger.tagging.tagger import REJECTS_FILENAME, PinnedModel
-        from fashion_tagger.tagging.tagger import merge_shards as merge
-
-        config = load_config(os.path.join(run["work_dir"], CONFIG_FILENAME))
         # By index up to the count: iterating the lazy sequence probes one past the end and logs a 404 as an error.
         shard_dirs = [shards[i]["out_dir"] for i in range(len(shards))]
-        listing_rejects = pd.read_csv(os.path.join(run["work_dir"], REJECTS_FILENAME), dtype=str)
-        result = merge(shard_dirs, run["out_dir"], PinnedModel.from_dict(run), config=config,
-                       extra_rejects=listing_rejects).to_dict()
-        result.pop("files")
-        context["outlet_events"][CATALOG_TAGS].extra = {
-            key: result[key] for key in ("model_name", "model_version", "table", "tagged", "review")}
+        with errors_follow_the_contract():
+            result = jobs.merge_shards(run, shard_dirs)
+        context["outlet_events"][CATALOG_TAGS].extra = {key: result[key] for key in jobs.MERGED_EVENT_KEYS}
         return result
 
     @task
@@ -163,12 +122,9 @@ def fashion_tagger_tagging():
         Log the run to MLflow experiment `fashion-tagger-tagging`: counts and images/s as metrics, a
         confidence histogram per attribute, the summary, review queue, changes and rejects as artifacts.
         """
-        from fashion_tagger.core.config import CONFIG_FILENAME, load_config
-        from fashion_tagger.tagging.tagger import log_summary as log_to_mlflow
+        from fashion_tagger.tagging import jobs
 
-        config = load_config(os.path.join(run["work_dir"], CONFIG_FILENAME))
-        run_id = log_to_mlflow(run["out_dir"], config, tags={"airflow.dag_run_id": context["run_id"]})
-        return {**merged, "mlflow_run_id": run_id}
+        return jobs.log_summary(run, merged, tags={"airflow.dag_run_id": context["run_id"]})
 
     run = pin_model()
     shards = tag_shard.expand(shard=list_shards(run))

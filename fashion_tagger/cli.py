@@ -130,7 +130,8 @@ def predict(
     grid: Annotated[Path | None, typer.Option(help="draw the images with their tags into this PNG")] = None,
 ) -> None:
     """Tag product photos with a checkpoint or a registered model."""
-    from fashion_tagger.serving.predict import failed_images, run_predict
+    from fashion_tagger.serving.predict import run_predict
+    from fashion_tagger.serving.rows import failed_images
 
     if (checkpoint is None) == (model is None):
         _fail("give exactly one of --checkpoint FILE or --model URI")
@@ -151,11 +152,9 @@ def tag(
     set_: SetOption = None,
 ) -> None:
     """Tag a catalog with one pinned model version: new or changed images only, review queue, changed tags."""
-    from fashion_tagger.tagging.tagger import tag_catalog
+    from fashion_tagger.tagging.jobs import tag_catalog
 
-    cfg = load_config(config, set_)
-    _emit(tag_catalog(source, model or f"models:/{cfg.registry.model_name}@champion", out, config=cfg,
-                      manifest=manifest, previous=previous))
+    _emit(tag_catalog(source, model, out, config=load_config(config, set_), manifest=manifest, previous=previous))
 
 
 @app.command()

@@ -17,9 +17,9 @@ from PIL import Image
 
 from fashion_tagger.core.config import Config, load_config, save_config
 from fashion_tagger.core.io import sha256_bytes, write_json
+from fashion_tagger.data.imaging import ImageTransform
 from fashion_tagger.data.labels import LabelSpace, label_column
 from fashion_tagger.model.network import FashionTagger
-from fashion_tagger.serving.predict import ImageTransform
 
 WIDTH, HEIGHT = 32, 40
 CLASSES = {"masterCategory": ("Apparel", "Footwear"), "baseColour": ("Blue", "Red")}

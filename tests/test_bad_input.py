@@ -335,7 +335,7 @@ def test_bad_model_uri_alias_or_checkpoint_is_a_one_line_error_naming_it(kind, t
 def test_served_model_tags_each_readable_row_and_says_why_the_others_failed(checkpoint, tmp_path):
     import base64
 
-    from fashion_tagger.serving.predict import Predictor
+    from fashion_tagger.serving.predictor import Predictor
     from fashion_tagger.serving.pyfunc_model import TaggerModel, tag_frame
 
     predictor = Predictor.from_checkpoint(checkpoint, device="cpu")

@@ -11,14 +11,9 @@ from PIL import Image
 from tagger_helpers import make_split, product_image, tiny_config
 from typer.testing import CliRunner
 
-from fashion_tagger.data.prepare import resize_image
-from fashion_tagger.serving.predict import (
-    EXPORT_FILENAME,
-    WEIGHTS_FILENAME,
-    Predictor,
-    load_predictor,
-    run_predict,
-)
+from fashion_tagger.data.imaging import resize_image
+from fashion_tagger.serving.predict import run_predict
+from fashion_tagger.serving.predictor import EXPORT_FILENAME, WEIGHTS_FILENAME, Predictor, load_predictor
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -14,7 +14,8 @@ from fashion_tagger.core import io
 from fashion_tagger.core.config import Config, load_config
 from fashion_tagger.core.errors import DataError
 from fashion_tagger.core.layout import cached_image_path
-from fashion_tagger.data.prepare import fitted_size, prepare_image, prepare_images
+from fashion_tagger.data.imaging import fitted_size
+from fashion_tagger.data.prepare import prepare_image, prepare_images
 
 PREPARED_FILENAME, FAILURES_FILENAME = "prepared.json", "prepare_failures.json"  # as layout.SplitDir names them
 

@@ -24,7 +24,7 @@ from PIL import Image
 from tagger_fixtures import draw, jpeg_bytes, make_run, make_split, tiny_config
 
 from fashion_tagger.core import tracking
-from fashion_tagger.serving.predict import Predictor
+from fashion_tagger.serving.predictor import Predictor
 from fashion_tagger.serving.pyfunc_model import InputError, images_from_frame, log_tagger_model
 
 ATTRIBUTE_COLUMNS = ["masterCategory", "masterCategory_confidence", "baseColour", "baseColour_confidence"]
@@ -59,7 +59,7 @@ def test_images_are_read_from_bytes_base64_data_urls_and_paths(tmp_path):
         (pd.DataFrame({"picture": [b"x"]}), "needs a column 'image'"),
         (pd.DataFrame({"image": [b"not an image"]}), "row 0: cannot read image bytes"),
         (pd.DataFrame({"image": ["%%% not base64 %%%"]}), "holds text that is not base64"),
-        (pd.DataFrame({"image": [None], "path": [None]}), "row 0 has neither"),
+        (pd.DataFrame({"image": [None], "path": [None]}), "row 0: neither 'image' nor 'path' is set"),
         (pd.DataFrame({"path": ["/nonexistent/x.jpg"]}), "cannot read path"),
         (pd.DataFrame({"image": [12]}), "must hold image bytes or base64 text"),
     ],

@@ -267,7 +267,7 @@ def test_a_models_identity_is_its_weights_labels_and_preprocessing_not_its_file(
     import torch
     from tagger_helpers import make_split, tiny_config
 
-    from fashion_tagger.serving.predict import Predictor
+    from fashion_tagger.serving.predictor import Predictor
     from fashion_tagger.training.train import train_model
 
     result = train_model(tiny_config(epochs=1), split_dir=make_split(tmp_path), run_dir=tmp_path / "run")

@@ -19,8 +19,11 @@ from tagger_fixtures import draw, jpeg_bytes, make_run, make_split, tiny_config
 from tagger_helpers import train_on_real_small_images
 
 from fashion_tagger.core.config import ConfigError, load_config
+from fashion_tagger.core.errors import DataError
+from fashion_tagger.core.layout import TagsDir
 from fashion_tagger.core.schema import ATTRIBUTES
-from fashion_tagger.tagging import tagger as tagging
+from fashion_tagger.tagging import jobs, outputs, tagger
+from fashion_tagger.tagging.catalog import TaggingError, list_catalog, read_listing, split_listing
 
 REPO = Path(__file__).resolve().parents[1]
 DAG_FILE = REPO / "dags" / "fashion_tagger_tagging.py"
@@ -98,12 +101,12 @@ def test_tags_equal_the_served_model_and_broken_files_are_rejects(catalog, model
 
     promote(models, "1")
     config = tag_config(models)
-    result = tagging.tag_catalog(catalog, f"models:/{MODEL_NAME}@champion", tmp_path / "tags", config=config)
+    result = jobs.tag_catalog(catalog, f"models:/{MODEL_NAME}@champion", tmp_path / "tags", config=config)
     assert (result.model_name, result.model_version, result.model_uri) == (MODEL_NAME, "1", f"models:/{MODEL_NAME}/1")
     assert (result.listed, result.tagged, result.reused, result.rejected) == (GOOD + 1 + 4, GOOD + 1, 0, 4)
 
     table = pd.read_parquet(result.table)
-    assert list(table.columns) == tagging.TABLE_COLUMNS
+    assert list(table.columns) == tagger.TABLE_COLUMNS
     assert len(table) == GOOD + 1 and table["id"].is_unique
     assert set(table["model_version"]) == {"1"} and table["tagged_at"].dt.tz is not None
     # The tiny model tags two attributes; the other five columns exist and are empty.
@@ -122,13 +125,13 @@ def test_tags_equal_the_served_model_and_broken_files_are_rejects(catalog, model
     assert (table["masterCategory"].to_numpy() == expected["masterCategory"].to_numpy()).mean() >= 0.9
     assert (table["baseColour"].to_numpy() == expected["baseColour"].to_numpy()).mean() >= 0.9
 
-    rejects = pd.read_csv(tmp_path / "tags" / tagging.REJECTS_FILENAME, dtype=str).set_index("id")
+    rejects = pd.read_csv(TagsDir(tmp_path / "tags").rejects, dtype=str).set_index("id")
     assert set(rejects.index) == {*BROKEN, MISSING_ID}
     assert "truncated" in rejects.at["9001", "reason"].lower()
-    assert rejects.at["9002", "reason"] == "empty file (0 bytes)"
-    assert rejects.at["9003", "reason"].startswith("not a readable image: UnidentifiedImageError")
+    assert rejects.at["9002", "reason"].endswith("9002.jpg as an image: empty (0 bytes)")
+    assert "9003.jpg as an image: UnidentifiedImageError" in rejects.at["9003", "reason"]
     assert "in the manifest but no image" in rejects.at[MISSING_ID, "reason"]
-    summary = json.loads((tmp_path / "tags" / tagging.SUMMARY_FILENAME).read_text())
+    summary = json.loads((TagsDir(tmp_path / "tags").summary).read_text())
     assert summary["requested_model"] == f"models:/{MODEL_NAME}@champion" and summary["tagged"] == GOOD + 1
 
 
@@ -138,12 +141,12 @@ def test_rerun_tags_only_new_content_and_a_new_champion_retags_with_a_changes_re
     work = tmp_path / "catalog"
     shutil.copytree(catalog, work)
     out = tmp_path / "tags"
-    first = tagging.tag_catalog(work, f"models:/{MODEL_NAME}@champion", out, config=config)
-    before = pd.read_parquet(out / tagging.TAGS_FILENAME)
+    first = jobs.tag_catalog(work, f"models:/{MODEL_NAME}@champion", out, config=config)
+    before = pd.read_parquet(TagsDir(out).tags)
 
-    again = tagging.tag_catalog(work, f"models:/{MODEL_NAME}@champion", out, config=config)
+    again = jobs.tag_catalog(work, f"models:/{MODEL_NAME}@champion", out, config=config)
     assert (again.tagged, again.reused, again.changed_items) == (0, first.tagged, 0)
-    after = pd.read_parquet(out / tagging.TAGS_FILENAME)
+    after = pd.read_parquet(TagsDir(out).tags)
     pd.testing.assert_frame_equal(before, after)  # tagged_at included: nothing was tagged again
 
     # A product photo replaced under the same id is tagged again; a new product too; a deleted one leaves.
@@ -152,19 +155,19 @@ def test_rerun_tags_only_new_content_and_a_new_champion_retags_with_a_changes_re
     (work / "images" / "5029.jpg").unlink()
     styles = pd.read_csv(work / "styles.csv")
     pd.concat([styles, pd.DataFrame([{"id": 5998}])]).to_csv(work / "styles.csv", index=False)
-    third = tagging.tag_catalog(work, f"models:/{MODEL_NAME}@champion", out, config=config)
+    third = jobs.tag_catalog(work, f"models:/{MODEL_NAME}@champion", out, config=config)
     assert (third.tagged, third.reused, third.removed) == (0, first.tagged, 1)  # same contents as known ones
-    changes = pd.read_csv(out / tagging.CHANGES_CSV, dtype={"id": str})
+    changes = pd.read_csv(TagsDir(out).changes_csv, dtype={"id": str})
     assert set(changes["id"]) == {"5000"} and set(changes["attribute"]) >= {"masterCategory"}
 
     # Promote another version: everything is tagged again and every changed tag is reported with both confidences.
-    prior = pd.read_parquet(out / tagging.TAGS_FILENAME)
+    prior = pd.read_parquet(TagsDir(out).tags)
     promote(models, "2")
-    retag = tagging.tag_catalog(work, f"models:/{MODEL_NAME}@champion", out, config=config)
+    retag = jobs.tag_catalog(work, f"models:/{MODEL_NAME}@champion", out, config=config)
     assert (retag.model_version, retag.tagged, retag.reused) == ("2", first.tagged, 0)
-    table = pd.read_parquet(out / tagging.TAGS_FILENAME)
+    table = pd.read_parquet(TagsDir(out).tags)
     assert set(table["model_version"]) == {"2"} and set(table["masterCategory"]) == {"Footwear"}
-    changes = pd.read_parquet(out / tagging.CHANGES_PARQUET)
+    changes = pd.read_parquet(TagsDir(out).changes_parquet)
     assert retag.changed_items == changes["id"].nunique() > 0
     assert (changes["previous_model_version"] == "1").all() and (changes["model_version"] == "2").all()
     master = changes[changes["attribute"] == "masterCategory"]
@@ -173,11 +176,11 @@ def test_rerun_tags_only_new_content_and_a_new_champion_retags_with_a_changes_re
     assert set(master["id"]) == set(prior.loc[prior["masterCategory"] == "Apparel", "id"])
 
     # The weak model is unsure everywhere: every item is in the review queue, least confident first.
-    review = pd.read_csv(out / tagging.REVIEW_CSV, dtype={"id": str})
+    review = pd.read_csv(TagsDir(out).review_csv, dtype={"id": str})
     assert len(review) == len(table) and review["lowest_confidence"].is_monotonic_increasing
     assert set(review["low_attributes"]) == {"masterCategory"}  # 0.62: under 0.8, over baseColour's 0.5
     assert {"image_path", "masterCategory", "masterCategory_confidence"} <= set(review.columns)
-    assert review["id"].tolist() == pd.read_parquet(out / tagging.REVIEW_PARQUET)["id"].tolist()
+    assert review["id"].tolist() == pd.read_parquet(TagsDir(out).review_parquet)["id"].tolist()
 
 
 def test_review_queue_uses_each_attributes_threshold():
@@ -187,7 +190,7 @@ def test_review_queue_uses_each_attributes_threshold():
         "season": ["Summer"] * 4, "season_confidence": [0.45, 0.9, 0.3, 0.35],
         "usage": [None] * 4, "usage_confidence": [np.nan] * 4,
     })
-    queue = tagging.review_queue(table, {"masterCategory": 0.8, "season": 0.4, "usage": 0.5})
+    queue = outputs.review_queue(table, {"masterCategory": 0.8, "season": 0.4, "usage": 0.5})
     assert queue["id"].tolist() == ["c", "d", "b"]  # a: both above their thresholds
     assert queue["lowest_confidence"].tolist() == [0.3, 0.35, 0.7]
     assert queue["low_attributes"].tolist() == ["season", "masterCategory,season", "masterCategory"]
@@ -203,20 +206,20 @@ def test_review_queue_uses_each_attributes_threshold():
 def test_the_model_is_resolved_once_and_bad_uris_say_what_to_do(models, tmp_path):
     config = tag_config(models)
     promote(models, "1")
-    pinned = tagging.resolve_model(f"models:/{MODEL_NAME}@champion", config)
+    pinned = tagger.resolve_model(f"models:/{MODEL_NAME}@champion", config)
     promote(models, "2")  # a promotion after resolving does not move what was pinned
     assert (pinned.version, pinned.uri) == ("1", f"models:/{MODEL_NAME}/1")
-    assert tagging.resolve_model(f"models:/{MODEL_NAME}@champion", config).version == "2"
-    assert tagging.resolve_model(f"models:/{MODEL_NAME}/1", config) == tagging.PinnedModel(
+    assert tagger.resolve_model(f"models:/{MODEL_NAME}@champion", config).version == "2"
+    assert tagger.resolve_model(f"models:/{MODEL_NAME}/1", config) == tagger.PinnedModel(
         MODEL_NAME, "1", f"models:/{MODEL_NAME}/1", f"models:/{MODEL_NAME}/1")
-    with pytest.raises(tagging.TaggingError, match="no-such-model@champion is not in the registry.*register"):
-        tagging.resolve_model("models:/no-such-model@champion", config)
-    with pytest.raises(tagging.TaggingError, match="must look like models:/NAME@ALIAS"):
-        tagging.resolve_model(f"models:/{MODEL_NAME}/latest", config)
-    with pytest.raises(tagging.TaggingError, match="neither a models:/ URI nor an existing export"):
-        tagging.resolve_model(str(tmp_path / "nothing"), config)
-    local = tagging.resolve_model(str(models["probe_run"]), config)
-    assert local.name == tagging.LOCAL_MODEL_NAME and local.version.startswith("sha256:")
+    with pytest.raises(TaggingError, match="no-such-model@champion is not in the registry.*register"):
+        tagger.resolve_model("models:/no-such-model@champion", config)
+    with pytest.raises(TaggingError, match="must look like models:/NAME@ALIAS"):
+        tagger.resolve_model(f"models:/{MODEL_NAME}/latest", config)
+    with pytest.raises(TaggingError, match="neither a models:/ URI nor an existing export"):
+        tagger.resolve_model(str(tmp_path / "nothing"), config)
+    local = tagger.resolve_model(str(models["probe_run"]), config)
+    assert local.name == tagger.LOCAL_MODEL_NAME and local.version.startswith("sha256:")
 
 
 def test_an_s3_catalog_gets_the_same_tags_as_the_folder(catalog, models, tmp_path, monkeypatch):
@@ -227,16 +230,16 @@ def test_an_s3_catalog_gets_the_same_tags_as_the_folder(catalog, models, tmp_pat
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
     config = tag_config(models, workers=0)  # moto's bucket lives in this process's memory
-    folder = tagging.tag_catalog(catalog, str(models["probe_run"]), tmp_path / "folder", config=config)
+    folder = jobs.tag_catalog(catalog, str(models["probe_run"]), tmp_path / "folder", config=config)
     with mock_aws():
         s3 = boto3.client("s3", region_name="us-east-1")
         s3.create_bucket(Bucket="shop")
         s3.upload_file(str(catalog / "styles.csv"), "shop", "photos/styles.csv")
         for image in (catalog / "images").iterdir():
             s3.upload_file(str(image), "shop", f"photos/images/{image.name}")
-        remote = tagging.tag_catalog("s3://shop/photos", str(models["probe_run"]), tmp_path / "s3", config=config)
-        with pytest.raises(tagging.TaggingError, match="listing s3://missing-bucket/x failed"):
-            tagging.list_catalog("s3://missing-bucket/x")
+        remote = jobs.tag_catalog("s3://shop/photos", str(models["probe_run"]), tmp_path / "s3", config=config)
+        with pytest.raises(TaggingError, match="listing s3://missing-bucket/x failed"):
+            list_catalog("s3://missing-bucket/x")
     assert (remote.tagged, remote.rejected) == (folder.tagged, folder.rejected)
     by_folder = pd.read_parquet(folder.table).set_index("id")
     by_s3 = pd.read_parquet(remote.table).set_index("id")
@@ -250,18 +253,18 @@ def test_listing_rules(tmp_path):
     (tmp_path / "a" / "1.jpg").write_bytes(b"1")
     (tmp_path / "a" / "x" / "1.png").write_bytes(b"2")  # the same id in a subfolder
     (tmp_path / "a" / "notes.txt").write_text("not an image")
-    items, rejects = tagging.list_catalog(tmp_path / "a")
+    items, rejects = list_catalog(tmp_path / "a")
     assert items["id"].tolist() == ["1"] and rejects["reason"].str.startswith("duplicate id").all()
     (tmp_path / "empty").mkdir()
-    with pytest.raises(tagging.DataError, match="holds no images"):
-        tagging.list_catalog(tmp_path / "empty")
-    with pytest.raises(tagging.DataError, match="neither a folder"):
-        tagging.list_catalog(tmp_path / "missing")
+    with pytest.raises(DataError, match="holds no images"):
+        list_catalog(tmp_path / "empty")
+    with pytest.raises(DataError, match="neither a folder"):
+        list_catalog(tmp_path / "missing")
     (tmp_path / "ids.csv").write_text("sku\n1\n")
-    with pytest.raises(tagging.DataError, match="no column 'id'"):
-        tagging.list_catalog(tmp_path / "a", manifest=tmp_path / "ids.csv")
-    shards = tagging.split_listing(pd.DataFrame({"id": list("abcde"), "image_path": list("abcde")}), 2, tmp_path / "s")
-    assert [len(tagging.read_listing(p)) for p in shards] == [2, 2, 1]
+    with pytest.raises(DataError, match="no column 'id'"):
+        list_catalog(tmp_path / "a", manifest=tmp_path / "ids.csv")
+    shards = split_listing(pd.DataFrame({"id": list("abcde"), "image_path": list("abcde")}), 2, tmp_path / "s")
+    assert [len(read_listing(p)) for p in shards] == [2, 2, 1]
 
 
 def test_cli_tags_a_folder_and_reports_bad_input_in_one_line(catalog, models, tmp_path):
@@ -272,7 +275,7 @@ def test_cli_tags_a_folder_and_reports_bad_input_in_one_line(catalog, models, tm
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout[proc.stdout.index("{"):])
     assert (result["tagged"], result["rejected"], result["model_name"]) == (GOOD + 1, 4, "local")
-    assert Path(result["files"][tagging.REVIEW_CSV]).is_file()
+    assert Path(result["files"][TagsDir(tmp_path / "tags").review_csv.name]).is_file()
 
     bad = subprocess.run([*command[:4], str(tmp_path / "nowhere"), *command[5:]], capture_output=True, text=True,
                          env=env, timeout=300)
@@ -424,12 +427,12 @@ def test_dag_tags_the_catalog_then_only_new_images_then_retags_for_a_new_champio
     assert (pinned["model_version"], pinned["model_uri"]) == ("1", f"models:/{MODEL_NAME}/1")
     merged = first["results"]["merge_shards"]
     assert (merged["shards"], merged["tagged"], merged["reused"], merged["rejected"]) == (2, GOOD + 1, 0, 4)
-    table = pd.read_parquet(out / tagging.TAGS_FILENAME)
+    table = pd.read_parquet(TagsDir(out).tags)
     assert len(table) == GOOD + 1 and set(table["model_version"]) == {"1"} and table["id"].is_unique
-    rejects = pd.read_csv(out / tagging.REJECTS_FILENAME, dtype=str)
+    rejects = pd.read_csv(TagsDir(out).rejects, dtype=str)
     assert set(rejects["id"]) == {*BROKEN, MISSING_ID}
-    review = pd.read_parquet(out / tagging.REVIEW_PARQUET)
-    assert (out / tagging.REVIEW_CSV).is_file() and len(review) == merged["review"]
+    review = pd.read_parquet(TagsDir(out).review_parquet)
+    assert (TagsDir(out).review_csv).is_file() and len(review) == merged["review"]
     assert review["lowest_confidence"].is_monotonic_increasing
     client = MlflowClient(models["store"])
     logged = client.get_run(first["results"]["log_summary"]["mlflow_run_id"])
@@ -441,17 +444,17 @@ def test_dag_tags_the_catalog_then_only_new_images_then_retags_for_a_new_champio
     second = run_tagging_dag(airflow_home, isolated_home, models["store"], conf)
     merged = second["results"]["merge_shards"]
     assert (merged["tagged"], merged["reused"], merged["changed_items"]) == (0, GOOD + 1, 0)
-    pd.testing.assert_frame_equal(pd.read_parquet(out / tagging.TAGS_FILENAME), table)
+    pd.testing.assert_frame_equal(pd.read_parquet(TagsDir(out).tags), table)
 
     promote(models, "2")
     third = run_tagging_dag(airflow_home, isolated_home, models["store"], conf)
     assert third["results"]["pin_model"]["model_version"] == "2"
     merged = third["results"]["merge_shards"]
     assert (merged["tagged"], merged["reused"]) == (GOOD + 1, 0) and merged["changed_items"] > 0
-    changes = pd.read_csv(out / tagging.CHANGES_CSV, dtype={"id": str})
+    changes = pd.read_csv(TagsDir(out).changes_csv, dtype={"id": str})
     assert len(changes) == merged["changed_tags"] > 0
     assert {"previous_confidence", "confidence", "previous_tag", "tag"} <= set(changes.columns)
-    assert set(pd.read_parquet(out / tagging.TAGS_FILENAME)["model_version"]) == {"2"}
+    assert set(pd.read_parquet(TagsDir(out).tags)["model_version"]) == {"2"}
 
 
 # --- real data --------------------------------------------------------------------------------------------------------
@@ -470,7 +473,7 @@ def test_tags_of_a_model_trained_on_real_photos_agree_with_styles_csv(real_small
     for image in sorted((real_small_raw / "images").iterdir()):
         if image.stem not in trained_on:
             (catalog / image.name).symlink_to(image.resolve())
-    result = tagging.tag_catalog(catalog, str(tmp_path / "run"), tmp_path / "tags", config=config)
+    result = jobs.tag_catalog(catalog, str(tmp_path / "run"), tmp_path / "tags", config=config)
     assert result.tagged >= 2500 and result.rejected == 0
 
     styles = pd.read_csv(real_small_raw / "styles.csv", dtype=str, on_bad_lines="skip").set_index("id")

@@ -18,8 +18,9 @@ from tagger_helpers import make_split, tiny_config, train_on_real_small_images
 from fashion_tagger.core.config import load_config
 from fashion_tagger.core.io import read_json
 from fashion_tagger.core.layout import TrainDir
+from fashion_tagger.data.imaging import normalize, pixel_stats
 from fashion_tagger.evaluation.evaluate import evaluate_run
-from fashion_tagger.training.datamodule import eval_transform, normalize, pixel_stats, train_transform
+from fashion_tagger.training.datamodule import eval_transform, train_transform
 from fashion_tagger.training.hardware import resolve_hardware
 from fashion_tagger.training.module import MIN_LR_RATIO, lr_factor_fn
 from fashion_tagger.training.train import TrainError, train_model

@@ -3,6 +3,7 @@
 The only module that spells a file or folder name of these layouts; every other module asks it for paths.
 A run folder is `<home>/runs/<run id>/` with the run's `config.yaml` and `state.json`, then one folder per
 stage output: `validate/`, `split/`, `train/` (checkpoints, metrics, `eval/`, the export and registration).
+Catalog tagging has a tags folder of its own (`TagsDir`), with a DAG run's work under `work/<run>/`.
 """
 
 from __future__ import annotations
@@ -262,6 +263,85 @@ class RunLayout:
 
 
 @dataclass(frozen=True)
+class TagsDir:
+    """The tags folder of `fashion-tagger tag` and of the tagging DAG: the catalog's tag table, the files it could
+    not read, the review queue, the changed tags and the summary; a DAG run's inputs and shards under `work/`."""
+
+    dir: Path
+
+    @property
+    def tags(self) -> Path:
+        return self.dir / "tags.parquet"
+
+    @property
+    def rejects(self) -> Path:
+        return self.dir / "rejects.csv"
+
+    @property
+    def review_csv(self) -> Path:
+        return self.dir / "review.csv"
+
+    @property
+    def review_parquet(self) -> Path:
+        return self.dir / "review.parquet"
+
+    @property
+    def changes_csv(self) -> Path:
+        return self.dir / "changes.csv"
+
+    @property
+    def changes_parquet(self) -> Path:
+        return self.dir / "changes.parquet"
+
+    @property
+    def summary(self) -> Path:
+        return self.dir / "summary.json"
+
+    def work(self, run_id: str) -> TaggingWorkDir:
+        """`work/<run>/`: where one orchestrated run keeps its inputs and shard outputs, beside the tags it updates."""
+        return TaggingWorkDir(self.dir / "work" / run_dir_name(run_id))
+
+
+LISTING_FILENAME = "catalog.parquet"  # a catalog listing (id, image_path): a shard's input
+
+
+@dataclass(frozen=True)
+class ShardDir(TagsDir):
+    """`shard-00000/`: one shard's listing (`catalog.parquet`) and the tags `fashion-tagger tag` writes for it."""
+
+    @property
+    def listing(self) -> Path:
+        return self.dir / LISTING_FILENAME
+
+
+@dataclass(frozen=True)
+class TaggingWorkDir:
+    """`work/<run>/`: one tagging DAG run's config.yaml, pinned model.json, the catalog's listing with the rejects of
+    listing it, and one folder per shard."""
+
+    dir: Path
+
+    @property
+    def config(self) -> Path:
+        return self.dir / CONFIG_FILENAME
+
+    @property
+    def model(self) -> Path:
+        return self.dir / "model.json"
+
+    @property
+    def listing(self) -> Path:
+        return self.dir / LISTING_FILENAME
+
+    @property
+    def rejects(self) -> Path:
+        return self.dir / "rejects.csv"
+
+    def shard(self, number: int) -> ShardDir:
+        return ShardDir(self.dir / f"shard-{number:05d}")
+
+
+@dataclass(frozen=True)
 class Home:
     """The data root: shared raw downloads, the prepared-image cache, runs, locks and the embedded MLflow store."""
 
@@ -286,6 +366,15 @@ class Home:
     @property
     def weights(self) -> Path:
         return self.root / "weights"
+
+    @property
+    def catalog(self) -> Path:
+        """The catalog of product photos the tagging DAG tags when neither its form nor the environment names one."""
+        return self.root / "catalog"
+
+    @property
+    def tags(self) -> TagsDir:
+        return TagsDir(self.root / "tags")
 
     @property
     def mlflow_db(self) -> Path:

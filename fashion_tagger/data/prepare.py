@@ -1,7 +1,7 @@
 """Resize every image of a split once to the training resolution into the content-addressed cache shared by all runs.
 
-JPEGs are decoded at a reduced DCT scale (Pillow's `draft`), so a 1800x2400 photo costs a fraction of a full decode;
-epochs then read small cached JPEGs instead of decoding full-size ones again.
+JPEGs are decoded at a reduced DCT scale (`data.imaging.read_fitted`), so a 1800x2400 photo costs a fraction of a
+full decode; epochs then read small cached JPEGs instead of decoding full-size ones again.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from fashion_tagger.core import io
@@ -23,10 +22,9 @@ from fashion_tagger.core.errors import DataError
 from fashion_tagger.core.layout import SPLIT_PARTS, SplitDir, cache_size_dir, cached_image_path
 from fashion_tagger.core.parallel import WorkerCount, pool_workers
 from fashion_tagger.core.progress import log_progress
+from fashion_tagger.data.imaging import ImageReadError, read_fitted
 
 log = logging.getLogger(__name__)
-
-BACKGROUND = (255, 255, 255)  # the product photos are shot on white, so padding on white adds no edge
 
 
 @dataclass
@@ -43,54 +41,10 @@ class PrepareResult(io.StageResult):
     failures: list[dict[str, str]] = field(default_factory=list)
 
 
-def fitted_size(size: tuple[int, int], width: int, height: int) -> tuple[int, int]:
-    """The largest size with the image's aspect that fits inside width x height."""
-    src_w, src_h = size
-    scale = min(width / src_w, height / src_h)
-    return min(width, max(1, round(src_w * scale))), min(height, max(1, round(src_h * scale)))
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """RGB with transparency composited on white (a plain convert would turn transparent pixels black)."""
-    if image.mode == "RGB":
-        return image
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGB", rgba.size, BACKGROUND)
-        background.paste(rgba, mask=rgba.getchannel("A"))
-        return background
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        # 16-bit grayscale would clip to white under a plain convert; scale it to 8 bits first.
-        return image.point(lambda v: v / 256).convert("L").convert("RGB")
-    return image.convert("RGB")
-
-
-def resize_image(image: Image.Image, width: int, height: int) -> Image.Image:
-    """Fit inside width x height keeping the aspect, centred on a white canvas of exactly width x height."""
-    target = fitted_size(image.size, width, height)
-    # draft() picks the smallest DCT scale (1/2, 1/4, 1/8) whose output is still >= target: quality holds.
-    image.draft("RGB", target)
-    image.load()  # decode now: the result may be this very image, used after its file is closed
-    image = to_rgb(image)
-    if image.size != target:
-        # After the DCT scaling the remaining reduction is under 2x, where an antialiased bilinear filter is as
-        # sharp as Lanczos at half its cost; enlarging a small image needs bicubic to stay crisp.
-        shrinking = image.width >= target[0]
-        method = Image.Resampling.BILINEAR if shrinking else Image.Resampling.BICUBIC
-        image = image.resize(target, method, reducing_gap=2.0 if shrinking else None)
-    if target == (width, height):
-        return image
-    canvas = Image.new("RGB", (width, height), BACKGROUND)
-    canvas.paste(image, ((width - target[0]) // 2, (height - target[1]) // 2))
-    return canvas
-
-
 def prepare_image(source: str | Path, dest: str | Path, width: int, height: int, jpeg_quality: int = 95) -> None:
     """Decode, resize and write one image; the file appears under its final name only when complete."""
-    dest = Path(dest)
-    with Image.open(source) as image:
-        out = resize_image(image, width, height)
-    with io.atomic_path(dest) as tmp:
+    out = read_fitted(source, width, height)
+    with io.atomic_path(Path(dest)) as tmp:
         out.save(tmp, "JPEG", quality=jpeg_quality)
 
 
@@ -99,8 +53,10 @@ def _prepare_task(task: tuple[str, str, str, int, int, int]) -> tuple[str, str |
     sha, source, dest, width, height, quality = task
     try:
         prepare_image(source, dest, width, height, quality)
-    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as exc:
-        return sha, f"{type(exc).__name__}: {exc}"
+    except ImageReadError as exc:
+        return sha, str(exc)
+    except OSError as exc:  # writing into the cache
+        return sha, f"cannot write {dest}: {type(exc).__name__}: {exc}"
     return sha, None
 
 

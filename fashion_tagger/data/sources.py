@@ -327,7 +327,8 @@ def s3_dataset_name(bucket: str, prefix: str) -> str:
     return f"{bucket}__{slug}" if slug else bucket
 
 
-def _default_s3_client(endpoint_url: str | None) -> Any:
+def connect_s3(endpoint_url: str | None) -> Any:
+    """A boto3 S3 client for ENDPOINT_URL, else $AWS_ENDPOINT_URL or $MLFLOW_S3_ENDPOINT_URL, else AWS."""
     import boto3
 
     endpoint = endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("MLFLOW_S3_ENDPOINT_URL")
@@ -349,9 +350,9 @@ def _fetch_s3(uri: str, raw_root: Path, client: Any, endpoint_url: str | None) -
         return raw_root / name, name, False
 
     def fill(staged: Path) -> dict[str, Any]:
-        s3 = client if client is not None else _default_s3_client(endpoint_url)
+        s3 = client if client is not None else connect_s3(endpoint_url)
         try:
-            keys = _list_keys(s3, bucket, f"{prefix}/" if prefix else "")
+            keys = list_keys(s3, bucket, f"{prefix}/" if prefix else "")
             base = _s3_dataset_base(keys, prefix)
             if base is None:
                 raise SourceError(
@@ -381,7 +382,8 @@ def _fetch_s3(uri: str, raw_root: Path, client: Any, endpoint_url: str | None) -
     return dest, name, downloaded
 
 
-def _list_keys(s3: Any, bucket: str, prefix: str) -> list[str]:
+def list_keys(s3: Any, bucket: str, prefix: str) -> list[str]:
+    """Every key of BUCKET under PREFIX, all pages."""
     keys: list[str] = []
     for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
         keys.extend(obj["Key"] for obj in page.get("Contents", []))

@@ -67,7 +67,7 @@ def evaluate_run(
     `registry.gate_batch_size` at a time; CPU threads come from `config.train`.
     """
     from fashion_tagger.core.parallel import cpu_threads
-    from fashion_tagger.serving.predict import Predictor
+    from fashion_tagger.serving.predictor import Predictor
 
     train_dir = TrainDir(Path(run_dir).expanduser().resolve())
     checkpoint = Path(checkpoint).expanduser().resolve() if checkpoint else train_dir.checkpoint()

@@ -2,7 +2,7 @@
 
 A split part's images are read as serving reads them: the original files (the prepared cache copy only when an
 original is gone, in both callers), decoded and preprocessed by `pyfunc_model.tag_frame` (the pyfunc model's own
-code: `Predictor.transform`, softmax), answered as class names, and mapped onto the split's classes by name.
+code: the `data.imaging` decode and preprocessing, softmax), answered as class names, mapped onto the split's by name.
 """
 
 from __future__ import annotations
@@ -21,10 +21,9 @@ from fashion_tagger.core.io import read_json, sha256_file
 from fashion_tagger.core.layout import SplitDir, cached_image_path
 from fashion_tagger.core.schema import IGNORE_INDEX
 from fashion_tagger.data.labels import LabelSpace, label_column
+from fashion_tagger.serving.rows import PATH_COLUMN
 
 log = logging.getLogger(__name__)
-
-PATH_COLUMN = "path"  # pyfunc_model.PATH_COLUMN, spelled here so that importing this module needs no MLflow
 
 
 @dataclass

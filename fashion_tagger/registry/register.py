@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from mlflow import MlflowClient
     from mlflow.entities.model_registry import ModelVersion
 
-    from fashion_tagger.serving.predict import Predictor
+    from fashion_tagger.serving.predictor import Predictor
 
 log = logging.getLogger(__name__)
 
@@ -226,7 +226,7 @@ def register_run(run_dir: str | Path, config: Config) -> RegistrationResult:
     the same test images and move `champion` when the gate says so. CONFIG is the run's own configuration.
     Registering a model that is already a version (the same weights, labels and preprocessing) changes nothing.
     """
-    from fashion_tagger.serving.predict import Predictor
+    from fashion_tagger.serving.predictor import Predictor
 
     outputs = training_outputs(run_dir, config)
     run_dir = outputs.run_dir

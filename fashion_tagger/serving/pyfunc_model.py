@@ -13,10 +13,10 @@ import base64
 import binascii
 import importlib.metadata
 import io
-import os
 import shutil
 import tempfile
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -24,15 +24,18 @@ import mlflow
 import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import BAD_REQUEST
-from PIL import Image, UnidentifiedImageError
+from mlflow.pyfunc import PythonModel
+from PIL import Image
+
+from fashion_tagger.core.errors import FashionTaggerError
+from fashion_tagger.data.imaging import ImageReadError, decode_image
+from fashion_tagger.serving.predictor import EXPORT_FILENAME, Predictor, default_device
+from fashion_tagger.serving.rows import IMAGE_COLUMN, PATH_COLUMN, read_one, with_errors
 
 if TYPE_CHECKING:
     from mlflow.models.model import ModelInfo
     from mlflow.models.signature import ModelSignature
 
-IMAGE_COLUMN = "image"
-PATH_COLUMN = "path"
-DEVICE_ENV = "FASHION_TAGGER_DEVICE"
 TAGGER_ARTIFACT = "tagger"  # key of the exported tagger (weights.pt + tagger.json) among the model's artifacts
 # Pinned to what this environment has, so logging never probes the environment (slow) and serving matches it.
 REQUIREMENTS = ("mlflow", "torch", "timm", "pillow", "pandas", "numpy")
@@ -54,52 +57,39 @@ class InputError(MlflowException):
         super().__init__(message, error_code=BAD_REQUEST)
 
 
-def _decode_text(text: str, row: Any) -> bytes:
-    # Browsers and some clients send data URLs ("data:image/jpeg;base64,....").
-    payload = text.split(",", 1)[1] if text.startswith("data:") else text
-    try:
-        return base64.b64decode(payload)
-    except (binascii.Error, ValueError) as exc:
-        raise InputError(f"row {row}: column '{IMAGE_COLUMN}' holds text that is not base64 ({exc})") from None
+def _image_bytes(value: Any) -> bytes:
+    if isinstance(value, str):
+        # Browsers and some clients send data URLs ("data:image/jpeg;base64,....").
+        payload = value.split(",", 1)[1] if value.startswith("data:") else value
+        try:
+            return base64.b64decode(payload)
+        except (binascii.Error, ValueError) as exc:
+            raise ImageReadError(f"column '{IMAGE_COLUMN}' holds text that is not base64 ({exc})") from None
+    if isinstance(value, bytearray | memoryview):
+        return bytes(value)
+    if not isinstance(value, bytes):
+        raise ImageReadError(
+            f"column '{IMAGE_COLUMN}' must hold image bytes or base64 text, not {type(value).__name__}"
+        )
+    return value
 
 
-def open_image(value: Any, *, row: Any = None, is_path: bool = False) -> Image.Image:
-    """One RGB image from encoded bytes, base64 text or (with `is_path`) a file path."""
-    try:
-        if is_path:
-            image = Image.open(Path(str(value)).expanduser())
-        else:
-            if isinstance(value, str):
-                value = _decode_text(value, row)
-            elif isinstance(value, bytearray | memoryview):
-                value = bytes(value)
-            if not isinstance(value, bytes):
-                raise InputError(
-                    f"row {row}: column '{IMAGE_COLUMN}' must hold image bytes or base64 text, "
-                    f"not {type(value).__name__}"
-                )
-            image = Image.open(io.BytesIO(value))
-        image.load()
-    except InputError:
-        raise
-    except (OSError, UnidentifiedImageError, Image.DecompressionBombError, ValueError, SyntaxError) as exc:
-        source = f"path {value!r}" if is_path else "image bytes"
-        raise InputError(f"row {row}: cannot read {source} as an image: {type(exc).__name__}: {exc}") from None
-    return image.convert("RGB")
+def _is_missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and pd.isna(value))
 
 
-def _open_row(record: Any, row: Any, has_image: bool, has_path: bool) -> Image.Image:
+def _row_image(record: Any, has_image: bool, has_path: bool) -> Image.Image:
     value = getattr(record, IMAGE_COLUMN) if has_image else None
-    if value is not None and not (isinstance(value, float) and pd.isna(value)):
-        return open_image(value, row=row)
+    if not _is_missing(value):
+        return decode_image(_image_bytes(value), name="image bytes")
     path = getattr(record, PATH_COLUMN) if has_path else None
-    if path is None or (isinstance(path, float) and pd.isna(path)) or not str(path):
-        raise InputError(f"row {row} has neither '{IMAGE_COLUMN}' nor '{PATH_COLUMN}'")
-    return open_image(path, row=row, is_path=True)
+    if _is_missing(path) or not str(path):
+        raise ImageReadError(f"neither '{IMAGE_COLUMN}' nor '{PATH_COLUMN}' is set")
+    return decode_image(str(path), name=f"path {str(path)!r}")
 
 
 def read_rows(frame: pd.DataFrame) -> tuple[list[Image.Image | None], list[str | None]]:
-    """Each row's image from `image` (preferred) or `path`, or None and why it could not be read.
+    """Each row's image from `image` (preferred) or `path`, or None and why it could not be read ("row 3: ...").
 
     A frame with neither column is an InputError (HTTP 400): no row of it could ever be read.
     """
@@ -112,12 +102,9 @@ def read_rows(frame: pd.DataFrame) -> tuple[list[Image.Image | None], list[str |
     images: list[Image.Image | None] = []
     errors: list[str | None] = []
     for row, record in zip(frame.index, frame.itertuples(index=False), strict=True):
-        try:
-            images.append(_open_row(record, row, has_image, has_path))
-            errors.append(None)
-        except InputError as exc:
-            images.append(None)
-            errors.append(exc.message)
+        image, error = read_one(partial(_row_image, record, has_image, has_path), where=f"row {row}")
+        images.append(image)
+        errors.append(error)
     return images, errors
 
 
@@ -126,13 +113,11 @@ def images_from_frame(frame: pd.DataFrame) -> list[Image.Image]:
     images, errors = read_rows(frame)
     if problems := [error for error in errors if error is not None]:
         raise InputError(problems[0])
-    return images
+    return [image for image in images if image is not None]
 
 
-def tag_frame(predictor: Any, frame: pd.DataFrame) -> pd.DataFrame:
+def tag_frame(predictor: Predictor, frame: pd.DataFrame) -> pd.DataFrame:
     """The model's answer to FRAME: tags and confidences per readable row, `error` for the others."""
-    from fashion_tagger.serving.predict import with_errors
-
     images, errors = read_rows(frame)
     out = with_errors(predictor.predict([image for image in images if image is not None]), errors)
     if any(errors):
@@ -141,20 +126,35 @@ def tag_frame(predictor: Any, frame: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-class TaggerModel(mlflow.pyfunc.PythonModel):
-    """pyfunc wrapper of `fashion_tagger.serving.predict.Predictor` loaded from the exported tagger artifact."""
+class TaggerModel(PythonModel):
+    """pyfunc wrapper of `fashion_tagger.serving.predictor.Predictor` loaded from the exported tagger artifact."""
 
     def load_context(self, context: Any) -> None:
-        from fashion_tagger.serving.predict import Predictor
-
         # Default: the GPU when there is one; FASHION_TAGGER_DEVICE=cpu keeps a server off a shared GPU.
-        device = os.environ.get(DEVICE_ENV) or None
-        self.predictor = Predictor.from_export(context.artifacts[TAGGER_ARTIFACT], device=device)
+        self.predictor = Predictor.from_export(context.artifacts[TAGGER_ARTIFACT], device=default_device())
 
     # A DataFrame hint is one MLflow derives no schema from: the logged signature stays the only one.
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
         frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
         return tag_frame(self.predictor, frame)
+
+
+def exported_tagger(model_dir: str | Path) -> Path:
+    """Where a downloaded model of ours keeps the exported tagger (its `tagger` artifact)."""
+    import yaml
+
+    model_dir = Path(model_dir)
+    mlmodel = model_dir / "MLmodel"
+    if mlmodel.is_file():
+        flavor = (yaml.safe_load(mlmodel.read_text()) or {}).get("flavors", {}).get("python_function", {})
+        relative = (flavor.get("artifacts") or {}).get(TAGGER_ARTIFACT, {}).get("path")
+        if relative and (model_dir / relative / EXPORT_FILENAME).is_file():
+            return model_dir / relative
+    found = sorted(model_dir.rglob(EXPORT_FILENAME))
+    if not found:
+        raise FashionTaggerError(f"the model in {model_dir} holds no exported tagger ({EXPORT_FILENAME}): it was not "
+                                 "logged by `fashion-tagger register`")
+    return found[0].parent
 
 
 def _requirement(package: str) -> str | None:
@@ -213,8 +213,6 @@ def log_tagger_model(
     The signature's output comes from predicting the input example with the export itself, so what is
     declared is what the model returns.
     """
-    from fashion_tagger.serving.predict import Predictor
-
     export_dir = Path(export_dir)
     example = pd.DataFrame({IMAGE_COLUMN: [example_image or example_image_bytes()]})
     example_output = tag_frame(Predictor.from_export(export_dir), example)

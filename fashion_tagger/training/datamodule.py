@@ -6,7 +6,6 @@ and at which size), so an epoch decodes small JPEGs instead of full-size photos.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -22,9 +21,9 @@ from fashion_tagger.core.errors import DataError
 from fashion_tagger.core.layout import SplitDir
 from fashion_tagger.core.parallel import WorkerCount, loader_workers
 from fashion_tagger.data.cache import cached_image_path, read_prepared
+from fashion_tagger.data.imaging import ImageReadError, decode_image, to_uint8_tensor
 from fashion_tagger.data.labels import LabelSpace, label_column
 
-READ_RETRIES = 2  # transient errors on network file systems; a truly broken file fails loudly after these
 CROP_SCALE = (0.8, 1.0)  # mild: a product must stay whole enough to keep its silhouette and colour
 
 
@@ -42,18 +41,12 @@ def read_split(split_dir: str | Path, part: str, attributes: Sequence[str]) -> p
 
 
 def load_rgb(path: str | Path) -> Image.Image:
-    """Open an image as RGB; OSError is retried a bounded number of times, then reported with the fix."""
-    for attempt in range(READ_RETRIES + 1):
-        try:
-            with Image.open(path) as image:
-                return image.convert("RGB")
-        except OSError as exc:
-            if attempt == READ_RETRIES:
-                raise DataError(
-                    f"cannot read prepared image {path}: {exc}; delete it and rerun `fashion-tagger prepare`"
-                ) from exc
-            time.sleep(0.05 * (attempt + 1))
-    raise AssertionError("unreachable")
+    """A prepared image as RGB (`data.imaging.decode_image`: a file's OSError is retried a bounded number of times),
+    else an error that says how to repair the cache."""
+    try:
+        return decode_image(path, name=f"prepared image {path}")
+    except ImageReadError as exc:
+        raise DataError(f"{exc}; delete it and rerun `fashion-tagger prepare`") from exc
 
 
 class TrainAugment:
@@ -76,31 +69,14 @@ class TrainAugment:
         return image
 
 
-def to_uint8_tensor(image: Image.Image) -> torch.Tensor:
-    """3 x H x W uint8. Batches stay uint8 until the device (4x less to copy); the model normalises there."""
-    return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)
-
-
-def pixel_stats(mean: Sequence[float], std: Sequence[float]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and std on the 0-255 scale, shaped 1 x 3 x 1 x 1 to broadcast over a uint8 batch."""
-    return (
-        torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1) * 255,
-        torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1) * 255,
-    )
-
-
-def normalize(images: torch.Tensor, pixel_mean: torch.Tensor, pixel_std: torch.Tensor) -> torch.Tensor:
-    """uint8 N x 3 x H x W -> float normalised with the backbone's statistics (from `pixel_stats`)."""
-    return (images.float() - pixel_mean) / pixel_std
-
-
 def train_transform(width: int, height: int) -> Callable[[Image.Image], torch.Tensor]:
     # Compose of picklable parts, so loader workers also start under spawn/forkserver.
     return Compose([TrainAugment(width, height), to_uint8_tensor])
 
 
 def eval_transform() -> Callable[[Image.Image], torch.Tensor]:
-    """Cached images already have the training size: nothing but the tensor conversion."""
+    """Cached images already have the training size (`data.imaging.resize_image` fitted them): nothing but the
+    tensor conversion serving uses too; the normalisation runs on the device (`data.imaging.normalize`)."""
     return to_uint8_tensor
 
 

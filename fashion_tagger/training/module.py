@@ -12,11 +12,11 @@ import lightning as L
 import torch
 
 from fashion_tagger.core.config import CHECK_ENVIRONMENT, Config
+from fashion_tagger.data.imaging import normalize, pixel_stats
 from fashion_tagger.data.labels import LabelSpace
 from fashion_tagger.evaluation.metrics import macro_f1
 from fashion_tagger.model.network import FashionTagger, build_network
 from fashion_tagger.model.weights import resolve_pretrained_path
-from fashion_tagger.training.datamodule import normalize, pixel_stats
 from fashion_tagger.training.losses import build_loss
 
 MONITOR = "val_macro_f1"  # mean over attributes of validation macro-F1: the headline metric
