@@ -142,7 +142,7 @@ def test_several_training_processes_start_through_torchrun(first_run, tmp_path, 
         run_stage(run, stage)  # the dataset and the prepared images are reused from the first run
     nproc = device_processes(run.config.train.devices)
     assert "torch.distributed.run" in child.stage_command("train", run.root, nproc=nproc)
-    with caplog.at_level(logging.INFO, logger="fashion_tagger.training.train"):
+    with caplog.at_level(logging.INFO, logger="fashion_tagger.train"):  # the child's output: fashion_tagger.<stage>
         result = child.run_stage_process("train", run.root, nproc=nproc)
     assert result["epochs_completed"] == 1
     log = "\n".join(r.getMessage() for r in caplog.records)

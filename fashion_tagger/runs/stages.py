@@ -57,7 +57,6 @@ def fetch(run: Run) -> StageResult:
 @register_stage(
     summary="Validate and clean styles.csv and the images: clean.parquet, rejects.csv, report.json",
     output=lambda layout: layout.validate.dir, task_id="validate_dataset",
-    # Its image checks use a process pool, which a Celery worker's (daemon) task process may not start.
     child_process=True,
     doc="""
     Check `styles.csv` and every image: `validate/clean.parquet`, `rejects.csv` (each rejected line with
@@ -93,7 +92,6 @@ def split(run: Run) -> StageResult:
 @register_stage(
     summary="Resize every image once into the content-addressed cache shared by all runs",
     output=lambda layout: layout.split.dir, task_id="prepare_images",
-    # Its forkserver pool re-imports the main module, which inside an Airflow worker is Airflow itself.
     child_process=True,
     doc="""
     Resize every image of the split once into the shared cache `<home>/cache/`, keyed by content hash.
@@ -111,7 +109,6 @@ def prepare(run: Run) -> StageResult:
 @register_stage(
     summary="Train the tagger, or resume it from its last checkpoint",
     output=lambda layout: layout.train.dir, task_id="train_model",
-    # CUDA must never start inside the worker (a forked process cannot initialise it again).
     child_process=True, gpu=True, per_device=True, timeout_hours=12, skip_when_unchanged=True,
     doc="""
     Train in a child process (`python -m fashion_tagger train RUN`, torchrun when the task has several GPUs)
