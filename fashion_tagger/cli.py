@@ -160,7 +160,7 @@ def tag(
 @app.command()
 def models(config: ConfigOption = None, set_: SetOption = None) -> None:
     """List registered versions with their aliases, headline metric and promotion decision."""
-    from fashion_tagger.registry.register import format_versions, list_versions
+    from fashion_tagger.registry.versions import format_versions, list_versions
 
     cfg = load_config(config, set_)
     typer.echo(format_versions(list_versions(cfg)))

@@ -108,7 +108,7 @@ def report(summary: dict[str, Any], seconds: float) -> None:
         print(f"  {task_id:<18} {summary['tasks'][task_id]:<10} {f'{seconds:.0f} s' if seconds else ''}")
     registered = summary["results"].get("register_model")
     if registered:
-        from fashion_tagger.registry.register import describe_registration
+        from fashion_tagger.registry.versions import describe_registration
 
         print()
         print(describe_registration(registered))

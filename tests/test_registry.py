@@ -20,6 +20,7 @@ from fashion_tagger.evaluation import gate
 from fashion_tagger.evaluation.bootstrap import paired_bootstrap
 from fashion_tagger.evaluation.metrics import compute_metrics
 from fashion_tagger.registry import register as registry
+from fashion_tagger.registry import versions
 
 
 @pytest.fixture(scope="module")
@@ -225,14 +226,14 @@ def test_better_challenger_is_promoted_and_worse_one_stays_challenger(tmp_path, 
     assert held.decision == registry.HELD and held.aliases == [] and "promote is false" in held.reason
     assert _aliases(config) == {"champion": "2", "challenger": "3"}
 
-    rows = registry.list_versions(config)
+    rows = versions.list_versions(config)
     assert [(r["version"], r["aliases"], r["decision"]) for r in rows] == [
         ("4", [], registry.HELD), ("3", ["challenger"], registry.REJECTED), ("2", ["champion"], registry.PROMOTED),
         ("1", [], registry.PROMOTED),
     ]
-    table = registry.format_versions(rows)
+    table = versions.format_versions(rows)
     assert "champion" in table and "rejected" in table and table.count("\n") == 6
-    text = registry.describe_registration(promoted)
+    text = versions.describe_registration(promoted)
     assert "version 2" in text and "models:/" in text and "mlflow ui --backend-store-uri sqlite:///" in text
 
 

@@ -8,9 +8,8 @@ changes nothing.
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -20,7 +19,6 @@ from fashion_tagger.core.config import Config
 from fashion_tagger.core.errors import RunError
 from fashion_tagger.core.io import StageResult, file_lock, read_json, write_json, write_text
 from fashion_tagger.core.layout import TrainDir
-from fashion_tagger.core.text import text_table
 from fashion_tagger.data.labels import LabelSpace
 from fashion_tagger.evaluation import gate as gate_module
 from fashion_tagger.registry import model_card as reports
@@ -139,7 +137,7 @@ def _champion(client: MlflowClient, name: str) -> ModelVersion | None:
         return None
 
 
-def _float_tag(tags: Mapping[str, str], key: str) -> float | None:
+def float_tag(tags: Mapping[str, str], key: str) -> float | None:
     value = tags.get(key)
     return float(value) if value not in (None, "", "None") else None
 
@@ -158,9 +156,9 @@ def _result_from_version(client: MlflowClient, version: ModelVersion, run_dir: P
         aliases=_aliases(client, version.name, version.version),
         decision=tags.get(TAG_DECISION, ""),
         reason=tags.get(TAG_REASON, ""),
-        headline_macro_f1=_float_tag(tags, TAG_HEADLINE),
+        headline_macro_f1=float_tag(tags, TAG_HEADLINE),
         champion_version=tags.get(TAG_CHAMPION_VERSION) or None,
-        champion_headline=_float_tag(tags, TAG_CHAMPION_SCORE),
+        champion_headline=float_tag(tags, TAG_CHAMPION_SCORE),
         gate_rows=int(tags.get(TAG_GATE_ROWS, 0) or 0),
         already_registered=already,
         tracking_uri=uri,
@@ -264,7 +262,7 @@ def register_run(run_dir: str | Path, config: Config) -> RegistrationResult:
         gate, predictions = gate_module.run_gate(
             name, str(version.version), str(champion.version) if champion is not None else None, data,
             config.registry,
-            champion_stored_headline=_float_tag(champion.tags, TAG_HEADLINE) if champion is not None else None,
+            champion_stored_headline=float_tag(champion.tags, TAG_HEADLINE) if champion is not None else None,
             champion_membership=champion.tags.get(TAG_TEST_MEMBERSHIP) if champion is not None else None,
             membership=membership_of_split(outputs.split_dir) or None,
         )
@@ -368,85 +366,3 @@ def _record(client: MlflowClient, outputs: TrainingOutputs, run_id: str, version
     for key, value in tags.items():
         client.set_model_version_tag(name, number, key, str(value))
     log.info("gate: %s version %s %s (%s)", name, number, gate["decision"], gate["reason"])
-
-
-# ---------------------------------------------------------------------------------------------- listing
-
-
-def list_versions(config: Config) -> list[dict[str, Any]]:
-    """Every version of `registry.model_name`, newest first: aliases, headline metric, gate decision."""
-    from mlflow.exceptions import MlflowException
-
-    name = config.registry.model_name
-    with tracking.tracking_session(config) as client:
-        try:
-            aliases = client.get_registered_model(name).aliases
-        except MlflowException:
-            return []
-        by_version: dict[str, list[str]] = {}
-        for alias, number in aliases.items():
-            by_version.setdefault(str(number), []).append(alias)
-        rows = []
-        for version in client.search_model_versions(f"name='{name}'"):
-            tags = version.tags
-            rows.append({
-                "name": name,
-                "version": str(version.version),
-                "aliases": sorted(by_version.get(str(version.version), [])),
-                "headline_macro_f1": _float_tag(tags, TAG_HEADLINE),
-                "decision": tags.get(TAG_DECISION, ""),
-                "champion_headline": _float_tag(tags, TAG_CHAMPION_SCORE),
-                "created": dt.datetime.fromtimestamp(version.creation_timestamp / 1000, dt.UTC)
-                .isoformat(timespec="seconds"),
-                "run_id": version.run_id or "",
-                "run_dir": tags.get(tracking.TAG_RUN_DIR, ""),
-            })
-    return sorted(rows, key=lambda row: int(row["version"]), reverse=True)
-
-
-def format_versions(rows: Sequence[Mapping[str, Any]]) -> str:
-    """A plain table for `fashion-tagger models`."""
-    if not rows:
-        return "no registered versions yet: `fashion-tagger run` (or `fashion-tagger register RUN`) registers one"
-    headers = ("version", "aliases", "headline", "decision", "champion then", "created")
-    table = [
-        (
-            str(row["version"]),
-            ",".join(row["aliases"]) or "-",
-            f"{row['headline_macro_f1']:.4f}" if row.get("headline_macro_f1") is not None else "-",
-            row.get("decision") or "-",
-            f"{row['champion_headline']:.4f}" if row.get("champion_headline") is not None else "-",
-            str(row.get("created", "")).replace("+00:00", "Z"),
-        )
-        for row in rows
-    ]
-    return f"{rows[0]['name']}\n" + text_table(headers, table)
-
-
-def ui_command(tracking_uri: str, port: int = 5000) -> str:
-    """How to browse this store: `mlflow ui` for a local store, the server's address otherwise."""
-    if tracking.is_local_store(tracking_uri):
-        return f"mlflow ui --backend-store-uri {tracking_uri} --port {port}  (then open http://127.0.0.1:{port})"
-    return f"open {tracking_uri} in a browser"
-
-
-def describe_registration(result: RegistrationResult | Mapping[str, Any]) -> str:
-    """A few lines for the end of `make run`: version, alias, headline metric, how to load and browse it."""
-    r = result.to_dict() if isinstance(result, RegistrationResult) else dict(result)
-    headline = f"{r['headline_macro_f1']:.4f}" if r.get("headline_macro_f1") is not None else "n/a"
-    aliases = ", ".join(r.get("aliases") or []) or "none"
-    again = " (already registered: nothing changed)" if r.get("already_registered") else ""
-    lines = [
-        f"registered {r['model_name']} version {r['version']}{again}; aliases: {aliases}",
-        f"headline macro-F1 {headline} on {r.get('gate_rows', 0)} test images; gate: {r['decision']} "
-        f"({r['reason']})",
-    ]
-    if r.get("champion_version"):
-        champion = r.get("champion_headline")
-        lines.append(f"champion version {r['champion_version']} scored "
-                     f"{champion:.4f} on the same images" if champion is not None else "")
-    alias = CHAMPION if CHAMPION in (r.get("aliases") or []) else None
-    uri = f"models:/{r['model_name']}@{alias}" if alias else r.get("model_uri", "")
-    lines.append(f"load it: mlflow.pyfunc.load_model('{uri}') or `fashion-tagger predict --model {uri} IMAGE`")
-    lines.append(f"browse runs and models: {ui_command(r.get('tracking_uri', ''))}")
-    return "\n".join(line for line in lines if line)

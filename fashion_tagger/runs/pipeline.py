@@ -36,7 +36,7 @@ def run_all(run: Run, *, force: bool = False) -> PipelineResult:
     Train, evaluate and register (`stages.retrain_stages`) are skipped when nothing changed since the champion
     (`stages.retrain_skip_reason`) unless FORCE or `train.force` is set.
     """
-    from fashion_tagger.registry.register import describe_registration
+    from fashion_tagger.registry.versions import describe_registration
     from fashion_tagger.runs.stages import retrain_skip_reason, retrain_stages, skip_retraining
 
     result = PipelineResult(run_id=run.id, run_root=run.root)
