@@ -25,6 +25,27 @@ FIXED_OVERRIDES: dict[str, Any] = {"train": {"devices": str(TRAIN_GPUS), "progre
 PARAMS = {name: Param(**spec) for name, spec in form.form_params().items()}
 
 
+def start_run(context: dict[str, Any]) -> str:
+    """The first task's run folder: created from the trigger parameters and named by the Airflow run id."""
+    from fashion_tagger.runs.run import create_run
+
+    config = form.config_from_params(context["params"], fixed=FIXED_OVERRIDES)
+    return str(create_run(config, context["run_id"]).root)
+
+
+def skip_if_unchanged(run_root: str) -> None:
+    """Skip this task, and with it every later one, when nothing changed since the champion (reason in the log)."""
+    from airflow.sdk.exceptions import AirflowSkipException
+
+    from fashion_tagger.runs.run import open_run
+    from fashion_tagger.runs.stages import retrain_skip_reason, skip_retraining
+
+    run = open_run(run_root)
+    if reason := retrain_skip_reason(run):
+        skip_retraining(run, reason)
+        raise AirflowSkipException(reason)
+
+
 def run_in_task(stage: Stage, run_root: str) -> dict[str, Any]:
     """Run STAGE of the run at RUN_ROOT inside this task, or as its child process when the stage asks for one."""
     from fashion_tagger.runs.run import open_run
@@ -40,9 +61,8 @@ def run_in_task(stage: Stage, run_root: str) -> dict[str, Any]:
 
 
 def stage_task(stage: Stage):
-    """The Airflow task of STAGE: the first task creates the run from the trigger parameters, the others take the
-    run folder from the task before them. A `skip_when_unchanged` stage skips itself, and with it every later task,
-    when nothing changed since the champion."""
+    """The Airflow task of STAGE, its routing, timeout, asset and documentation read from the stage's declaration.
+    The first task starts the run; every other one takes the run folder from the task before it."""
     options: dict[str, Any] = {"task_id": stage.airflow_task_id, "doc_md": stage.task_doc}
     if stage.outlet:
         options["outlets"] = [ASSETS[stage.outlet]]
@@ -54,23 +74,10 @@ def stage_task(stage: Stage):
         options["execution_timeout"] = dag_support.timeout_from_env(stage.name, stage.timeout_hours)
 
     def run_stage_task(upstream: dict[str, Any] | None = None, **context) -> dict[str, Any]:
-        from fashion_tagger.runs.run import create_run, open_run
-
         with errors_follow_the_contract():
-            if upstream is None:
-                config = form.config_from_params(context["params"], fixed=FIXED_OVERRIDES)
-                run_root = str(create_run(config, context["run_id"]).root)
-            else:
-                run_root = upstream["run_root"]
+            run_root = start_run(context) if upstream is None else upstream["run_root"]
             if stage.skip_when_unchanged:
-                from airflow.sdk.exceptions import AirflowSkipException
-
-                from fashion_tagger.runs.stages import retrain_skip_reason, skip_retraining
-
-                run = open_run(run_root)
-                if reason := retrain_skip_reason(run):
-                    skip_retraining(run, reason)
-                    raise AirflowSkipException(reason)
+                skip_if_unchanged(run_root)
             result = run_in_task(stage, run_root)
         if stage.outlet:
             context["outlet_events"][ASSETS[stage.outlet]].extra = {

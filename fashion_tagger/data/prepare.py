@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
@@ -145,7 +146,7 @@ def _run_tasks(tasks: list[tuple[Any, ...]], workers: WorkerCount) -> list[tuple
     errors = []
     with progress:
         if workers == 1:
-            outcomes = map(_prepare_task, tasks)
+            outcomes: Iterator[tuple[str, str | None]] = map(_prepare_task, tasks)
             for sha, err in log_progress(outcomes, total=len(tasks), what="prepare", unit="images"):
                 if err:
                     errors.append((sha, err))

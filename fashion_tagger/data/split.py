@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -61,7 +61,7 @@ def load_clean(clean_dir: str | Path) -> tuple[pd.DataFrame, str]:
     return clean, source_hash or table_sha256(clean)
 
 
-def _indicator(frame: pd.DataFrame, classes: dict[str, Sequence[str]]) -> np.ndarray:
+def _indicator(frame: pd.DataFrame, classes: Mapping[str, Sequence[str]]) -> np.ndarray:
     """Rows x (one column of ones + one per (attribute, class)); a 'None' label sets no column of its attribute.
 
     The ones column keeps the row share itself on target and gives iterstrat the two columns it requires.
@@ -150,7 +150,7 @@ def _unit_keys(clean: pd.DataFrame) -> np.ndarray:
                     dtype=object)
 
 
-def _key_uniform(keys: Sequence[str], seed: int) -> np.ndarray:
+def _key_uniform(keys: Sequence[str] | np.ndarray, seed: int) -> np.ndarray:
     """A uniform number in [0, 1) per key, from a hash of (seed, key): the same key always draws the same one."""
     return np.array([int.from_bytes(hashlib.sha256(f"{seed}:{k}".encode()).digest()[:8], "big") / 2**64
                      for k in keys])

@@ -285,7 +285,7 @@ def validate_dataset(raw_dir: str | Path, out_dir: str | Path, config: Config) -
     rejects = list(parsed.rejects)
     candidates = _unique_ids(parsed.records, rejects)
     if data.metadata_only:
-        clean_records, clean_images = candidates, [{} for _ in candidates]
+        clean_records, clean_images = candidates, [{} for _ in candidates]  # type: list[StyleRecord], list[dict[str, Any]]
         clean_paths = [str(images_dir / f"{r.values['id']}{IMAGE_SUFFIX}") for r in candidates]
     else:
         clean_records, clean_images, clean_paths = _usable_images(candidates, images_dir, data,

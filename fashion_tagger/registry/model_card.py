@@ -16,6 +16,7 @@ import pandas as pd
 from fashion_tagger.core.config import Config
 from fashion_tagger.core.io import read_json
 from fashion_tagger.core.layout import SplitDir, ValidateDir
+from fashion_tagger.data.imaging import read_fitted
 
 if TYPE_CHECKING:
     from fashion_tagger.data.labels import LabelSpace
@@ -41,7 +42,6 @@ def sample_grid(paths: Sequence[str], predictions: pd.DataFrame, gate: GateData,
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from PIL import Image
 
     count = min(count, len(paths))
     columns = min(4, count) or 1
@@ -49,13 +49,9 @@ def sample_grid(paths: Sequence[str], predictions: pd.DataFrame, gate: GateData,
     fig, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 4.6 * rows), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
-    picks = np.unique(np.linspace(0, len(paths) - 1, count).round().astype(int)) if count else []
+    picks: list[int] = np.unique(np.linspace(0, len(paths) - 1, count).round().astype(int)).tolist() if count else []
     for ax, i in zip(axes.flat, picks, strict=False):
-        with Image.open(paths[i]) as image:
-            image.draft("RGB", (240, 320))  # full-size JPEGs decode at a fraction of their size
-            image = image.convert("RGB")
-            image.thumbnail((240, 320))
-            ax.imshow(image)
+        ax.imshow(read_fitted(paths[i], 240, 320))  # the one decode; full-size JPEGs at a reduced DCT scale
         for j, attribute in enumerate(gate.labels.attributes):
             predicted = str(predictions.at[i, attribute]) if attribute in predictions.columns else "?"
             truth_index = int(gate.y_true[attribute][i])

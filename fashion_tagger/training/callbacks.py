@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import lightning as L
 import torch
@@ -15,6 +15,9 @@ from lightning.pytorch.callbacks import BaseFinetuning, Callback
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from fashion_tagger.core.io import atomic_path, write_json
+
+if TYPE_CHECKING:
+    from fashion_tagger.training.module import TaggerModule
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +39,7 @@ class BackboneFreeze(BaseFinetuning):
         """Nothing here on purpose: see the class docstring."""
 
     def finetune_function(self, pl_module: L.LightningModule, epoch: int, optimizer: torch.optim.Optimizer) -> None:
-        backbone = pl_module.model.backbone
+        backbone = cast("TaggerModule", pl_module).model.backbone
         if epoch < self.epochs:
             self.freeze(backbone, train_bn=True)
         elif any(not p.requires_grad for p in backbone.parameters()):

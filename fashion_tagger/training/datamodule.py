@@ -145,7 +145,7 @@ class TaggerDataModule(L.LightningDataModule):
         if self.val_set is None:
             self.val_set = self._dataset("val", eval_transform())
 
-    def _loader(self, dataset: Dataset, *, train: bool) -> DataLoader:
+    def _loader(self, dataset: TaggerDataset, *, train: bool) -> DataLoader:
         return DataLoader(
             dataset,
             batch_size=self.batch_size,

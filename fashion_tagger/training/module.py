@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities.types import OptimizerLRSchedulerConfig
 
 from fashion_tagger.core.config import CHECK_ENVIRONMENT, Config
 from fashion_tagger.data.imaging import normalize, pixel_stats
@@ -67,7 +68,7 @@ class TaggerModule(L.LightningModule):
 
     def _inputs(self, images: torch.Tensor) -> torch.Tensor:
         """The loader's uint8 batch, normalised here on the device."""
-        images = normalize(images, self.pixel_mean, self.pixel_std)
+        images = normalize(images, self.get_buffer("pixel_mean"), self.get_buffer("pixel_std"))
         return images.contiguous(memory_format=torch.channels_last) if self.config.train.channels_last else images
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
@@ -94,18 +95,18 @@ class TaggerModule(L.LightningModule):
         self._val_labels.clear()
         if self.trainer.world_size > 1:
             # DistributedSampler pads every rank to the same length, so the gathered tensors stack.
-            preds = self.all_gather(preds).flatten(0, 1)
-            labels = self.all_gather(labels).flatten(0, 1)
-        preds, labels = preds.cpu().numpy(), labels.cpu().numpy()
+            preds = cast(torch.Tensor, self.all_gather(preds)).flatten(0, 1)
+            labels = cast(torch.Tensor, self.all_gather(labels)).flatten(0, 1)
+        predicted, true = preds.cpu().numpy(), labels.cpu().numpy()
         scores = {
-            a: macro_f1(labels[:, i], preds[:, i], self.label_space.num_classes[a])
+            a: macro_f1(true[:, i], predicted[:, i], self.label_space.num_classes[a])
             for i, a in enumerate(self.attributes)
         }
         # Every rank computed the same numbers from the gathered tensors; sync_dist only averages equal values.
         self.log_dict({f"val_f1_{a}": s for a, s in scores.items()}, sync_dist=True)
         self.log(MONITOR, sum(scores.values()) / len(scores), prog_bar=True, sync_dist=True)
 
-    def configure_optimizers(self) -> dict[str, Any]:
+    def configure_optimizers(self) -> OptimizerLRSchedulerConfig:
         train = self.config.train
         optimizer = torch.optim.AdamW(
             parameter_groups(self.model, train.lr, train.backbone_lr_scale, train.weight_decay), lr=train.lr
