@@ -19,7 +19,7 @@ from tagger_fixtures import draw, jpeg_bytes, make_run, make_split, tiny_config
 from tagger_helpers import train_on_real_small_images
 
 from fashion_tagger.core.config import ConfigError, load_config
-from fashion_tagger.core.errors import DataError
+from fashion_tagger.core.errors import DataError, SourceError, SourceUnavailableError
 from fashion_tagger.core.layout import TagsDir
 from fashion_tagger.core.schema import ATTRIBUTES
 from fashion_tagger.tagging import jobs, outputs, tagger
@@ -238,8 +238,10 @@ def test_an_s3_catalog_gets_the_same_tags_as_the_folder(catalog, models, tmp_pat
         for image in (catalog / "images").iterdir():
             s3.upload_file(str(image), "shop", f"photos/images/{image.name}")
         remote = jobs.tag_catalog("s3://shop/photos", str(models["probe_run"]), tmp_path / "s3", config=config)
-        with pytest.raises(TaggingError, match="listing s3://missing-bucket/x failed"):
+        with pytest.raises(SourceError, match="listing s3://missing-bucket/x failed"):  # bad input: not retried
             list_catalog("s3://missing-bucket/x")
+    with pytest.raises(SourceUnavailableError, match="listing s3://shop/x failed.*did not answer"):  # retried
+        list_catalog("s3://shop/x", s3_endpoint_url="http://127.0.0.1:9")
     assert (remote.tagged, remote.rejected) == (folder.tagged, folder.rejected)
     by_folder = pd.read_parquet(folder.table).set_index("id")
     by_s3 = pd.read_parquet(remote.table).set_index("id")

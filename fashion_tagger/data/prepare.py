@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
@@ -141,26 +142,26 @@ def _run_tasks(tasks: list[tuple[Any, ...]], workers: WorkerCount) -> list[tuple
     """Process the tasks (in a pool when it pays off) and return (sha, error) of each failure."""
     if not tasks:
         return []
-    workers = pool_workers(workers, len(tasks))
-    progress = tqdm(total=len(tasks), desc="prepare", unit="img", disable=None)
     errors = []
-    with progress:
-        if workers == 1:
-            outcomes: Iterator[tuple[str, str | None]] = map(_prepare_task, tasks)
-            for sha, err in log_progress(outcomes, total=len(tasks), what="prepare", unit="images"):
-                if err:
-                    errors.append((sha, err))
-                progress.update()
-        else:
-            chunksize = max(1, min(64, len(tasks) // (workers * 8)))
-            # forkserver: workers start clean, without the parent's threads or its torch/MLflow state; the preload
-            # imports this module once in the server, so each worker is a cheap fork of it.
-            context = get_context("forkserver")
-            context.set_forkserver_preload([__name__])
-            with context.Pool(workers) as pool:
-                outcomes = pool.imap_unordered(_prepare_task, tasks, chunksize=chunksize)
-                for sha, err in log_progress(outcomes, total=len(tasks), what="prepare", unit="images"):
-                    if err:
-                        errors.append((sha, err))
-                    progress.update()
+    with tqdm(total=len(tasks), desc="prepare", unit="img", disable=None) as progress, \
+            _outcomes(tasks, pool_workers(workers, len(tasks))) as outcomes:
+        for sha, err in log_progress(outcomes, total=len(tasks), what="prepare", unit="images"):
+            if err:
+                errors.append((sha, err))
+            progress.update()
     return errors
+
+
+@contextmanager
+def _outcomes(tasks: list[tuple[Any, ...]], workers: int) -> Iterator[Iterator[tuple[str, str | None]]]:
+    """(sha, error or None) of each task as it finishes: in this process, or in a pool of WORKERS processes."""
+    if workers == 1:
+        yield map(_prepare_task, tasks)
+        return
+    chunksize = max(1, min(64, len(tasks) // (workers * 8)))
+    # forkserver: workers start clean, without the parent's threads or its torch/MLflow state; the preload
+    # imports this module once in the server, so each worker is a cheap fork of it.
+    context = get_context("forkserver")
+    context.set_forkserver_preload([__name__])
+    with context.Pool(workers) as pool:
+        yield pool.imap_unordered(_prepare_task, tasks, chunksize=chunksize)

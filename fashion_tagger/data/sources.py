@@ -13,8 +13,9 @@ import re
 import shutil
 import time
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -335,7 +336,10 @@ def connect_s3(endpoint_url: str | None) -> Any:
     return boto3.client("s3", endpoint_url=endpoint or None)
 
 
-def _fetch_s3(uri: str, raw_root: Path, client: Any, endpoint_url: str | None) -> tuple[Path, str, bool]:
+@contextmanager
+def s3_errors(what: str) -> Iterator[None]:
+    """S3 failures in the error contract's terms: an endpoint that does not answer is transient (retried), any
+    other S3 error (no such bucket, access denied) is bad input; both name WHAT was being done."""
     from botocore.exceptions import (
         BotoCoreError,
         ClientError,
@@ -344,6 +348,15 @@ def _fetch_s3(uri: str, raw_root: Path, client: Any, endpoint_url: str | None) -
         ReadTimeoutError,
     )
 
+    try:
+        yield
+    except (EndpointConnectionError, ConnectTimeoutError, ReadTimeoutError) as exc:
+        raise SourceUnavailableError(f"{what} failed: {exc}; the S3 endpoint did not answer") from exc
+    except (BotoCoreError, ClientError) as exc:
+        raise SourceError(f"{what} failed: {exc} (endpoint: set data.s3_endpoint_url or AWS_ENDPOINT_URL)") from exc
+
+
+def _fetch_s3(uri: str, raw_root: Path, client: Any, endpoint_url: str | None) -> tuple[Path, str, bool]:
     bucket, prefix = parse_s3_uri(uri)
     name = s3_dataset_name(bucket, prefix)
     if io.is_complete(raw_root / name):
@@ -351,7 +364,7 @@ def _fetch_s3(uri: str, raw_root: Path, client: Any, endpoint_url: str | None) -
 
     def fill(staged: Path) -> dict[str, Any]:
         s3 = client if client is not None else connect_s3(endpoint_url)
-        try:
+        with s3_errors(f"reading {uri}"):
             keys = list_keys(s3, bucket, f"{prefix}/" if prefix else "")
             base = _s3_dataset_base(keys, prefix)
             if base is None:
@@ -370,12 +383,6 @@ def _fetch_s3(uri: str, raw_root: Path, client: Any, endpoint_url: str | None) -
                 done = pool.map(lambda job: s3.download_file(bucket, job[0], str(job[1])), jobs)
                 for _ in tqdm(done, total=len(jobs), desc=f"s3://{bucket}/{base}", unit="file", disable=None):
                     pass
-        except (EndpointConnectionError, ConnectTimeoutError, ReadTimeoutError) as exc:
-            raise SourceUnavailableError(f"reading {uri} failed: {exc}; the S3 endpoint did not answer") from exc
-        except (BotoCoreError, ClientError) as exc:
-            raise SourceError(
-                f"reading {uri} failed: {exc} (endpoint: set data.s3_endpoint_url or AWS_ENDPOINT_URL)"
-            ) from exc
         return {"source": uri, "layout": base[len(prefix) :].strip("/") or "."}
 
     dest, downloaded = _materialize(raw_root, name, fill)

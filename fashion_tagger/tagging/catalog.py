@@ -22,7 +22,7 @@ REJECT_COLUMNS = ["id", "image_path", "reason"]
 
 
 class TaggingError(FashionTaggerError):
-    """A model URI that does not resolve, or a catalog that cannot be listed."""
+    """A model URI that does not resolve."""
 
 
 def no_rejects() -> pd.DataFrame:
@@ -74,13 +74,11 @@ def _list_folder(folder: Path, manifest: Path | None) -> tuple[pd.DataFrame, pd.
 
 
 def _list_s3(uri: str, manifest: Path | None, endpoint_url: str | None) -> tuple[pd.DataFrame, pd.DataFrame]:
-    from botocore.exceptions import BotoCoreError, ClientError
-
-    from fashion_tagger.data.sources import connect_s3, list_keys, parse_s3_uri
+    from fashion_tagger.data.sources import connect_s3, list_keys, parse_s3_uri, s3_errors
 
     bucket, prefix = parse_s3_uri(uri)
     s3 = connect_s3(endpoint_url)
-    try:
+    with s3_errors(f"listing {uri}"):
         keys = list_keys(s3, bucket, f"{prefix}/" if prefix else "")
         images = sorted(k for k in keys if Path(k).suffix.lower() in IMAGE_SUFFIXES)
         ids = _manifest_ids(manifest) if manifest else None
@@ -88,10 +86,6 @@ def _list_s3(uri: str, manifest: Path | None, endpoint_url: str | None) -> tuple
         if ids is None and manifest_key in keys:
             body = s3.get_object(Bucket=bucket, Key=manifest_key)["Body"].read()
             ids = _manifest_ids(f"s3://{bucket}/{manifest_key}", _io.BytesIO(body))
-    except (BotoCoreError, ClientError) as exc:
-        raise TaggingError(
-            f"listing {uri} failed: {exc} (endpoint: set data.s3_endpoint_url or AWS_ENDPOINT_URL)"
-        ) from None
     if not images:
         raise DataError(f"catalog {uri} holds no images ({', '.join(IMAGE_SUFFIXES)})")
     items = pd.DataFrame({"id": [Path(k).stem for k in images], "image_path": [f"s3://{bucket}/{k}" for k in images]})
