@@ -19,6 +19,7 @@ import pandas as pd
 from fashion_tagger.core.config import Config
 from fashion_tagger.core.io import StageResult, write_json, write_parquet
 from fashion_tagger.core.layout import EvalDir, TrainDir
+from fashion_tagger.core.plots import saved_figure
 from fashion_tagger.data.labels import LabelSpace
 from fashion_tagger.evaluation.metrics import compute_metrics, summary
 from fashion_tagger.evaluation.scoring import PredictorModel, ScoringSet, encode_predictions, predict_paths, scoring_set
@@ -137,48 +138,35 @@ def _write_predictions(
 
 def plot_metrics(metrics: Mapping[str, Any], out: EvalDir) -> list[Path]:
     """Per-class F1 bars and a row-normalised confusion heatmap per attribute, as PNGs."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     paths = []
     for attribute, m in metrics["attributes"].items():
         names = m["classes"]
         f1 = [m["per_class"][n]["f1"] for n in names]
         support = [m["per_class"][n]["support"] for n in names]
-        fig, ax = plt.subplots(figsize=(7, 0.8 + 0.3 * len(names)))
-        ax.barh(range(len(names)), f1, color="tab:blue")
-        ax.set_yticks(range(len(names)), [f"{n} ({s})" for n, s in zip(names, support, strict=True)], fontsize=8)
-        ax.invert_yaxis()
-        ax.set_xlim(0, 1)
-        ax.axvline(m["macro_f1"], color="tab:red", linestyle="--", label=f"macro-F1 {m['macro_f1']:.3f}")
-        ax.set_xlabel("F1 (support in brackets)")
-        ax.set_title(f"{attribute}: per-class F1")
-        ax.legend(loc="lower right", fontsize=8)
-        fig.tight_layout()
         paths.append(out.per_class_plot(attribute))
-        fig.savefig(paths[-1], dpi=100)
-        plt.close(fig)
+        with saved_figure(paths[-1], figsize=(7, 0.8 + 0.3 * len(names))) as (_, ax):
+            ax.barh(range(len(names)), f1, color="tab:blue")
+            ax.set_yticks(range(len(names)), [f"{n} ({s})" for n, s in zip(names, support, strict=True)],
+                          fontsize=8)
+            ax.invert_yaxis()
+            ax.set_xlim(0, 1)
+            ax.axvline(m["macro_f1"], color="tab:red", linestyle="--", label=f"macro-F1 {m['macro_f1']:.3f}")
+            ax.set(xlabel="F1 (support in brackets)", title=f"{attribute}: per-class F1")
+            ax.legend(loc="lower right", fontsize=8)
 
         confusion = np.asarray(m["confusion_matrix"], dtype=float)
         normalised = confusion / np.maximum(confusion.sum(1, keepdims=True), 1)
         side = 2.5 + 0.35 * len(names)
-        fig, ax = plt.subplots(figsize=(side + 1, side))
-        image = ax.imshow(normalised, cmap="Blues", vmin=0, vmax=1)
-        ax.set_xticks(range(len(names)), names, rotation=90, fontsize=7)
-        ax.set_yticks(range(len(names)), names, fontsize=7)
-        if len(names) <= 12:
-            for (i, j), count in np.ndenumerate(confusion.astype(int)):
-                if count:
-                    ax.text(j, i, str(count), ha="center", va="center", fontsize=7,
-                            color="white" if normalised[i, j] > 0.5 else "black")
-        ax.set_xlabel("predicted")
-        ax.set_ylabel("true")
-        ax.set_title(f"{attribute}: confusion (row-normalised, counts)")
-        fig.colorbar(image, ax=ax, fraction=0.046)
-        fig.tight_layout()
         paths.append(out.confusion_plot(attribute))
-        fig.savefig(paths[-1], dpi=100)
-        plt.close(fig)
+        with saved_figure(paths[-1], figsize=(side + 1, side)) as (fig, ax):
+            image = ax.imshow(normalised, cmap="Blues", vmin=0, vmax=1)
+            ax.set_xticks(range(len(names)), names, rotation=90, fontsize=7)
+            ax.set_yticks(range(len(names)), names, fontsize=7)
+            if len(names) <= 12:
+                for (i, j), count in np.ndenumerate(confusion.astype(int)):
+                    if count:
+                        ax.text(j, i, str(count), ha="center", va="center", fontsize=7,
+                                color="white" if normalised[i, j] > 0.5 else "black")
+            ax.set(xlabel="predicted", ylabel="true", title=f"{attribute}: confusion (row-normalised, counts)")
+            fig.colorbar(image, ax=ax, fraction=0.046)
     return paths

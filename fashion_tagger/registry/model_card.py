@@ -5,7 +5,6 @@ Markdown and PNG only; the registry decides where they go.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -16,6 +15,7 @@ import pandas as pd
 from fashion_tagger.core.config import Config
 from fashion_tagger.core.io import read_json
 from fashion_tagger.core.layout import SplitDir, ValidateDir
+from fashion_tagger.core.plots import image_grid
 from fashion_tagger.data.imaging import read_fitted
 
 if TYPE_CHECKING:
@@ -38,34 +38,21 @@ def validation_report(split_dir: Path) -> dict[str, Any]:
 def sample_grid(paths: Sequence[str], predictions: pd.DataFrame, gate: GateData, out_path: Path,
                 count: int = 12) -> Path:
     """COUNT test images spread over the split, with predicted tags (red where the tag is wrong)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     count = min(count, len(paths))
-    columns = min(4, count) or 1
-    rows = max(1, math.ceil(count / columns))
-    fig, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 4.6 * rows), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
     picks: list[int] = np.unique(np.linspace(0, len(paths) - 1, count).round().astype(int)).tolist() if count else []
-    for ax, i in zip(axes.flat, picks, strict=False):
-        ax.imshow(read_fitted(paths[i], 240, 320))  # the one decode; full-size JPEGs at a reduced DCT scale
-        for j, attribute in enumerate(gate.labels.attributes):
-            predicted = str(predictions.at[i, attribute]) if attribute in predictions.columns else "?"
-            truth_index = int(gate.y_true[attribute][i])
-            truth = gate.labels.classes[attribute][truth_index] if truth_index >= 0 else None
-            colour = "black" if truth is None else ("green" if truth == predicted else "red")
-            confidence = predictions.get(f"{attribute}_confidence")
-            suffix = f" {float(confidence.iloc[i]):.2f}" if confidence is not None else ""
-            ax.text(0.0, -0.04 - 0.075 * j, f"{attribute}: {predicted}{suffix}", transform=ax.transAxes,
-                    fontsize=7, color=colour, va="top")
-    fig.suptitle("test samples: predicted tags (green right, red wrong, black unlabelled)", fontsize=9)
-    fig.tight_layout()
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_path, dpi=90)
-    plt.close(fig)
+    with image_grid(out_path, count, dpi=90) as (fig, cells):
+        for ax, i in zip(cells, picks, strict=False):
+            ax.imshow(read_fitted(paths[i], 240, 320))  # the one decode; full-size JPEGs at a reduced DCT scale
+            for j, attribute in enumerate(gate.labels.attributes):
+                predicted = str(predictions.at[i, attribute]) if attribute in predictions.columns else "?"
+                truth_index = int(gate.y_true[attribute][i])
+                truth = gate.labels.classes[attribute][truth_index] if truth_index >= 0 else None
+                colour = "black" if truth is None else ("green" if truth == predicted else "red")
+                confidence = predictions.get(f"{attribute}_confidence")
+                suffix = f" {float(confidence.iloc[i]):.2f}" if confidence is not None else ""
+                ax.text(0.0, -0.04 - 0.075 * j, f"{attribute}: {predicted}{suffix}", transform=ax.transAxes,
+                        fontsize=7, color=colour, va="top")
+        fig.suptitle("test samples: predicted tags (green right, red wrong, black unlabelled)", fontsize=9)
     return out_path
 
 

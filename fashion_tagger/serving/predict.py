@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import textwrap
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -17,6 +16,7 @@ import pandas as pd
 from PIL import Image
 
 from fashion_tagger.core.errors import DataError, FashionTaggerError
+from fashion_tagger.core.plots import image_grid
 from fashion_tagger.data.imaging import IMAGE_SUFFIXES, decode_image, first_line, read_fitted, resize_image
 from fashion_tagger.serving.predictor import Predictor, load_predictor
 from fashion_tagger.serving.rows import (
@@ -100,35 +100,21 @@ def _predict_with_mlflow(model_uri: str, files: Sequence[Path]) -> pd.DataFrame:
 
 def draw_grid(files: Sequence[Path], table: pd.DataFrame, out_path: str | Path, *, columns: int = 4) -> Path:
     """The images with their predicted tags underneath (the reference notebook's external-image check)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     attributes = attributes_of(table)
-    columns = max(1, min(columns, len(files)))
-    rows = math.ceil(len(files) / columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, (4.2 + 0.17 * len(attributes)) * rows),
-                             squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, path, (_, row) in zip(axes.flat, files, table.iterrows(), strict=False):
-        if isinstance(row.get(ERROR_COLUMN), str):
-            ax.imshow(Image.new("RGB", (240, 320), (235, 235, 235)))  # the same frame as a tagged image
-            ax.text(0.5, 0.5, textwrap.fill(row[ERROR_COLUMN][:200], 34), transform=ax.transAxes, ha="center",
-                    va="center", fontsize=7, color="darkred")
-            tags = "(not tagged)"
-        else:
-            ax.imshow(read_fitted(path, 240, 320))
-            tags = "\n".join(f"{a}: {row[a]} ({row[confidence_column(a)]:.2f})" for a in attributes)
-        ax.set_title(path.name, fontsize=8)
-        ax.text(0.5, -0.02, tags, transform=ax.transAxes, ha="center", va="top", fontsize=7, family="monospace")
-    fig.tight_layout()
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_path, dpi=100)
-    plt.close(fig)
-    return out_path
+    with image_grid(out_path, len(files), columns=columns, cell_height=4.2 + 0.17 * len(attributes)) as (_, cells):
+        for ax, path, (_, row) in zip(cells, files, table.iterrows(), strict=False):
+            if isinstance(row.get(ERROR_COLUMN), str):
+                ax.imshow(Image.new("RGB", (240, 320), (235, 235, 235)))  # the same frame as a tagged image
+                ax.text(0.5, 0.5, textwrap.fill(row[ERROR_COLUMN][:200], 34), transform=ax.transAxes, ha="center",
+                        va="center", fontsize=7, color="darkred")
+                tags = "(not tagged)"
+            else:
+                ax.imshow(read_fitted(path, 240, 320))
+                tags = "\n".join(f"{a}: {row[a]} ({row[confidence_column(a)]:.2f})" for a in attributes)
+            ax.set_title(path.name, fontsize=8)
+            ax.text(0.5, -0.02, tags, transform=ax.transAxes, ha="center", va="top", fontsize=7,
+                    family="monospace")
+    return Path(out_path)
 
 
 def run_predict(

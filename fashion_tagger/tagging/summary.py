@@ -15,6 +15,7 @@ import pandas as pd
 from fashion_tagger.core import io
 from fashion_tagger.core.config import Config, load_config
 from fashion_tagger.core.layout import TagsDir
+from fashion_tagger.core.plots import saved_figure
 from fashion_tagger.core.schema import ATTRIBUTES
 from fashion_tagger.serving.rows import confidence_column
 
@@ -23,11 +24,6 @@ log = logging.getLogger(__name__)
 
 def confidence_histograms(table: pd.DataFrame, thresholds: Mapping[str, float], out_dir: str | Path) -> list[Path]:
     """One PNG per tagged attribute: the histogram of its confidences, the review threshold marked."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -35,17 +31,14 @@ def confidence_histograms(table: pd.DataFrame, thresholds: Mapping[str, float], 
         values = table[confidence_column(attribute)].dropna() if len(table) else pd.Series(dtype=float)
         if values.empty:
             continue
-        fig, ax = plt.subplots(figsize=(5, 3.2))
-        ax.hist(values, bins=20, range=(0, 1), color="#4c72b0")
-        if attribute in thresholds:
-            ax.axvline(thresholds[attribute], color="#c44e52", linestyle="--",
-                       label=f"review below {thresholds[attribute]:.2f}")
-            ax.legend(fontsize=8)
-        ax.set(title=f"{attribute}: confidence of {len(values)} tags", xlabel="confidence", ylabel="images")
-        fig.tight_layout()
         path = out_dir / f"confidence_{attribute}.png"
-        fig.savefig(path, dpi=90)
-        plt.close(fig)
+        with saved_figure(path, dpi=90, figsize=(5, 3.2)) as (_, ax):
+            ax.hist(values, bins=20, range=(0, 1), color="#4c72b0")
+            if attribute in thresholds:
+                ax.axvline(thresholds[attribute], color="#c44e52", linestyle="--",
+                           label=f"review below {thresholds[attribute]:.2f}")
+                ax.legend(fontsize=8)
+            ax.set(title=f"{attribute}: confidence of {len(values)} tags", xlabel="confidence", ylabel="images")
         paths.append(path)
     return paths
 
