@@ -326,3 +326,22 @@ def test_champion_is_rescored_on_the_challengers_split(tmp_path, config_for):
     assert [m.step for m in client.get_metric_history(challenger.run_id, "val_macro_f1")] == [0]
     logged = json.loads(Path(client.download_artifacts(challenger.run_id, "gate.json", str(tmp_path))).read_text())
     assert logged["champion_headline"] == pytest.approx(expected) and logged["rows"] == 24
+
+
+def test_the_tag_keys_of_runs_and_versions_are_a_published_interface():
+    """Homes and registries written by earlier versions are read by these keys (the champion's fingerprint, the
+    gate's record): moving a module must never rename one."""
+    keys = {name: value for module in (registry, tracking) for name, value in vars(module).items()
+            if name.startswith("TAG_")}
+    assert keys == {
+        "TAG_CONTENT_ID": "fashion_tagger.content_id", "TAG_HEADLINE": "headline_macro_f1",
+        "TAG_DECISION": "gate.decision", "TAG_REASON": "gate.reason",
+        "TAG_CHALLENGER_SCORE": "gate.challenger_headline", "TAG_CHAMPION_SCORE": "gate.champion_headline",
+        "TAG_CHAMPION_VERSION": "gate.champion_version", "TAG_GATE_SPLIT": "gate.split_hash",
+        "TAG_GATE_ROWS": "gate.rows", "TAG_GATE_PART": "gate.split", "TAG_GAIN_LOW": "gate.headline_gain_low",
+        "TAG_GAIN_HIGH": "gate.headline_gain_high", "TAG_WARNING": "gate.warning",
+        "TAG_TEST_MEMBERSHIP": "fashion_tagger.test_membership", "TAG_FINGERPRINT": "fashion_tagger.fingerprint",
+        "TAG_DATASET_HASH": "fashion_tagger.dataset_hash", "TAG_DATASET_SOURCE": "fashion_tagger.dataset_source",
+        "TAG_CODE_VERSION": "fashion_tagger.code_version", "TAG_GIT_COMMIT": "fashion_tagger.git_commit",
+        "TAG_AIRFLOW_RUN_ID": "airflow.dag_run_id", "TAG_RUN_DIR": "fashion_tagger.run_dir",
+    }

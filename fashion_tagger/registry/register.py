@@ -53,7 +53,7 @@ TAG_GAIN_LOW = "gate.headline_gain_low"  # the 95 % interval of (challenger - ch
 TAG_GAIN_HIGH = "gate.headline_gain_high"
 TAG_WARNING = "gate.warning"
 TAG_TEST_MEMBERSHIP = "fashion_tagger.test_membership"  # the record the split's test part came from
-TAG_FINGERPRINT = "fashion_tagger.data.fingerprint"  # what the model's training depended on (fingerprint.py)
+TAG_FINGERPRINT = "fashion_tagger.fingerprint"  # what the model's training depended on (data/fingerprint.py)
 
 
 class RegistryError(RunError):
