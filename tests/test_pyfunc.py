@@ -207,3 +207,22 @@ def _stop_group(process: subprocess.Popen) -> None:
             break
         except subprocess.TimeoutExpired:
             continue
+
+
+def test_a_model_registered_before_the_subpackages_still_loads_in_this_process(registered, tmp_path, monkeypatch):
+    """Models logged by the flat package name `fashion_tagger.pyfunc_model` in their code; the gate loads such a
+    champion in a process that has imported this package, so that name must still resolve."""
+    from fashion_tagger.serving import pyfunc_model
+
+    legacy_code = pyfunc_model.MODEL_CODE.replace("fashion_tagger.serving.pyfunc_model", "fashion_tagger.pyfunc_model")
+    assert "from fashion_tagger.pyfunc_model import TaggerModel" in legacy_code
+    monkeypatch.setattr(pyfunc_model, "MODEL_CODE", legacy_code)
+    with tracking.tracking_session(registered["config"]):
+        with mlflow.start_run(experiment_id=tracking.ensure_experiment(mlflow.MlflowClient(), registered["config"])):
+            info = log_tagger_model(registered["export_dir"], name="legacy")
+        model = mlflow.pyfunc.load_model(info.model_uri)
+    files = _split_images(registered["split"], count=2)
+    tags = model.predict(pd.DataFrame({"image": [path.read_bytes() for path in files]}))
+    expected = Predictor.from_export(registered["export_dir"]).predict([Image.open(path) for path in files])
+    assert tags["error"].isna().all()
+    pd.testing.assert_frame_equal(tags.drop(columns="error"), expected, check_exact=False, atol=1e-5)
