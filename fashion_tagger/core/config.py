@@ -27,6 +27,7 @@ from pydantic import (
 )
 
 from fashion_tagger.core.errors import ConfigError
+from fashion_tagger.core.io import read_bytes
 from fashion_tagger.core.layout import CONFIG_FILENAME, Home
 from fashion_tagger.core.parallel import AUTO, WorkerCount, parse_devices
 from fashion_tagger.core.schema import ATTRIBUTES
@@ -343,10 +344,7 @@ def _read_yaml(source: str | Path) -> dict[str, Any]:
         raise ConfigError(f"config {path} is a directory: give a YAML file or a preset ({', '.join(preset_names())})")
     elif path.exists():
         origin = str(path)
-        try:
-            raw = path.read_bytes()
-        except OSError as exc:
-            raise ConfigError(f"config {path} cannot be read: {exc.strerror or exc}") from None
+        raw = read_bytes(path, ConfigError, "config")
         offset = raw.find(b"\0")  # a NUL byte is binary even where the rest decodes
         try:
             text = raw.decode("utf-8-sig")

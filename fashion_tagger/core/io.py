@@ -134,6 +134,14 @@ def write_parquet(frame: pd.DataFrame, path: str | Path) -> Path:
     return Path(path)
 
 
+def read_bytes(path: Path, error: type[Exception], what: str = "") -> bytes:
+    """PATH's bytes; an OSError becomes ERROR naming the file (`WHAT PATH cannot be read: reason`)."""
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise error(f"{what}{' ' if what else ''}{path} cannot be read: {exc.strerror or exc}") from None
+
+
 def read_json(path: str | Path) -> Any:
     return json.loads(Path(path).read_text())
 

@@ -11,11 +11,15 @@ from __future__ import annotations
 import hashlib
 import re
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any, Generic, TypeVar, overload
 
 from fashion_tagger.core.errors import ConfigError, RunError
+
+T = TypeVar("T")
 
 CONFIG_FILENAME = "config.yaml"
 STYLES_FILENAME = "styles.csv"  # the Kaggle layout of a raw dataset folder
@@ -44,23 +48,35 @@ def new_run_id(prefix: str = "cli") -> str:
     return f"{prefix}__{now:%Y-%m-%dT%H-%M-%S}.{now.microsecond // 1000:03d}Z-{secrets.token_hex(3)}"
 
 
+class _In(Generic[T]):
+    """An entry of a layout: NAME inside the layout's folder (its `dir`, or `root` for a run and the home), as a
+    path or as a layout of its own (KIND). `report = _In("report.json", Path)` reads as `self.dir / "report.json"`."""
+
+    def __init__(self, name: str, kind: Callable[[Path], T]) -> None:
+        self.name, self.kind = name, kind
+
+    @overload
+    def __get__(self, obj: None, owner: type[Any] | None = None) -> _In[T]: ...
+
+    @overload
+    def __get__(self, obj: object, owner: type[Any] | None = None) -> T: ...
+
+    def __get__(self, obj: object | None, owner: type[Any] | None = None) -> T | _In[T]:
+        if obj is None:
+            return self
+        fields = vars(obj)
+        return self.kind(Path(fields["dir"] if "dir" in fields else fields["root"]) / self.name)
+
+
 @dataclass(frozen=True)
 class ValidateDir:
     """`validate/`: the clean table, the rejected lines with their reasons, and the report."""
 
     dir: Path
 
-    @property
-    def clean(self) -> Path:
-        return self.dir / "clean.parquet"
-
-    @property
-    def rejects(self) -> Path:
-        return self.dir / "rejects.csv"
-
-    @property
-    def report(self) -> Path:
-        return self.dir / "report.json"
+    clean = _In("clean.parquet", Path)
+    rejects = _In("rejects.csv", Path)
+    report = _In("report.json", Path)
 
 
 SPLIT_PARTS = ("train", "val", "test")
@@ -89,26 +105,12 @@ class SplitDir:
     def test(self) -> Path:
         return self.part("test")
 
-    @property
-    def fingerprint(self) -> Path:
-        """fingerprint.json: what a model trained on this split depends on (data, labels, training config)."""
-        return self.dir / "fingerprint.json"
-
-    @property
-    def labels(self) -> Path:
-        return self.dir / "labels.json"
-
-    @property
-    def report(self) -> Path:
-        return self.dir / "split_report.json"
-
-    @property
-    def prepared(self) -> Path:
-        return self.dir / "prepared.json"
-
-    @property
-    def prepare_failures(self) -> Path:
-        return self.dir / "prepare_failures.json"
+    # fingerprint.json: what a model trained on this split depends on (data, labels, training config).
+    fingerprint = _In("fingerprint.json", Path)
+    labels = _In("labels.json", Path)
+    report = _In("split_report.json", Path)
+    prepared = _In("prepared.json", Path)
+    prepare_failures = _In("prepare_failures.json", Path)
 
 
 @dataclass(frozen=True)
@@ -117,13 +119,8 @@ class EvalDir:
 
     dir: Path
 
-    @property
-    def metrics(self) -> Path:
-        return self.dir / "metrics.json"
-
-    @property
-    def predictions(self) -> Path:
-        return self.dir / "predictions.parquet"
+    metrics = _In("metrics.json", Path)
+    predictions = _In("predictions.parquet", Path)
 
     def per_class(self, attribute: str) -> Path:
         return self.dir / f"per_class_{attribute}.csv"
@@ -148,13 +145,8 @@ class TrainDir:
 
     dir: Path
 
-    @property
-    def config(self) -> Path:
-        return self.dir / CONFIG_FILENAME
-
-    @property
-    def checkpoints(self) -> Path:
-        return self.dir / "checkpoints"
+    config = _In(CONFIG_FILENAME, Path)
+    checkpoints = _In("checkpoints", Path)
 
     @property
     def best_checkpoint(self) -> Path:
@@ -172,10 +164,8 @@ class TrainDir:
         raise RunError(f"{self.checkpoints} holds no {self.best_checkpoint.name} or {self.last_checkpoint.name}: "
                        "train the run first")
 
-    @property
-    def run_info(self) -> Path:
-        """run.json: the split the run trained on, the label space hash, attempts, precision."""
-        return self.dir / "run.json"
+    # run.json: the split the run trained on, the label space hash, attempts, precision.
+    run_info = _In("run.json", Path)
 
     def recorded_split(self) -> Path:
         """The one answer to "which split did this training run use": what `train` recorded in run.json."""
@@ -188,38 +178,15 @@ class TrainDir:
             raise RunError(f"{self.dir} was trained on {split_dir}, which no longer holds a split (no labels.json)")
         return split_dir
 
-    @property
-    def metrics(self) -> Path:
-        return self.dir / "metrics.json"
-
-    @property
-    def logs(self) -> Path:
-        return self.dir / "logs"
-
-    @property
-    def eval(self) -> EvalDir:
-        return EvalDir(self.dir / "eval")
-
-    @property
-    def export(self) -> Path:
-        return self.dir / "export"
-
-    @property
-    def registration(self) -> Path:
-        return self.dir / "registration.json"
-
-    @property
-    def model_card(self) -> Path:
-        return self.dir / "model_card.md"
-
-    @property
-    def sample_grid(self) -> Path:
-        return self.dir / "sample_predictions.png"
-
-    @property
-    def mlflow_run(self) -> Path:
-        """mlflow_run.json: the MLflow run that tracks this training run, so later stages log into it."""
-        return self.dir / "mlflow_run.json"
+    metrics = _In("metrics.json", Path)
+    logs = _In("logs", Path)
+    eval = _In("eval", EvalDir)
+    export = _In("export", Path)
+    registration = _In("registration.json", Path)
+    model_card = _In("model_card.md", Path)
+    sample_grid = _In("sample_predictions.png", Path)
+    # mlflow_run.json: the MLflow run that tracks this training run, so later stages log into it.
+    mlflow_run = _In("mlflow_run.json", Path)
 
 
 @dataclass(frozen=True, order=True)
@@ -232,30 +199,13 @@ class RunLayout:
     def run_id(self) -> str:
         return self.root.name
 
-    @property
-    def config(self) -> Path:
-        return self.root / CONFIG_FILENAME
-
-    @property
-    def state(self) -> Path:
-        return self.root / "state.json"
-
-    @property
-    def lock(self) -> Path:
-        """Held (flock) by the process executing a stage of this run; released by the kernel when it dies."""
-        return self.root / ".lock"
-
-    @property
-    def validate(self) -> ValidateDir:
-        return ValidateDir(self.root / "validate")
-
-    @property
-    def split(self) -> SplitDir:
-        return SplitDir(self.root / "split")
-
-    @property
-    def train(self) -> TrainDir:
-        return TrainDir(self.root / "train")
+    config = _In(CONFIG_FILENAME, Path)
+    state = _In("state.json", Path)
+    # Held (flock) by the process executing a stage of this run; released by the kernel when it dies.
+    lock = _In(".lock", Path)
+    validate = _In("validate", ValidateDir)
+    split = _In("split", SplitDir)
+    train = _In("train", TrainDir)
 
     def to_dict(self) -> dict[str, str]:
         return {"root": str(self.root), "config": str(self.config), "validate": str(self.validate.dir),
@@ -269,33 +219,13 @@ class TagsDir:
 
     dir: Path
 
-    @property
-    def tags(self) -> Path:
-        return self.dir / "tags.parquet"
-
-    @property
-    def rejects(self) -> Path:
-        return self.dir / "rejects.csv"
-
-    @property
-    def review_csv(self) -> Path:
-        return self.dir / "review.csv"
-
-    @property
-    def review_parquet(self) -> Path:
-        return self.dir / "review.parquet"
-
-    @property
-    def changes_csv(self) -> Path:
-        return self.dir / "changes.csv"
-
-    @property
-    def changes_parquet(self) -> Path:
-        return self.dir / "changes.parquet"
-
-    @property
-    def summary(self) -> Path:
-        return self.dir / "summary.json"
+    tags = _In("tags.parquet", Path)
+    rejects = _In("rejects.csv", Path)
+    review_csv = _In("review.csv", Path)
+    review_parquet = _In("review.parquet", Path)
+    changes_csv = _In("changes.csv", Path)
+    changes_parquet = _In("changes.parquet", Path)
+    summary = _In("summary.json", Path)
 
     def work(self, run_id: str) -> TaggingWorkDir:
         """`work/<run>/`: where one orchestrated run keeps its inputs and shard outputs, beside the tags it updates."""
@@ -309,9 +239,7 @@ LISTING_FILENAME = "catalog.parquet"  # a catalog listing (id, image_path): a sh
 class ShardDir(TagsDir):
     """`shard-00000/`: one shard's listing (`catalog.parquet`) and the tags `fashion-tagger tag` writes for it."""
 
-    @property
-    def listing(self) -> Path:
-        return self.dir / LISTING_FILENAME
+    listing = _In(LISTING_FILENAME, Path)
 
 
 @dataclass(frozen=True)
@@ -321,21 +249,10 @@ class TaggingWorkDir:
 
     dir: Path
 
-    @property
-    def config(self) -> Path:
-        return self.dir / CONFIG_FILENAME
-
-    @property
-    def model(self) -> Path:
-        return self.dir / "model.json"
-
-    @property
-    def listing(self) -> Path:
-        return self.dir / LISTING_FILENAME
-
-    @property
-    def rejects(self) -> Path:
-        return self.dir / "rejects.csv"
+    config = _In(CONFIG_FILENAME, Path)
+    model = _In("model.json", Path)
+    listing = _In(LISTING_FILENAME, Path)
+    rejects = _In("rejects.csv", Path)
 
     def shard(self, number: int) -> ShardDir:
         return ShardDir(self.dir / f"shard-{number:05d}")
@@ -347,47 +264,18 @@ class Home:
 
     root: Path
 
-    @property
-    def raw(self) -> Path:
-        return self.root / "raw"
-
-    @property
-    def cache(self) -> Path:
-        return self.root / "cache"
-
-    @property
-    def runs(self) -> Path:
-        return self.root / "runs"
-
-    @property
-    def locks(self) -> Path:
-        return self.root / "locks"
-
-    @property
-    def weights(self) -> Path:
-        return self.root / "weights"
-
-    @property
-    def catalog(self) -> Path:
-        """The catalog of product photos the tagging DAG tags when neither its form nor the environment names one."""
-        return self.root / "catalog"
-
-    @property
-    def tags(self) -> TagsDir:
-        return TagsDir(self.root / "tags")
-
-    @property
-    def mlflow_db(self) -> Path:
-        return self.root / "mlflow.db"
-
-    @property
-    def mlflow_artifacts(self) -> Path:
-        return self.root / "mlartifacts"
-
-    @property
-    def test_memberships(self) -> Path:
-        """`test_membership/`: the append-only record of which image (duplicate group) belongs to a test part."""
-        return self.root / "test_membership"
+    raw = _In("raw", Path)
+    cache = _In("cache", Path)
+    runs = _In("runs", Path)
+    locks = _In("locks", Path)
+    weights = _In("weights", Path)
+    # The catalog of product photos the tagging DAG tags when neither its form nor the environment names one.
+    catalog = _In("catalog", Path)
+    tags = _In("tags", TagsDir)
+    mlflow_db = _In("mlflow.db", Path)
+    mlflow_artifacts = _In("mlartifacts", Path)
+    # `test_membership/`: the append-only record of which image (duplicate group) belongs to a test part.
+    test_memberships = _In("test_membership", Path)
 
     def test_membership(self, test_fraction: float, seed: int) -> Path:
         """One membership table per (test fraction, seed): `test_membership/test-0.1-seed42.parquet`."""

@@ -28,15 +28,8 @@ def duration(seconds: float) -> str:
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
-def log_progress(
-    items: Iterable[T],
-    *,
-    total: int | None,
-    what: str,
-    unit: str = "items",
-    every_s: float = EVERY_S,
-    logger: logging.Logger | None = None,
-) -> Iterator[T]:
+def log_progress(items: Iterable[T], *, total: int | None, what: str, unit: str = "items", every_s: float = EVERY_S,
+                 logger: logging.Logger | None = None) -> Iterator[T]:
     """Yield ITEMS, logging `what: k/N unit (p%), r unit/s, elapsed, left` every EVERY_S seconds, and a closing line
     when the loop took that long; a short loop logs nothing."""
     logger = logger or log

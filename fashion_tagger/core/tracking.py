@@ -37,6 +37,23 @@ TAG_GIT_COMMIT = "fashion_tagger.git_commit"
 TAG_AIRFLOW_RUN_ID = "airflow.dag_run_id"
 TAG_RUN_DIR = "fashion_tagger.run_dir"
 
+# Model version tags: what the registry and the gate record on a version.
+TAG_CONTENT_ID = "fashion_tagger.content_id"
+TAG_HEADLINE = "headline_macro_f1"
+TAG_DECISION = "gate.decision"
+TAG_REASON = "gate.reason"
+TAG_CHALLENGER_SCORE = "gate.challenger_headline"
+TAG_CHAMPION_SCORE = "gate.champion_headline"
+TAG_CHAMPION_VERSION = "gate.champion_version"
+TAG_GATE_SPLIT = "gate.split_hash"
+TAG_GATE_ROWS = "gate.rows"
+TAG_GATE_PART = "gate.split"  # which part the gate and the headline scored: test
+TAG_GAIN_LOW = "gate.headline_gain_low"  # the 95 % interval of (challenger - champion) headline macro-F1
+TAG_GAIN_HIGH = "gate.headline_gain_high"
+TAG_WARNING = "gate.warning"
+TAG_TEST_MEMBERSHIP = "fashion_tagger.test_membership"  # the record the split's test part came from
+TAG_FINGERPRINT = "fashion_tagger.fingerprint"  # what the model's training depended on (data/fingerprint.py)
+
 
 def tracking_uri(config: Config) -> str:
     """`registry.tracking_uri`, else `$MLFLOW_TRACKING_URI`, else `sqlite:///<home>/mlflow.db`."""

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fashion_tagger.core.errors import DataError
+from fashion_tagger.core.io import read_bytes
 from fashion_tagger.core.schema import STYLE_COLUMNS
 
 log = logging.getLogger(__name__)
@@ -120,10 +121,7 @@ def read_styles(path: Path) -> ParsedStyles:
     """Parse styles.csv keeping each record's line number and raw text; bad lines become rejects."""
     if not path.is_file():
         raise DataError(f"{path} does not exist: a raw dataset directory holds styles.csv and images/")
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise DataError(f"{path} cannot be read: {exc}") from None
+    data = read_bytes(path, DataError)
     lines, encoding, cp1252_lines = _decode_lines(path, data)
     header = _read_header(path, lines[0] if lines else None)
     records: list[StyleRecord] = []

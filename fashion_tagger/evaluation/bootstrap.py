@@ -48,15 +48,9 @@ def interval(values: np.ndarray) -> dict[str, float]:
     return {"low": float(low), "high": float(high), "mean": float(np.mean(values)) if len(values) else 0.0}
 
 
-def paired_bootstrap(
-    y_true: Mapping[str, np.ndarray],
-    challenger: Mapping[str, np.ndarray],
-    champion: Mapping[str, np.ndarray],
-    labels: LabelSpace,
-    *,
-    resamples: int,
-    seed: int,
-) -> dict[str, Any]:
+def paired_bootstrap(y_true: Mapping[str, np.ndarray], challenger: Mapping[str, np.ndarray],
+                     champion: Mapping[str, np.ndarray], labels: LabelSpace, *, resamples: int,
+                     seed: int) -> dict[str, Any]:
     """Intervals of (challenger - champion) headline macro-F1 and of each attribute's macro-F1 drop
     (champion - challenger), both models scored on the same resampled images."""
     attributes = [a for a in labels.attributes if a in y_true]

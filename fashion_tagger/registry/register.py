@@ -19,17 +19,34 @@ from fashion_tagger.core.config import Config
 from fashion_tagger.core.errors import RunError
 from fashion_tagger.core.io import StageResult, file_lock, read_json, write_json, write_text
 from fashion_tagger.core.layout import TrainDir
+from fashion_tagger.core.tracking import (
+    TAG_CHALLENGER_SCORE,
+    TAG_CHAMPION_SCORE,
+    TAG_CHAMPION_VERSION,
+    TAG_CONTENT_ID,
+    TAG_DECISION,
+    TAG_FINGERPRINT,
+    TAG_GAIN_HIGH,
+    TAG_GAIN_LOW,
+    TAG_GATE_PART,
+    TAG_GATE_ROWS,
+    TAG_GATE_SPLIT,
+    TAG_HEADLINE,
+    TAG_REASON,
+    TAG_TEST_MEMBERSHIP,
+    TAG_WARNING,
+)
 from fashion_tagger.data.labels import LabelSpace
 from fashion_tagger.evaluation import gate as gate_module
 from fashion_tagger.registry import model_card as reports
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
     from mlflow.entities.model_registry import ModelVersion
 
     from fashion_tagger.serving.predictor import Predictor
-
-log = logging.getLogger(__name__)
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
@@ -38,22 +55,6 @@ GATE_ARTIFACT = "gate.json"
 
 PROMOTED, REJECTED, HELD = gate_module.PROMOTED, gate_module.REJECTED, gate_module.HELD
 
-# Model version tags.
-TAG_CONTENT_ID = "fashion_tagger.content_id"
-TAG_HEADLINE = "headline_macro_f1"
-TAG_DECISION = "gate.decision"
-TAG_REASON = "gate.reason"
-TAG_CHALLENGER_SCORE = "gate.challenger_headline"
-TAG_CHAMPION_SCORE = "gate.champion_headline"
-TAG_CHAMPION_VERSION = "gate.champion_version"
-TAG_GATE_SPLIT = "gate.split_hash"
-TAG_GATE_ROWS = "gate.rows"
-TAG_GATE_PART = "gate.split"  # which part the gate and the headline scored: test
-TAG_GAIN_LOW = "gate.headline_gain_low"  # the 95 % interval of (challenger - champion) headline macro-F1
-TAG_GAIN_HIGH = "gate.headline_gain_high"
-TAG_WARNING = "gate.warning"
-TAG_TEST_MEMBERSHIP = "fashion_tagger.test_membership"  # the record the split's test part came from
-TAG_FINGERPRINT = "fashion_tagger.fingerprint"  # what the model's training depended on (data/fingerprint.py)
 
 
 class RegistryError(RunError):

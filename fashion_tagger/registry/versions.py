@@ -9,14 +9,8 @@ from typing import Any
 from fashion_tagger.core import tracking
 from fashion_tagger.core.config import Config
 from fashion_tagger.core.text import text_table
-from fashion_tagger.registry.register import (
-    CHAMPION,
-    TAG_CHAMPION_SCORE,
-    TAG_DECISION,
-    TAG_HEADLINE,
-    RegistrationResult,
-    float_tag,
-)
+from fashion_tagger.core.tracking import TAG_CHAMPION_SCORE, TAG_DECISION, TAG_HEADLINE
+from fashion_tagger.registry.register import CHAMPION, RegistrationResult, float_tag
 
 
 def list_versions(config: Config) -> list[dict[str, Any]]:

@@ -60,15 +60,8 @@ class Predictor:
         return self.label_space.attributes
 
     @classmethod
-    def _build(
-        cls,
-        model_config: dict[str, Any],
-        labels: dict[str, Any],
-        image_size: Sequence[int],
-        state_dict: dict[str, torch.Tensor],
-        device: str | torch.device | None,
-        **kwargs: Any,
-    ) -> Predictor:
+    def _build(cls, model_config: dict[str, Any], labels: dict[str, Any], image_size: Sequence[int],
+               state_dict: dict[str, torch.Tensor], device: str | torch.device | None, **kwargs: Any) -> Predictor:
         label_space = LabelSpace.from_dict(labels)
         model = build_network(model_config, label_space.num_classes)
         model.load_state_dict(state_dict)

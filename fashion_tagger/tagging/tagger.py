@@ -24,12 +24,12 @@ from fashion_tagger.data.imaging import decode_image
 from fashion_tagger.serving.rows import CONFIDENCE_SUFFIX, confidence_column, label_columns, read_one
 from fashion_tagger.tagging.catalog import REJECT_COLUMNS, ImageReader, TaggingError
 
+log = logging.getLogger(__name__)
+
 if TYPE_CHECKING:
     import torch
 
     from fashion_tagger.serving.predictor import Predictor
-
-log = logging.getLogger(__name__)
 
 MODELS_SCHEME = "models:/"
 LOCAL_MODEL_NAME = "local"
