@@ -38,7 +38,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from quality import real_raw_dir  # noqa: E402  (benchmarks/ is the script's folder)
 
 from fashion_tagger.core.config import load_config  # noqa: E402
-from fashion_tagger.runs import stages  # noqa: E402
+from fashion_tagger.data.prepare import prepare_images  # noqa: E402
+from fashion_tagger.data.sources import fetch_dataset  # noqa: E402
+from fashion_tagger.data.split import split_dataset  # noqa: E402
+from fashion_tagger.data.validate import validate_dataset  # noqa: E402
 
 KEEPS_UP = 1.1  # the loader must deliver this multiple of the training rate
 
@@ -189,11 +192,12 @@ def main() -> None:
             raw = real_raw_dir(Path(args.data), home / "raw" / "real-small")
             origin = f"real images-small of {args.data}, upsampled"
         else:
-            raw = stages.fetch(config, f"synthetic:{args.rows}").raw_dir
+            raw = fetch_dataset(f"synthetic:{args.rows}", config.raw_root, synthetic_size=config.data.synthetic_size,
+                                synthetic_seed=config.data.synthetic_seed).raw_dir
             origin = f"{args.rows} generated images"
-        stages.validate(config, raw, home / "clean")
-        stages.split(config, home / "clean", home / "split")
-        prepared = stages.prepare(config, home / "split")
+        validate_dataset(raw, home / "clean", config)
+        split_dataset(home / "clean", home / "split", config)
+        prepared = prepare_images(home / "split", config.cache_root, config)
         print(f"prepared {prepared.images} images at {args.width}x{args.height} in {prepared.seconds:.0f} s "
               f"({origin})", flush=True)
         if torch.cuda.is_available():

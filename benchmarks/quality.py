@@ -33,7 +33,9 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fashion_tagger.core.config import Config, load_config  # noqa: E402
-from fashion_tagger.runs import stages  # noqa: E402
+from fashion_tagger.data.prepare import prepare_images  # noqa: E402
+from fashion_tagger.data.split import split_dataset  # noqa: E402
+from fashion_tagger.data.validate import validate_dataset  # noqa: E402
 
 log = logging.getLogger("quality")
 MAX_OVERRUN = 1.3  # the Timer's hard stop, as a multiple of the budget
@@ -131,7 +133,7 @@ def prepared_split(config: Config, split_dir: Path, cache: dict[tuple[int, int],
         target = split_dir if not cache else split_dir.with_name(f"{split_dir.name}-{size[0]}x{size[1]}")
         if target != split_dir and not target.exists():
             shutil.copytree(split_dir, target)
-        stages.prepare(config, target)
+        prepare_images(target, config.cache_root, config)
         cache[size] = target
     return cache[size]
 
@@ -237,8 +239,8 @@ def main() -> None:
         base = recipe_config(RECIPES["project"], args.width, args.height, home, args.set or [])
         raw = real_raw_dir(Path(args.data), home / "raw" / "real-small")
         clean, split_dir = home / "clean", home / "split"
-        validated = stages.validate(base, raw, clean)
-        split = stages.split(base, clean, split_dir)
+        validated = validate_dataset(raw, clean, base)
+        split = split_dataset(clean, split_dir, base)
         log.info("%d clean rows: %d train, %d held back", validated.rows_clean, split.train_rows, split.val_rows)
         prepared: dict[tuple[int, int], Path] = {}
         results = []
