@@ -13,9 +13,8 @@ import re
 import shutil
 import time
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -25,6 +24,7 @@ from tqdm import tqdm
 from fashion_tagger.core import io
 from fashion_tagger.core.errors import SourceError, SourceUnavailableError
 from fashion_tagger.core.layout import IMAGES_DIRNAME, STYLES_FILENAME
+from fashion_tagger.storage.s3 import connect_s3, list_keys, s3_errors
 
 log = logging.getLogger(__name__)
 
@@ -328,34 +328,6 @@ def s3_dataset_name(bucket: str, prefix: str) -> str:
     return f"{bucket}__{slug}" if slug else bucket
 
 
-def connect_s3(endpoint_url: str | None) -> Any:
-    """A boto3 S3 client for ENDPOINT_URL, else $AWS_ENDPOINT_URL or $MLFLOW_S3_ENDPOINT_URL, else AWS."""
-    import boto3
-
-    endpoint = endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("MLFLOW_S3_ENDPOINT_URL")
-    return boto3.client("s3", endpoint_url=endpoint or None)
-
-
-@contextmanager
-def s3_errors(what: str) -> Iterator[None]:
-    """S3 failures in the error contract's terms: an endpoint that does not answer is transient (retried), any
-    other S3 error (no such bucket, access denied) is bad input; both name WHAT was being done."""
-    from botocore.exceptions import (
-        BotoCoreError,
-        ClientError,
-        ConnectTimeoutError,
-        EndpointConnectionError,
-        ReadTimeoutError,
-    )
-
-    try:
-        yield
-    except (EndpointConnectionError, ConnectTimeoutError, ReadTimeoutError) as exc:
-        raise SourceUnavailableError(f"{what} failed: {exc}; the S3 endpoint did not answer") from exc
-    except (BotoCoreError, ClientError) as exc:
-        raise SourceError(f"{what} failed: {exc} (endpoint: set data.s3_endpoint_url or AWS_ENDPOINT_URL)") from exc
-
-
 def _fetch_s3(uri: str, raw_root: Path, client: Any, endpoint_url: str | None) -> tuple[Path, str, bool]:
     bucket, prefix = parse_s3_uri(uri)
     name = s3_dataset_name(bucket, prefix)
@@ -387,14 +359,6 @@ def _fetch_s3(uri: str, raw_root: Path, client: Any, endpoint_url: str | None) -
 
     dest, downloaded = _materialize(raw_root, name, fill)
     return dest, name, downloaded
-
-
-def list_keys(s3: Any, bucket: str, prefix: str) -> list[str]:
-    """Every key of BUCKET under PREFIX, all pages."""
-    keys: list[str] = []
-    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
-        keys.extend(obj["Key"] for obj in page.get("Contents", []))
-    return keys
 
 
 def _s3_dataset_base(keys: list[str], prefix: str) -> str | None:

@@ -1,0 +1,57 @@
+"""moto's S3 server as a process on a loopback port, for tests and benchmarks that need a real endpoint (requests
+over HTTP, other processes able to reach it) without Docker: `with moto_s3_server() as endpoint: ...`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import requests
+from native_stack import free_port, log_tail
+
+# moto accepts any credentials; boto3 only needs some, and a region.
+MOTO_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+@contextlib.contextmanager
+def moto_s3_server(timeout: float = 30) -> Iterator[str]:
+    """Start `python -m moto.server` on 127.0.0.1, yield its endpoint URL once it answers, stop it on exit."""
+    port = free_port()
+    fd, name = tempfile.mkstemp(prefix="moto-s3-", suffix=".log")
+    log = Path(name)
+    popen = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=fd, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+        env={k: v for k, v in os.environ.items() if not k.startswith("AWS_")},
+    )
+    os.close(fd)
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if popen.poll() is not None:
+                raise RuntimeError(f"moto's server exited with {popen.returncode}:\n{log_tail(log)}")
+            with contextlib.suppress(requests.RequestException):
+                if requests.get(f"{endpoint}/moto-api/", timeout=2).ok:
+                    break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"moto's server did not answer within {timeout:.0f}s:\n{log_tail(log)}")
+            time.sleep(0.2)
+        yield endpoint
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(popen.pid, signal.SIGTERM)
+        try:
+            popen.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(popen.pid, signal.SIGKILL)
+            popen.wait()
+        log.unlink(missing_ok=True)
