@@ -274,6 +274,7 @@ class Home:
     tags = _In("tags", TagsDir)
     mlflow_db = _In("mlflow.db", Path)
     mlflow_artifacts = _In("mlartifacts", Path)
+    coordination_db = _In("coordination.db", Path)
     # `test_membership/`: the append-only record of which image (duplicate group) belongs to a test part.
     test_memberships = _In("test_membership", Path)
 
