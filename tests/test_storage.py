@@ -372,3 +372,14 @@ def test_a_shard_index_that_pack_did_not_write_is_refused(tmp_path):
     (tmp_path / shards.INDEX_NAME).write_text(json.dumps({"format": 9, "shards": []}))
     with pytest.raises(DataError, match="not a shard index"):
         shards.read_index(tmp_path)
+
+
+def test_sharded_images_go_through_the_store_in_a_few_objects(store, tmp_path):
+    files = _images(tmp_path / "images", 30)
+    shards.pack(files, tmp_path / "shards", max_files=10)
+    assert publish(store, tmp_path / "shards", "cache/shards/240x320").files == 4  # three shards and the index
+    staged = stage_in(store, "cache/shards/240x320", tmp_path / "in", scratch=tmp_path / "scratch")
+    assert staged.downloads == 4
+    shards.unpack_all(tmp_path / "in", tmp_path / "images-in")
+    assert sorted(p.name for p in (tmp_path / "images-in").iterdir()) == sorted(files)
+    assert stage_in(store, "cache/shards/240x320", tmp_path / "in2", scratch=tmp_path / "scratch").downloads == 0

@@ -53,7 +53,8 @@ def object_path(scratch: Path, sha256: str) -> Path:
 def stage_in(store: Store, prefix: str, into: Path, *, scratch: Path | None = None) -> StageInResult:
     """Every file published under PREFIX into the folder INTO, through the scratch cache (see the module doc).
 
-    A cached object whose hash no longer matches (a stage wrote into its hard link, a disk fault) is fetched again.
+    A cached object whose hash no longer matches (a stage wrote into its hard link, a disk fault) is fetched again;
+    files already in INTO that the manifest does not list are left as they are.
     """
     started = time.perf_counter()
     scratch = Path(scratch) if scratch is not None else scratch_root()
