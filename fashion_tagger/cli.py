@@ -61,7 +61,7 @@ def _setup(
 @app.command()
 def presets() -> None:
     """List the bundled configuration presets."""
-    from fashion_tagger.core.config import preset_names
+    from fashion_tagger.core.config_sources import preset_names
 
     for name in preset_names():
         typer.echo(name)

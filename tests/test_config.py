@@ -9,10 +9,10 @@ from fashion_tagger.core.config import (
     ConfigError,
     config_to_flat_dict,
     load_config,
-    preset_names,
     project_home,
     save_config,
 )
+from fashion_tagger.core.config_sources import preset_names
 from fashion_tagger.core.schema import ATTRIBUTES
 
 
@@ -98,3 +98,18 @@ def test_the_old_spellings_of_auto_still_read_with_a_deprecation_message(key, le
 def test_a_negative_worker_count_is_an_error_naming_the_key():
     with pytest.raises(ConfigError, match=r"train.num_workers must be 'auto' or a number >= 0, not -3"):
         load_config(None, {"train": {"num_workers": -3}})
+
+
+@pytest.mark.parametrize("where", ["env", "config"])
+def test_a_url_home_is_an_error_naming_it_and_never_a_local_folder(where, tmp_path, monkeypatch):
+    """`FASHION_TAGGER_HOME=s3://ft/home` used to become a folder `s3:/ft/home` under the working directory."""
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    with pytest.raises(ConfigError, match=r"(?i)home=s3://ft/home is a URL, but the home must be a local"):
+        if where == "env":
+            monkeypatch.setenv("FASHION_TAGGER_HOME", "s3://ft/home")
+            _ = load_config(None).home_dir
+        else:
+            load_config(None, {"home": "s3://ft/home"})
+    assert not list(cwd.iterdir())

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from fashion_tagger.core.config import preset_names
+from fashion_tagger.core.config_sources import preset_names
 from fashion_tagger.orchestration import form as orchestration
 
 REPO = Path(__file__).resolve().parents[1]

@@ -10,7 +10,8 @@ import time
 
 import pytest
 
-from fashion_tagger.core.config import Config, ConfigError, load_config, preset_names
+from fashion_tagger.core.config import Config, ConfigError, load_config
+from fashion_tagger.core.config_sources import preset_names
 from fashion_tagger.core.layout import run_dir_name
 from fashion_tagger.core.parallel import device_processes, parse_devices
 from fashion_tagger.orchestration import child, dag_support

@@ -9,8 +9,7 @@ from __future__ import annotations
 import difflib
 import logging
 import os
-from collections.abc import Mapping
-from importlib import resources
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -26,8 +25,8 @@ from pydantic import (
     model_validator,
 )
 
+from fashion_tagger.core.config_sources import merge_overrides, parse_override, read_config_source
 from fashion_tagger.core.errors import ConfigError
-from fashion_tagger.core.io import read_bytes
 from fashion_tagger.core.layout import CONFIG_FILENAME, Home
 from fashion_tagger.core.parallel import AUTO, WorkerCount, parse_devices
 from fashion_tagger.core.schema import ATTRIBUTES
@@ -46,7 +45,19 @@ __all__ = ["CONFIG_FILENAME", "Config", "ConfigError", "load_config", "save_conf
 
 def project_home() -> Path:
     """The data root: `$FASHION_TAGGER_HOME`, else `~/.fashion-tagger`. Created by the stages, not here."""
-    return Path(os.environ.get(HOME_ENV) or DEFAULT_HOME).expanduser().resolve()
+    return Path(local_home(os.environ.get(HOME_ENV) or str(DEFAULT_HOME), HOME_ENV)).expanduser().resolve()
+
+
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:/")
+
+
+def local_home(value: str, origin: str) -> str:
+    """VALUE when it names a folder; a URL is an error naming ORIGIN, never a folder called `s3:/...` under the
+    working directory. The stages read and write the home as a local (or mounted) folder."""
+    if _URL.match(value.strip()):
+        raise ConfigError(f"{origin}={value} is a URL, but the home must be a local or mounted folder (an "
+                          "object-store home is not supported yet): set it to a folder path")
+    return value
 
 
 def _checks_environment(info: ValidationInfo) -> bool:
@@ -288,6 +299,11 @@ class TaggingConfig(_Section):
 
 class Config(_Section):
     home: Path | None = Field(None, description="data root; default $FASHION_TAGGER_HOME or ~/.fashion-tagger")
+
+    @field_validator("home", mode="before")
+    @classmethod
+    def _a_folder(cls, value: Any) -> Any:
+        return local_home(value, "home") if isinstance(value, str) else value
     data: DataConfig = Field(default_factory=DataConfig)
     labels: LabelsConfig = Field(default_factory=LabelsConfig)
     split: SplitConfig = Field(default_factory=SplitConfig)
@@ -323,77 +339,6 @@ class Config(_Section):
         )
 
 
-def preset_names() -> list[str]:
-    return sorted(p.name.removesuffix(".yaml") for p in resources.files("fashion_tagger.presets").iterdir()
-                  if p.name.endswith(".yaml"))
-
-
-def _yaml_problem(exc: yaml.YAMLError) -> str:
-    """`line 3, column 7: mapping values are not allowed here` from PyYAML's multi-line message."""
-    mark = getattr(exc, "problem_mark", None)
-    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}" if mark else problem
-
-
-def _read_yaml(source: str | Path) -> dict[str, Any]:
-    path = Path(source).expanduser()
-    if not path.exists() and str(source) in preset_names():
-        text = resources.files("fashion_tagger.presets").joinpath(f"{source}.yaml").read_text()
-        origin = f"preset {source!r}"
-    elif path.is_dir():
-        raise ConfigError(f"config {path} is a directory: give a YAML file or a preset ({', '.join(preset_names())})")
-    elif path.exists():
-        origin = str(path)
-        raw = read_bytes(path, ConfigError, "config")
-        offset = raw.find(b"\0")  # a NUL byte is binary even where the rest decodes
-        try:
-            text = raw.decode("utf-8-sig")
-        except UnicodeDecodeError as exc:
-            text, offset = "", exc.start if offset < 0 else min(offset, exc.start)
-        if offset >= 0:
-            raise ConfigError(f"config {path} is not a text file (byte {offset} is not UTF-8 text): give a YAML file")
-    else:
-        raise ConfigError(f"config {source!r} is neither a file nor a preset ({', '.join(preset_names())})")
-    try:
-        data = yaml.safe_load(text) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"config {origin} is not valid YAML: {_yaml_problem(exc)}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"config {origin} must hold a mapping of sections, not {type(data).__name__}")
-    return data
-
-
-def read_config_source(source: str | Path) -> dict[str, Any]:
-    """The mapping a YAML file or preset holds, before defaults, overrides and validation."""
-    return _read_yaml(source)
-
-
-def parse_override(item: str) -> tuple[list[str], Any]:
-    """`train.epochs=3` -> (['train', 'epochs'], 3); the value is parsed as YAML (numbers, bools, null)."""
-    key, sep, raw = item.partition("=")
-    keys = [part.strip() for part in key.split(".")]
-    if not sep or not all(keys):
-        raise ConfigError(f"override {item!r} must look like section.field=value, e.g. train.epochs=3")
-    try:
-        return keys, yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError as exc:
-        raise ConfigError(
-            f"override {item!r}: the value {raw!r} is not valid YAML ({_yaml_problem(exc)}); "
-            "write a number, true/false, null, [a, b] or quoted text"
-        ) from None
-
-
-def merge_overrides(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
-    """Nested dicts merged key by key; `update` wins."""
-    out = dict(base)
-    for key, value in update.items():
-        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
-            out[key] = merge_overrides(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
 def load_config(
     source: str | Path | None = None,
     overrides: list[str] | dict[str, Any] | None = None,
@@ -405,7 +350,7 @@ def load_config(
     `check_environment=False` skips the checks against this machine (timm's model names, the weights file),
     for a saved run config that was checked when its run began.
     """
-    data: dict[str, Any] = _read_yaml(source) if source else {}
+    data: dict[str, Any] = read_config_source(source) if source else {}
     if isinstance(overrides, dict):
         data = merge_overrides(data, overrides)
     else:

@@ -9,7 +9,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from fashion_tagger.core.config import Config, load_config, merge_overrides, preset_names
+from fashion_tagger.core.config import Config, load_config
+from fashion_tagger.core.config_sources import merge_overrides, preset_names
 from fashion_tagger.core.errors import ConfigError
 
 SOURCE_ENV = "FASHION_TAGGER_SOURCE"
@@ -98,7 +99,7 @@ def preset_display(name: str) -> str:
     The preset's YAML over the schema's defaults, unvalidated: this runs when the DAG file is parsed, where
     validation (which may look up the backbone in timm) would be too heavy.
     """
-    from fashion_tagger.core.config import read_config_source
+    from fashion_tagger.core.config_sources import read_config_source
 
     data = read_config_source(name)
     defaults = Config.model_construct()

@@ -35,19 +35,23 @@ def connect_s3(endpoint_url: str | None, *, max_connections: int | None = None) 
 
 @contextmanager
 def s3_errors(what: str, hint: str = DATA_HINT) -> Iterator[None]:
-    """S3 failures in the error contract's terms: an endpoint that does not answer is transient (retried), any
-    other S3 error (no such bucket or key, access denied) is bad input; both name WHAT was being done."""
+    """S3 failures in the error contract's terms: an endpoint that does not answer or drops the connection mid-
+    transfer is transient (retried), any other S3 error (no such bucket or key, access denied) is bad input; both
+    name WHAT was being done."""
     from botocore.exceptions import (
         BotoCoreError,
         ClientError,
+        ConnectionClosedError,
         ConnectTimeoutError,
         EndpointConnectionError,
         ReadTimeoutError,
+        ResponseStreamingError,
     )
 
     try:
         yield
-    except (EndpointConnectionError, ConnectTimeoutError, ReadTimeoutError) as exc:
+    except (EndpointConnectionError, ConnectTimeoutError, ReadTimeoutError, ConnectionClosedError,
+            ResponseStreamingError) as exc:
         raise SourceUnavailableError(f"{what} failed: {exc}; the S3 endpoint did not answer") from exc
     except (BotoCoreError, ClientError) as exc:
         raise SourceError(f"{what} failed: {exc} ({hint})") from exc
