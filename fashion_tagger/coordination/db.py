@@ -19,7 +19,7 @@ from fashion_tagger.coordination.migrate import upgrade_schema
 from fashion_tagger.coordination.sql import SUPPORTED_DIALECTS
 from fashion_tagger.coordination.state import RunStates
 from fashion_tagger.core.errors import ConfigError, TransientError
-from fashion_tagger.core.layout import Home
+from fashion_tagger.core.layout import Home, is_url
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +108,7 @@ def connect(url: str | None, home: Path | str) -> Coordinator:
     """The coordination database at URL, else FASHION_TAGGER_DATABASE_URL, else `<home>/coordination.db`
     (created), with its schema migrated to the newest revision shipped in the package. A HOME that is an
     object-store URL (`s3://bucket/prefix`) has no SQLite file: it needs one of the first two."""
-    url = url or require_database_url(home_is_remote="://" in str(home))
+    url = url or require_database_url(home_is_remote=is_url(home))
     if url is None:
         path = Home(Path(home)).coordination_db
         path.parent.mkdir(parents=True, exist_ok=True)

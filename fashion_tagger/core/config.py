@@ -9,7 +9,6 @@ from __future__ import annotations
 import difflib
 import logging
 import os
-import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -27,7 +26,7 @@ from pydantic import (
 
 from fashion_tagger.core.config_sources import merge_overrides, parse_override, read_config_source
 from fashion_tagger.core.errors import ConfigError
-from fashion_tagger.core.layout import CONFIG_FILENAME, Home
+from fashion_tagger.core.layout import CONFIG_FILENAME, Home, is_url
 from fashion_tagger.core.parallel import AUTO, WorkerCount, parse_devices
 from fashion_tagger.core.schema import ATTRIBUTES
 
@@ -48,13 +47,10 @@ def project_home() -> Path:
     return Path(local_home(os.environ.get(HOME_ENV) or str(DEFAULT_HOME), HOME_ENV)).expanduser().resolve()
 
 
-_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:/")
-
-
 def local_home(value: str, origin: str) -> str:
     """VALUE when it names a folder; a URL is an error naming ORIGIN, never a folder called `s3:/...` under the
     working directory. The stages read and write the home as a local (or mounted) folder."""
-    if _URL.match(value.strip()):
+    if is_url(value):
         raise ConfigError(f"{origin}={value} is a URL, but the home must be a local or mounted folder (an "
                           "object-store home is not supported yet): set it to a folder path")
     return value

@@ -65,3 +65,9 @@ class ModelError(BadInputError):
 
 class ModelUnavailableError(TransientError):
     """Weights or a registered model that could not be fetched (hub, registry, artifact store): retried."""
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception as one line, `Type: first line of its message`, as error columns and messages show it."""
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__

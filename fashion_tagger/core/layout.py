@@ -26,6 +26,14 @@ STYLES_FILENAME = "styles.csv"  # the Kaggle layout of a raw dataset folder
 IMAGES_DIRNAME = "images"
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+# A scheme of two letters at least, so C:\data stays a folder; `s3:/x` (one slash) is a scheme too.
+_URL_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:")
+
+
+def is_url(location: str | Path) -> bool:
+    """Whether LOCATION is a URL (`s3://bucket/prefix`, `gs://...`, a `s3:/x` typo) rather than a folder; a `Path`
+    never is. The one test of it: config refuses a URL home, storage opens one, coordination needs a server for it."""
+    return isinstance(location, str) and bool(_URL_SCHEME.match(location.strip()))
 
 
 def run_dir_name(run_id: str) -> str:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 from PIL import Image
 
-from fashion_tagger.core.errors import DataError
+from fashion_tagger.core.errors import DataError, first_line
 
 if TYPE_CHECKING:
     import torch
@@ -36,12 +36,6 @@ class ImageReadError(DataError):
 
 def _describe(source: ImageSource, name: str | None) -> str:
     return name or ("image bytes" if isinstance(source, bytes) else str(source))
-
-
-def first_line(exc: BaseException) -> str:
-    """An exception as one line, `Type: first line of its message`, as error columns and messages show it."""
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
 
 
 def _read(source: ImageSource, name: str | None, retries: int, finish: Callable[[Image.Image], T]) -> T:

@@ -15,9 +15,9 @@ from pathlib import Path
 import pandas as pd
 from PIL import Image
 
-from fashion_tagger.core.errors import DataError, FashionTaggerError
+from fashion_tagger.core.errors import DataError, FashionTaggerError, first_line
 from fashion_tagger.core.plots import image_grid
-from fashion_tagger.data.imaging import IMAGE_SUFFIXES, decode_image, first_line, read_fitted, resize_image
+from fashion_tagger.data.imaging import IMAGE_SUFFIXES, decode_image, read_fitted, resize_image
 from fashion_tagger.serving.predictor import Predictor, load_predictor
 from fashion_tagger.serving.rows import (
     CONFIDENCE_SUFFIX,

@@ -18,9 +18,9 @@ import pandas as pd
 import torch
 from PIL import Image
 
-from fashion_tagger.core.errors import FashionTaggerError
+from fashion_tagger.core.errors import FashionTaggerError, first_line
 from fashion_tagger.core.layout import RunLayout, TrainDir
-from fashion_tagger.data.imaging import ImageTransform, first_line
+from fashion_tagger.data.imaging import ImageTransform
 from fashion_tagger.data.labels import LabelSpace
 from fashion_tagger.model.network import NETWORK_FIELDS, FashionTagger, build_network
 from fashion_tagger.serving.rows import confidence_column, label_columns

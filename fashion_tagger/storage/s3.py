@@ -24,13 +24,15 @@ _DELETE_BATCH = 1000  # the most keys one DeleteObjects request takes
 def connect_s3(endpoint_url: str | None, *, max_connections: int | None = None) -> Any:
     """A boto3 S3 client for ENDPOINT_URL, else $AWS_ENDPOINT_URL or $MLFLOW_S3_ENDPOINT_URL, else AWS.
 
-    MAX_CONNECTIONS sizes its connection pool for that many threads sharing it (boto3 keeps 10 by default)."""
+    MAX_CONNECTIONS sizes its connection pool for that many threads sharing it (boto3 keeps 10 by default). Each
+    client gets a session of its own, so it reads the credentials the environment holds now: boto3's default
+    session keeps the first ones it found for the life of the process."""
     import boto3
     from botocore.config import Config
 
     endpoint = endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("MLFLOW_S3_ENDPOINT_URL")
     config = Config(max_pool_connections=max_connections) if max_connections else None
-    return boto3.client("s3", endpoint_url=endpoint or None, config=config)
+    return boto3.session.Session().client("s3", endpoint_url=endpoint or None, config=config)
 
 
 @contextmanager

@@ -9,13 +9,12 @@ import re
 from pathlib import Path
 
 from fashion_tagger.core.errors import ConfigError, SourceError
+from fashion_tagger.core.layout import is_url
 from fashion_tagger.storage.base import KEY_RULE, Store, check_key
 from fashion_tagger.storage.local import LocalStore
 from fashion_tagger.storage.s3 import S3Store
 
 ACCEPTED_LOCATIONS = "a local folder (e.g. /data/fashion-tagger) or s3://bucket/prefix (endpoint from AWS_ENDPOINT_URL)"
-# A scheme of two letters at least, so C:\data stays a folder; `s3:/x` (one slash) is a scheme and refused.
-_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:")
 # A bucket of lowercase letters, digits, dots and hyphens, as data.sources reads a dataset's URL (the server has
 # the last word on the finer rules).
 _S3_URL = re.compile(r"^s3://(?P<bucket>[a-z0-9][a-z0-9.-]{1,62})(?:/(?P<prefix>.*))?$")
@@ -28,7 +27,7 @@ def open_store(location: str | Path) -> Store:
     text = location.strip()
     if not text:
         raise ConfigError(f"the storage location is empty: use {ACCEPTED_LOCATIONS}")
-    if not _SCHEME.match(text):
+    if not is_url(text):
         return LocalStore(text)
     match = _S3_URL.match(text)
     if not match:

@@ -12,9 +12,9 @@ from typing import Any
 import pandas as pd
 
 from fashion_tagger.core import io
-from fashion_tagger.core.errors import DataError, FashionTaggerError
+from fashion_tagger.core.errors import DataError, FashionTaggerError, first_line
 from fashion_tagger.core.layout import IMAGES_DIRNAME, STYLES_FILENAME, TaggingWorkDir
-from fashion_tagger.data.imaging import IMAGE_SUFFIXES, ImageReadError, first_line
+from fashion_tagger.data.imaging import IMAGE_SUFFIXES, ImageReadError
 
 log = logging.getLogger(__name__)
 
