@@ -216,10 +216,9 @@ def run_pipeline(
 def list_runs(as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of a table")] = False) -> None:
     """List the runs of the home with their status and last completed stage."""
     from fashion_tagger.core.config import project_home
-    from fashion_tagger.core.layout import Home
     from fashion_tagger.runs.run import format_runs, list_runs
 
-    rows = list_runs(Home(project_home()))
+    rows = list_runs(project_home())
     typer.echo(json.dumps(rows, indent=2) if as_json else format_runs(rows))
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,14 +20,20 @@ def pytest_configure(config):
 
 
 @pytest.fixture(autouse=True)
-def isolated_home(tmp_path, monkeypatch) -> Path:
+def isolated_home(tmp_path, monkeypatch) -> Iterator[Path]:
     """Every test gets its own FASHION_TAGGER_HOME and MLflow store; nothing touches ~/.fashion-tagger."""
     home = tmp_path / "home"
     monkeypatch.setenv("FASHION_TAGGER_HOME", str(home))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv("KAGGLE_USERNAME", raising=False)
     monkeypatch.delenv("KAGGLE_KEY", raising=False)
-    return home
+    # A remote home's working copy and the scratch cache: per test, never the user's cache folder.
+    monkeypatch.setenv("FASHION_TAGGER_SCRATCH", str(tmp_path / "scratch"))
+    monkeypatch.delenv("FASHION_TAGGER_DATABASE_URL", raising=False)
+    yield home
+    from fashion_tagger.workspace.workspace import close_workspaces
+
+    close_workspaces()
 
 
 @pytest.fixture(scope="session")

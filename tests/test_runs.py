@@ -104,20 +104,22 @@ def test_status_follows_the_stages_and_the_lock(isolated_home, tmp_path):
     run_stage(run, "fetch")
     assert read_state(run.layout)["stages"]["fetch"]["status"] == "complete"
 
-    # Another process holding the run's lock is "running", and a second executor is refused at once.
+    # Another process holding the run's lease is "running", and a second executor is refused at once, naming it.
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); "
-        "fcntl.flock(fd, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(60)"), str(run.layout.lock)],
-        stdout=subprocess.PIPE, text=True)
+        "import sys, time; from pathlib import Path; from fashion_tagger.runs.run import run_lock; "
+        "from fashion_tagger.core.layout import RunLayout\n"
+        "with run_lock(RunLayout(Path(sys.argv[1]))):\n print('locked', flush=True); time.sleep(60)"),
+        str(run.layout.root)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
         assert run_status(run.layout) == RUNNING
-        with pytest.raises(RunError, match="being run by another process"):
+        with pytest.raises(RunError, match=rf"being run by another process \(host .*, pid {holder.pid}, since"):
             run_stage(run, "validate")
     finally:
-        holder.kill()
+        holder.kill()  # SIGKILL: no chance to release the lease
         holder.wait()
-    assert run_status(run.layout) == INTERRUPTED  # the kernel released the dead holder's lock
+    # Its holder is gone from this host: free at once, not after the lease's ttl.
+    assert run_status(run.layout) == INTERRUPTED
 
     # A stage that raises is recorded as failed, with its error, and the run shows it.
     (Path(raw) / "styles.csv").write_text("id,gender\n1,Men\n")

@@ -3,7 +3,8 @@
 A lease is a row held until `expires_at` by the database's clock. Taking it is one upsert that succeeds only when
 the row is absent or expired; a heartbeat thread renews it every ttl/3 while held, and leaving the block deletes
 it. The holder is the process that entered the block: a forked child has no heartbeat thread and never renews or
-releases it, and a holder killed with SIGKILL stops renewing, so its lease frees itself after ttl seconds.
+releases it, and a holder killed with SIGKILL stops renewing, so its lease frees itself after ttl seconds; on the
+holder's own host it is free at once, since a process there can see that the holder's pid is gone.
 """
 
 from __future__ import annotations
@@ -149,7 +150,11 @@ class Leases(Database):
     def lease_holder(self, name: str) -> LeaseInfo | None:
         """Who holds lease NAME now (None when nobody does, or the holder's lease has expired)."""
         with self.engine.connect() as conn:
-            return self._live_holder(conn, name, self.clock(conn))
+            holder = self._live_holder(conn, name, self.clock(conn))
+        if holder is not None and holder.host == socket.gethostname()[:255] and holder.pid != os.getpid() \
+                and not process_is_alive(holder.pid):
+            return None  # died on this host: the next taker frees it
+        return holder
 
     def run_holder(self, run_id: str) -> LeaseInfo | None:
         """Who is running RUN_ID now: what `fashion-tagger runs` calls running."""
@@ -169,6 +174,7 @@ class Leases(Database):
         token = uuid.uuid4().hex
         with self.engine.begin() as conn:
             now = self.clock(conn)
+            self._free_if_holder_died(conn, name, now)
             values: dict[str, Any] = {"token": token, "holder": holder[:255], "host": socket.gethostname()[:255],
                                       "pid": os.getpid(), "acquired_at": now, "expires_at": now + ttl_s}
             taken = conn.execute(
@@ -202,6 +208,18 @@ class Leases(Database):
                 waiting = True
             time.sleep(min(0.5, ttl_s / 4, *(() if left is None else (left,))))
 
+    def _free_if_holder_died(self, conn: sa.Connection, name: str, now: float) -> None:
+        """Delete NAME's lease when its holder ran on this host and is gone (killed, crashed): nothing renews it,
+        and waiting out its ttl would only delay `run --resume` after a `kill -9`."""
+        row = conn.execute(sa.select(leases_table).where(leases_table.c.name == name)).mappings().first()
+        if row is None or row["expires_at"] <= now or row["host"] != socket.gethostname()[:255]:
+            return
+        if row["pid"] == os.getpid() or process_is_alive(row["pid"]):
+            return
+        conn.execute(sa.delete(leases_table).where((leases_table.c.name == name)
+                                                   & (leases_table.c.token == row["token"])))
+        log.info("lease %r: its holder (pid %d on this host) is gone; freed it", name, row["pid"])
+
     def _renew(self, name: str, token: str, ttl_s: float) -> bool:
         with self.engine.begin() as conn:
             now = self.clock(conn)
@@ -213,6 +231,21 @@ class Leases(Database):
     def _release(self, name: str, token: str) -> None:
         with self.engine.begin() as conn:
             conn.execute(sa.delete(leases_table).where((leases_table.c.name == name) & (leases_table.c.token == token)))
+
+
+def process_is_alive(pid: int) -> bool:
+    """Whether process PID of this host runs (a zombie, killed and not yet reaped, does not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            return fh.read().rsplit(b")", 1)[-1].split()[0] != b"Z"
+    except (OSError, IndexError):
+        return True
 
 
 def default_holder(host: str, pid: int) -> str:

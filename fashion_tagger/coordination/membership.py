@@ -73,3 +73,30 @@ class Membership(Database):
         for batch in _batches(shas):
             found.update(conn.execute(query.where(membership_table.c.image_sha256.in_(batch))).tuples().all())
         return found
+
+
+class MembershipRecord:
+    """One record (a test fraction and seed) of the membership table, as the split reads and extends it: keyed by
+    the split's unit keys (`h<sha256>` for an image, `id<product id>` for a product without one)."""
+
+    def __init__(self, coordinator: Membership, name: str) -> None:
+        self.coordinator, self.name = coordinator, name
+
+    def __str__(self) -> str:
+        return f"test membership record {self.name}"
+
+    @staticmethod
+    def _image(key: str) -> str:
+        return key[1:] if key.startswith("h") else key
+
+    def parts(self, keys: Sequence[str]) -> dict[str, bool]:
+        """Whether each recorded unit of KEYS is in test (units never recorded are left out)."""
+        stored = self.coordinator.test_membership(self.name, [self._image(k) for k in keys])
+        return {key: stored[self._image(key)] == TEST_PART for key in keys if self._image(key) in stored}
+
+    def add(self, test_of_key: dict[str, bool], *, source_hash: str = "") -> dict[str, bool]:
+        """Record each unit's side unless recorded already; the side stored for each (the first writer's)."""
+        stored = self.coordinator.assign_test_membership(
+            self.name, [(self._image(k), TEST_PART if test else TRAIN_VAL_PART) for k, test in test_of_key.items()],
+            source_hash=source_hash)
+        return {key: stored[self._image(key)] == TEST_PART for key in test_of_key}

@@ -42,18 +42,26 @@ KAGGLE_FULL = "kaggle:paramaggarwal/fashion-product-images-dataset"
 __all__ = ["CONFIG_FILENAME", "Config", "ConfigError", "load_config", "save_config"]
 
 
-def project_home() -> Path:
-    """The data root: `$FASHION_TAGGER_HOME`, else `~/.fashion-tagger`. Created by the stages, not here."""
-    return Path(local_home(os.environ.get(HOME_ENV) or str(DEFAULT_HOME), HOME_ENV)).expanduser().resolve()
+def project_home() -> Home:
+    """The data root: `$FASHION_TAGGER_HOME`, else `~/.fashion-tagger`: a folder, or an object-store URL worked on
+    through this machine's scratch folder (`Home.mirror`). Created by the stages, not here."""
+    return home_at(home_location(os.environ.get(HOME_ENV) or str(DEFAULT_HOME), HOME_ENV))
 
 
-def local_home(value: str, origin: str) -> str:
-    """VALUE when it names a folder; a URL is an error naming ORIGIN, never a folder called `s3:/...` under the
-    working directory. The stages read and write the home as a local (or mounted) folder."""
-    if is_url(value):
-        raise ConfigError(f"{origin}={value} is a URL, but the home must be a local or mounted folder (an "
-                          "object-store home is not supported yet): set it to a folder path")
-    return value
+def home_location(value: str, origin: str) -> str | Path:
+    """VALUE as a home: `s3://bucket/prefix` stays a URL, anything else is a folder. Any other URL is an error
+    naming ORIGIN, never a folder called `gs:/...` under the working directory."""
+    text = value.strip()
+    if not is_url(text):
+        return Path(text)
+    if not text.startswith("s3://") or len(text) <= len("s3://"):
+        raise ConfigError(f"{origin}={value} is not a home this tool can use: the home is a local folder or "
+                          "s3://bucket/prefix (an S3-compatible store such as MinIO through AWS_ENDPOINT_URL)")
+    return text.rstrip("/")
+
+
+def home_at(location: str | Path) -> Home:
+    return Home.mirror(location) if isinstance(location, str) else Home(Path(location).expanduser().resolve())
 
 
 def _checks_environment(info: ValidationInfo) -> bool:
@@ -294,12 +302,13 @@ class TaggingConfig(_Section):
 
 
 class Config(_Section):
-    home: Path | None = Field(None, description="data root; default $FASHION_TAGGER_HOME or ~/.fashion-tagger")
+    home: Path | str | None = Field(
+        None, description="data root: a folder or s3://bucket/prefix; default $FASHION_TAGGER_HOME, ~/.fashion-tagger")
 
     @field_validator("home", mode="before")
     @classmethod
-    def _a_folder(cls, value: Any) -> Any:
-        return local_home(value, "home") if isinstance(value, str) else value
+    def _a_folder_or_store(cls, value: Any) -> Any:
+        return home_location(value, "home") if isinstance(value, str) else value
     data: DataConfig = Field(default_factory=DataConfig)
     labels: LabelsConfig = Field(default_factory=LabelsConfig)
     split: SplitConfig = Field(default_factory=SplitConfig)
@@ -311,12 +320,13 @@ class Config(_Section):
 
     @property
     def home_dir(self) -> Path:
-        return Path(self.home).expanduser().resolve() if self.home else project_home()
+        """The home's local folder: the home itself, or this machine's working copy of an object-store home."""
+        return self.layout.root
 
     @property
     def layout(self) -> Home:
         """The home's layout (raw/, cache/, runs/, locks/, the embedded MLflow store)."""
-        return Home(self.home_dir)
+        return home_at(self.home) if self.home else project_home()
 
     @property
     def raw_root(self) -> Path:
@@ -328,11 +338,19 @@ class Config(_Section):
 
     @property
     def tracking_uri(self) -> str:
-        return (
-            self.registry.tracking_uri
-            or os.environ.get("MLFLOW_TRACKING_URI")
-            or f"sqlite:///{self.layout.mlflow_db}"
-        )
+        """registry.tracking_uri, else $MLFLOW_TRACKING_URI, else the embedded SQLite store in a local home. An
+        object-store home is shared by machines that share no folder, so its tracking must be a server (or a
+        database server) with artifacts in a store: a local store is an error then."""
+        uri = self.registry.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+        layout = self.layout
+        if not layout.is_remote:
+            return uri or f"sqlite:///{layout.mlflow_db}"
+        scheme = (uri or "").split(":", 1)[0].lower()
+        if not uri or not is_url(uri) or scheme in ("file", "sqlite"):
+            raise ConfigError(f"the home is {layout.url}, but MLflow tracking is {uri or 'the embedded store'} on "
+                              "this machine: set MLFLOW_TRACKING_URI (or registry.tracking_uri) to the tracking "
+                              "server every worker shares, e.g. http://mlflow:5000")
+        return uri
 
 
 def load_config(

@@ -9,6 +9,7 @@ Catalog tagging has a tags folder of its own (`TagsDir`), with a DAG run's work 
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import secrets
 from collections.abc import Callable
@@ -34,6 +35,50 @@ def is_url(location: str | Path) -> bool:
     """Whether LOCATION is a URL (`s3://bucket/prefix`, `gs://...`, a `s3:/x` typo) rather than a folder; a `Path`
     never is. The one test of it: config refuses a URL home, storage opens one, coordination needs a server for it."""
     return isinstance(location, str) and bool(_URL_SCHEME.match(location.strip()))
+
+
+SCRATCH_ENV = "FASHION_TAGGER_SCRATCH"
+APP_NAME = "fashion-tagger"
+HOMES_DIRNAME = "homes"  # <scratch>/homes/<slug>/: this machine's working copy of an object-store home
+
+
+def scratch_root() -> Path:
+    """This machine's scratch folder: $FASHION_TAGGER_SCRATCH, else <user cache dir>/fashion-tagger/scratch
+    (platformdirs, else XDG). It may be emptied at any time: everything in it comes back from the store."""
+    if os.environ.get(SCRATCH_ENV):
+        return Path(os.environ[SCRATCH_ENV]).expanduser().resolve()
+    try:
+        from platformdirs import user_cache_path
+
+        cache = user_cache_path()
+    except ImportError:
+        cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache / APP_NAME / "scratch"
+
+
+def home_slug(url: str) -> str:
+    """A folder name for an object-store home: readable, and unique per URL (`ft-home-1a2b3c4d5e`)."""
+    readable = _UNSAFE.sub("-", url.split("://", 1)[-1]).strip(".-")[:60] or "home"
+    return f"{readable}-{hashlib.sha256(url.encode()).hexdigest()[:10]}"
+
+
+def localize_like(path: str | Path, anchor: str | Path) -> Path:
+    """PATH, recorded on some machine, as the same file on this one. A path inside another machine's working copy
+    of an object-store home (`<its scratch>/homes/<slug>/...`) becomes that path inside the copy ANCHOR is in (a
+    folder of this machine's copy of the same home); any other path is returned as it is."""
+    path, anchor = Path(path), Path(anchor)
+    mine = anchor.parts
+    for i in range(len(mine) - 1):
+        if mine[i] == HOMES_DIRNAME:
+            root, slug = Path(*mine[:i + 2]), mine[i + 1]
+            break
+    else:
+        return path
+    parts = path.parts
+    for i in range(len(parts) - 1):
+        if parts[i] == HOMES_DIRNAME and parts[i + 1] == slug:
+            return root.joinpath(*parts[i + 2:])
+    return path
 
 
 def run_dir_name(run_id: str) -> str:
@@ -181,7 +226,7 @@ class TrainDir:
 
         if not self.run_info.is_file():
             raise RunError(f"{self.run_info} does not exist: {self.dir} has not been trained yet")
-        split_dir = Path(read_json(self.run_info)["split_dir"])
+        split_dir = localize_like(read_json(self.run_info)["split_dir"], self.dir)
         if not SplitDir(split_dir).labels.is_file():
             raise RunError(f"{self.dir} was trained on {split_dir}, which no longer holds a split (no labels.json)")
         return split_dir
@@ -268,9 +313,34 @@ class TaggingWorkDir:
 
 @dataclass(frozen=True)
 class Home:
-    """The data root: shared raw downloads, the prepared-image cache, runs, locks and the embedded MLflow store."""
+    """The data root: shared raw downloads, the prepared-image cache, runs, locks and the embedded MLflow store.
+
+    ROOT is always a local folder. For an object-store home, URL is the store (`s3://bucket/prefix`) and ROOT
+    this machine's working copy of it under the scratch folder (`mirror`); `workspace.Workspace` stages files
+    between the two.
+    """
 
     root: Path
+    url: str | None = None
+
+    @classmethod
+    def mirror(cls, url: str) -> Home:
+        """The home at the object-store URL, worked on in `<scratch>/homes/<slug>/` on this machine."""
+        return cls(scratch_root() / HOMES_DIRNAME / home_slug(url), url)
+
+    @property
+    def is_remote(self) -> bool:
+        return self.url is not None
+
+    @property
+    def location(self) -> str:
+        """The home as a user writes it: the URL, or the folder."""
+        return self.url or str(self.root)
+
+    def localize(self, path: str | Path) -> Path:
+        """PATH as recorded by a stage that may have run on another machine, inside this machine's copy of the
+        home (`localize_like`)."""
+        return localize_like(path, self.root)
 
     raw = _In("raw", Path)
     cache = _In("cache", Path)

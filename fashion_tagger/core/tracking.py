@@ -76,6 +76,8 @@ def artifact_location(config: Config, experiment: str | None = None) -> str | No
     if config.registry.artifact_location:
         return f"{config.registry.artifact_location.rstrip('/')}/{_slug(experiment)}"
     if is_local_store(tracking_uri(config)):
+        if config.layout.url:  # a database store beside an object-store home: artifacts in that store
+            return f"{config.layout.url}/{config.layout.mlflow_artifacts.name}/{_slug(experiment)}"
         return (config.layout.mlflow_artifacts / _slug(experiment)).as_uri()
     return None
 
@@ -132,17 +134,6 @@ def new_client(uri: str, artifact_root: Path) -> MlflowClient:
         client = mlflow.MlflowClient(tracking_uri=uri)
         client.search_registered_models(max_results=1)
     return client
-
-
-def registry_lock(config: Config, model_name: str) -> Path:
-    """The lock that orders registrations of MODEL_NAME on this machine: beside a SQLite store's file, else in the
-    home. (Processes on other machines registering into one tracking server are ordered by the gate's own
-    retry-safe tagging, not by this lock.)"""
-    uri = tracking_uri(config)
-    if uri.startswith("sqlite:///"):
-        database = Path(uri.removeprefix("sqlite:///")).expanduser()
-        return database.with_name(f"{database.name}.register-{_slug(model_name)}.lock")
-    return config.layout.lock_file(f"register-{model_name}")
 
 
 def ensure_experiment(client: MlflowClient, config: Config) -> str:

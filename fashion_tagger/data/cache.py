@@ -7,7 +7,7 @@ from typing import Any
 
 from fashion_tagger.core.errors import DataError
 from fashion_tagger.core.io import read_json
-from fashion_tagger.core.layout import SplitDir, cache_size_dir, cached_image_path
+from fashion_tagger.core.layout import SplitDir, cache_size_dir, cached_image_path, localize_like
 
 __all__ = ["cache_size_dir", "cached_image_path", "read_prepared"]
 
@@ -21,4 +21,6 @@ def read_prepared(split_dir: str | Path) -> dict[str, Any]:
     missing = [key for key in ("cache_root", "width", "height") if key not in prepared]
     if missing:
         raise DataError(f"{path} is missing keys: {', '.join(missing)}; rerun the prepare stage")
+    # Recorded by prepare on whichever machine ran it: the same cache in this machine's copy of the home.
+    prepared["cache_root"] = str(localize_like(prepared["cache_root"], path))
     return prepared

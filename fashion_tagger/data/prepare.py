@@ -21,7 +21,7 @@ from tqdm import tqdm
 from fashion_tagger.core import io
 from fashion_tagger.core.config import Config
 from fashion_tagger.core.errors import DataError
-from fashion_tagger.core.layout import SPLIT_PARTS, SplitDir, cache_size_dir, cached_image_path
+from fashion_tagger.core.layout import SPLIT_PARTS, SplitDir, cache_size_dir, cached_image_path, localize_like
 from fashion_tagger.core.parallel import WorkerCount, pool_workers
 from fashion_tagger.core.progress import log_progress
 from fashion_tagger.data.imaging import ImageReadError, read_fitted
@@ -99,6 +99,7 @@ def prepare_images(split_dir: str | Path, cache_root: str | Path, config: Config
             log.info("removed %d partial images left by an interrupted prepare in %s", removed, size_dir)
         tasks = []
         for sha, source in zip(images["image_sha256"], images["image_path"], strict=True):
+            source = localize_like(source, split_dir)  # validated on another machine's copy of the home
             dest = cached_image_path(cache_root, sha, width, height)
             # Writes are atomic, so an existing file is a complete one.
             if not dest.is_file():

@@ -13,7 +13,6 @@ import hashlib
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ import numpy as np
 import pandas as pd
 from iterstrat.ml_stratifiers import MultilabelStratifiedShuffleSplit
 
+from fashion_tagger.coordination.membership import MembershipRecord
 from fashion_tagger.core.config import Config
 from fashion_tagger.core.errors import DataError
 from fashion_tagger.core.io import StageResult, read_json, write_json, write_parquet
@@ -171,34 +171,30 @@ def _pick_new_test_units(counts: np.ndarray, keys: np.ndarray, fraction: float, 
 
 
 def assign_test_units(counts: np.ndarray, keys: np.ndarray, fraction: float, seed: int,
-                      membership: Path | None, *, source_hash: str = "") -> tuple[np.ndarray, dict[str, Any]]:
+                      membership: MembershipRecord | None, *,
+                      source_hash: str = "") -> tuple[np.ndarray, dict[str, Any]]:
     """Which units are test: recorded ones keep their part, new ones are picked (stratified) and recorded.
 
-    MEMBERSHIP is the home's append-only table (key -> test or not); None splits from scratch (deterministic by
-    SEED) and records nothing.
+    MEMBERSHIP is the home's append-only record in the coordination database (unit -> test or not), read and
+    extended under its lease so two runs stratify against the same record; None splits from scratch
+    (deterministic by SEED) and records nothing.
     """
     if membership is None:
         return _pick_new_test_units(counts, keys, fraction, seed, np.zeros(counts.shape[1]),
                                     np.zeros(counts.shape[1])), {"membership": None, "known_units": 0}
-    from fashion_tagger.core.io import atomic_path, file_lock
-
-    with file_lock(membership.with_suffix(".lock"), f"the test membership record {membership}"):
-        known = pd.read_parquet(membership) if membership.is_file() else pd.DataFrame(
-            {"key": pd.Series(dtype=str), "test": pd.Series(dtype=bool), "source_hash": pd.Series(dtype=str),
-             "added": pd.Series(dtype=str)})
-        recorded = dict(zip(known["key"], known["test"], strict=True))
+    coordinator: Any = membership.coordinator
+    with coordinator.lease(f"membership:{membership.name}", wait_s=None, busy=f"the {membership}"):
+        recorded = membership.parts([str(k) for k in keys])
         is_known = np.array([k in recorded for k in keys], dtype=bool)
         test = np.array([bool(recorded.get(k, False)) for k in keys], dtype=bool)
         new = ~is_known
         if new.any():
             test[new] = _pick_new_test_units(counts[new], keys[new], fraction, seed,
                                              counts[is_known & test].sum(axis=0), counts[is_known].sum(axis=0))
-            added = pd.DataFrame({"key": keys[new].astype(str), "test": test[new], "source_hash": source_hash,
-                                  "added": datetime.now(UTC).isoformat(timespec="seconds")})
-            membership.parent.mkdir(parents=True, exist_ok=True)
-            with atomic_path(membership) as tmp:
-                pd.concat([known, added], ignore_index=True).to_parquet(tmp, index=False)
-    info = {"membership": str(membership), "known_units": int(is_known.sum()), "known_test_units":
+            stored = membership.add(dict(zip(keys[new].astype(str), test[new].tolist(), strict=True)),
+                                    source_hash=source_hash)
+            test[new] = [stored[str(k)] for k in keys[new]]
+    info = {"membership": membership.name, "known_units": int(is_known.sum()), "known_test_units":
             int((is_known & test).sum()), "new_units": int(new.sum()), "new_test_units": int((new & test).sum())}
     log.info("test membership: %d units already recorded (%d in test), %d new (%d to test)", info["known_units"],
              info["known_test_units"], info["new_units"], info["new_test_units"])
@@ -242,12 +238,13 @@ def _class_shares(
 
 
 def split_dataset(
-    clean_dir: str | Path, out_dir: str | Path, config: Config, *, test_membership: str | Path | None = None
+    clean_dir: str | Path, out_dir: str | Path, config: Config, *, test_membership: MembershipRecord | None = None
 ) -> SplitResult:
     """Write labels.json, train/val/test.parquet and split_report.json for the clean table in CLEAN_DIR.
 
     The labels come from `labels.*`, the shares and seed from `split.*`, a stratified subset from `data.max_rows`.
-    TEST_MEMBERSHIP (the home's record, `layout.Home.test_membership`) keeps test stable across retrains: a unit
+    TEST_MEMBERSHIP (the home's record, `coordination.membership.MembershipRecord`) keeps test stable across
+    retrains: a unit
     recorded there keeps its side; None splits from scratch.
     """
     attributes, min_class_count = list(config.labels.attributes), config.labels.min_class_count
@@ -275,8 +272,7 @@ def split_dataset(
     unit_counts = np.zeros((n_units, 1 + sum(labels.num_classes.values())), dtype=np.int64)
     np.add.at(unit_counts, unit_of_row, _indicator(clean, labels.classes))
     test_unit, membership = assign_test_units(
-        unit_counts, unit_keys, test_fraction, seed, Path(test_membership) if test_membership else None,
-        source_hash=source_hash)
+        unit_counts, unit_keys, test_fraction, seed, test_membership, source_hash=source_hash)
     # Validation: stratified over the non-test units, val_fraction of all rows.
     rest = np.flatnonzero(~test_unit)
     val_unit = np.zeros(n_units, dtype=bool)

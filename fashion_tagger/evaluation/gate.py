@@ -108,7 +108,8 @@ def champion_warning(champion_membership: str | None, membership: str | None, ch
     if not champion_membership:
         return (f"champion version {champion_version} was registered before test membership was recorded: its "
                 "training data may overlap this test part, so its score here may be optimistic")
-    if champion_membership != membership:
+    # A champion registered before the database recorded the file (`.../test-0.1-seed42.parquet`): same record.
+    if Path(champion_membership).stem != Path(membership or "").stem:
         return (f"champion version {champion_version} was trained with another test membership record "
                 f"({champion_membership}, this split uses {membership}): its training data may overlap this "
                 "test part, so its score here may be optimistic")

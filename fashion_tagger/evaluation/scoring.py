@@ -17,9 +17,10 @@ import numpy as np
 import pandas as pd
 
 from fashion_tagger.core.errors import RunError
-from fashion_tagger.core.io import read_json, sha256_file
+from fashion_tagger.core.io import sha256_file
 from fashion_tagger.core.layout import SplitDir, cached_image_path
 from fashion_tagger.core.schema import IGNORE_INDEX
+from fashion_tagger.data.cache import read_prepared
 from fashion_tagger.data.labels import LabelSpace, label_column
 from fashion_tagger.serving.rows import PATH_COLUMN
 
@@ -48,7 +49,7 @@ def scoring_set(split_dir: str | Path, part: str = "test") -> ScoringSet:
         raise RunError(f"{path} does not exist: scoring needs the {part} part of the split{hint}")
     labels = LabelSpace.load(split.labels)
     frame = pd.read_parquet(path)
-    prepared = read_json(split.prepared) if split.prepared.is_file() else None
+    prepared = read_prepared(split.dir) if split.prepared.is_file() else None
     shas = frame["image_sha256"] if "image_sha256" in frame.columns else [None] * len(frame)
     paths, from_cache = [], 0
     for original, sha in zip(frame["image_path"], shas, strict=True):

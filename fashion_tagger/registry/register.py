@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from fashion_tagger.core import tracking
 from fashion_tagger.core.config import Config
 from fashion_tagger.core.errors import RunError
-from fashion_tagger.core.io import StageResult, file_lock, read_json, write_json, write_text
+from fashion_tagger.core.io import StageResult, read_json, write_json, write_text
 from fashion_tagger.core.layout import TrainDir
 from fashion_tagger.core.tracking import (
     TAG_CHALLENGER_SCORE,
@@ -233,8 +233,11 @@ def register_run(run_dir: str | Path, config: Config) -> RegistrationResult:
     predictor = Predictor.from_checkpoint(outputs.checkpoint)
     cid = predictor.identity()
 
-    with tracking.tracking_session(config) as client, file_lock(
-        tracking.registry_lock(config, name), f"registering into {name}"
+    from fashion_tagger.workspace.workspace import open_workspace
+
+    # A lease in the coordination database orders registrations of NAME across processes and machines.
+    with tracking.tracking_session(config) as client, open_workspace(config.layout).lease(
+        f"register:{name}", f"registering into {name}"
     ):
         uri = tracking.tracking_uri(config)
         version = _find_version(client, name, cid)

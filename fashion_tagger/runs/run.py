@@ -1,29 +1,26 @@
 """A run as the unit of work: its folder, its configuration (read one way), its state and who is running it.
 
 `create_run` makes a run folder with a unique id and writes its `config.yaml`; `open_run` finds it again by id
-or path and reads that config back. Every stage records itself in the run's `state.json` (started, complete or
-failed, with its result), and the process executing a stage holds the run's lock, so `run_status` can tell a
-running run from one whose process died (interrupted).
+or path and reads that config back (from the store first, for an object-store home). Every stage records itself
+in the coordination database (started, complete or failed, with its result), and the process executing a stage
+holds the run's lease, so `run_status` can tell a running run from one whose process died (interrupted).
 """
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import os
-import socket
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from fashion_tagger.core.config import Config, load_config, save_config
 from fashion_tagger.core.errors import RunError
-from fashion_tagger.core.io import read_json, write_json
 from fashion_tagger.core.layout import Home, RunLayout, new_run_id
 from fashion_tagger.runs.stage_registry import stage_names
+from fashion_tagger.workspace.workspace import Workspace, open_workspace, workspace_of
 
 log = logging.getLogger(__name__)
 
@@ -48,9 +45,9 @@ class Run:
     def root(self) -> Path:
         return self.layout.root
 
-
-def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds")
+    @property
+    def workspace(self) -> Workspace:
+        return workspace_of(self.layout.root)
 
 
 def create_run(config: Config, run_id: str | None = None, *, prefix: str = "cli") -> Run:
@@ -61,6 +58,7 @@ def create_run(config: Config, run_id: str | None = None, *, prefix: str = "cli"
     retried first task does, reuses the folder when the configuration is the same and refuses a different one.
     """
     home = config.layout
+    workspace = open_workspace(home)
     home.runs.mkdir(parents=True, exist_ok=True)
     if run_id is None:
         while True:
@@ -72,7 +70,7 @@ def create_run(config: Config, run_id: str | None = None, *, prefix: str = "cli"
                 continue
     else:
         layout = home.run(run_id)
-        if layout.config.is_file():
+        if workspace.pull_file(layout.config):
             existing = load_config(layout.config, check_environment=False)
             if existing != config:
                 raise RunError(f"run {layout.run_id} already exists with another configuration ({layout.config}); "
@@ -80,8 +78,9 @@ def create_run(config: Config, run_id: str | None = None, *, prefix: str = "cli"
             return Run(layout, existing)
         layout.root.mkdir(parents=True, exist_ok=True)
     save_config(config, layout.root)
-    write_json(layout.state, {"run_id": run_id or layout.run_id, "created": _now(), "stages": {}})
-    log.info("run %s in %s", layout.run_id, layout.root)
+    workspace.push_file(layout.config)
+    workspace.coordinator.record_run(layout.run_id)
+    log.info("run %s in %s", layout.run_id, workspace.url(layout.root))
     return Run(layout, config)
 
 
@@ -90,18 +89,20 @@ def open_run(ref: str | Path, home: Home | None = None) -> Run:
     if home is None:
         from fashion_tagger.core.config import project_home
 
-        home = Home(project_home())
+        home = project_home()
+    workspace = open_workspace(home)
+    if workspace.is_remote and (text := str(ref).strip()) and "/" not in text:
+        workspace.pull_file(home.run(text).config)
     layout = home.find_run(ref)
     return Run(layout, load_config(layout.config, check_environment=False))
 
 
-# --- state -------------------------------------------------------------------------------------------------------
+# --- state ------------------------------------------------------------------------------------------------------
 
 
 def read_state(layout: RunLayout) -> dict[str, Any]:
-    if not layout.state.is_file():
-        return {"run_id": layout.run_id, "stages": {}}
-    return read_json(layout.state)
+    """The run's state as `{"run_id", "stages": {name: entry}}`, from the coordination database."""
+    return {"run_id": layout.run_id, "stages": dict(workspace_of(layout.root).coordinator.stage_states(layout.run_id))}
 
 
 def stage_state(layout: RunLayout, stage: str) -> dict[str, Any]:
@@ -118,17 +119,8 @@ def stage_result(layout: RunLayout, stage: str) -> dict[str, Any]:
 
 
 def record_stage(layout: RunLayout, stage: str, status: str, **fields: Any) -> None:
-    """Update one stage's entry in state.json (the caller holds the run lock, so nobody else writes it)."""
-    state = read_state(layout)
-    entry = dict(state["stages"].get(stage, {}))
-    if status == STAGE_STARTED:
-        entry = {"started": _now(), "attempts": int(entry.get("attempts", 0)) + 1,
-                 "pid": os.getpid(), "host": socket.gethostname()}
-    else:
-        entry["finished"] = _now()
-    entry.update(status=status, **fields)
-    state["stages"][stage] = entry
-    write_json(layout.state, state)
+    """Record one stage's status (started: a new attempt) with FIELDS (seconds, result, error, reason)."""
+    workspace_of(layout.root).coordinator.record_stage(layout.run_id, stage, status, **fields)
 
 
 def completed_stages(state: Mapping[str, Any]) -> list[str]:
@@ -143,9 +135,6 @@ def last_completed_stage(state: Mapping[str, Any]) -> str | None:
 
 # --- who is running it -------------------------------------------------------------------------------------------
 
-_held: dict[Path, list[int]] = {}  # lock path -> [fd, depth]: re-entrant within this process
-
-
 def is_rank_zero() -> bool:
     """False in the extra processes of a torchrun/DDP launch, which share the run with rank 0."""
     return os.environ.get("RANK", "0") == "0" and os.environ.get("LOCAL_RANK", "0") == "0"
@@ -153,48 +142,22 @@ def is_rank_zero() -> bool:
 
 @contextmanager
 def run_lock(layout: RunLayout) -> Iterator[None]:
-    """Hold the run's lock for the block, or fail at once naming the run when another process holds it.
-
-    A flock, released by the kernel when the holder dies, so a SIGKILLed run is never left locked.
-    """
-    path = layout.lock
-    if path in _held:
-        _held[path][1] += 1
-        try:
-            yield
-        finally:
-            _held[path][1] -= 1
-        return
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise RunError(f"run {layout.run_id} is being run by another process; wait for it or check "
-                       "`fashion-tagger runs`") from None
-    _held[path] = [fd, 1]
-    try:
+    """Hold the run's lease for the block, or fail at once naming the run and its holder when another process holds
+    it. Held by this process alone, renewed by its heartbeat: a forked DataLoader worker never holds it, and a
+    holder killed with `kill -9` frees it (at once on its own host, after the lease's ttl elsewhere)."""
+    with workspace_of(layout.root).coordinator.run_lease(layout.run_id):
         yield
-    finally:
-        if _held[path][1] <= 1:
-            del _held[path]
-            fcntl.flock(fd, fcntl.LOCK_UN)
-            os.close(fd)
-        else:
-            _held[path][1] -= 1
 
 
 def is_locked_elsewhere(layout: RunLayout) -> bool:
-    if layout.lock in _held or not layout.lock.exists():
-        return False
-    fd = os.open(layout.lock, os.O_RDWR)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)  # closing releases a lock this probe took
-    return False
+    holder = workspace_of(layout.root).coordinator.run_holder(layout.run_id)
+    return holder is not None and not (holder.pid == os.getpid() and holder.host == _hostname())
+
+
+def _hostname() -> str:
+    import socket
+
+    return socket.gethostname()[:255]
 
 
 def run_status(layout: RunLayout, state: Mapping[str, Any] | None = None) -> str:
@@ -211,22 +174,25 @@ def run_status(layout: RunLayout, state: Mapping[str, Any] | None = None) -> str
 
 
 def list_runs(home: Home) -> list[dict[str, Any]]:
-    """Every run of HOME, oldest first: id, status, last completed stage, created, and the stage in the way."""
+    """Every run of HOME the database knows, oldest first: id, status, last completed stage, created, and the stage
+    in the way. Works from any machine that reaches the database: no run folder is read."""
+    workspace = open_workspace(home)
     rows = []
-    for layout in home.run_layouts():
-        state = read_state(layout)
+    for record in workspace.coordinator.list_runs():
+        layout = home.run(record.run_id)
+        state = {"run_id": record.run_id, "stages": dict(record.stages)}
         status = run_status(layout, state)
         pending = next((s for s in stage_names() if state["stages"].get(s, {}).get("status") not in DONE), None)
         register = state["stages"].get("register", {}).get("result", {})
         rows.append({
-            "run_id": layout.run_id,
+            "run_id": record.run_id,
             "status": status,
             "last_completed_stage": last_completed_stage(state),
             "next_stage": pending,
             "error": state["stages"].get(pending, {}).get("error") if pending and status == FAILED else None,
-            "created": state.get("created"),
+            "created": record.created,
             "model_version": register.get("version"),
-            "root": str(layout.root),
+            "root": workspace.url(layout.root),
         })
     return rows
 
@@ -234,8 +200,11 @@ def list_runs(home: Home) -> list[dict[str, Any]]:
 def interrupted_runs_like(config: Config) -> list[str]:
     """Ids of this home's interrupted runs with exactly CONFIG: what a user restarting by hand may mean to resume."""
     matches = []
-    for layout in config.layout.run_layouts():
-        if run_status(layout) == INTERRUPTED and load_config(layout.config, check_environment=False) == config:
+    workspace = open_workspace(config.layout)
+    for row in list_runs(config.layout):
+        layout = config.layout.run(row["run_id"])
+        if row["status"] == INTERRUPTED and workspace.pull_file(layout.config) \
+                and load_config(layout.config, check_environment=False) == config:
             matches.append(layout.run_id)
     return matches
 

@@ -28,6 +28,9 @@ class Stage:
     function: Callable[[Any], StageResult]
     summary: str  # one line: the CLI command's help, `fashion-tagger run`'s help
     output: Callable[[RunLayout], Path] | None = None  # its folder in the run; None when it writes outside the run
+    # What it reads beyond its own folder, staged in from an object-store home first (`staging.py`): run -> folders.
+    reads: Callable[[Any], tuple[Path, ...]] | None = None
+    images: bool = False  # reads the prepared images its split lists (staged in as shard batches)
     # What the DAG needs; none of it changes what the stage does.
     task_id: str = ""  # the Airflow task id; default the stage's name
     doc: str = ""  # the task's documentation in the Airflow UI; default the summary
@@ -52,13 +55,13 @@ _registry: dict[str, Stage] = {}  # in declaration order, which is the run order
 
 
 def register_stage(
-    name: str | None = None, *, summary: str, output: Callable[[RunLayout], Path] | None = None, **dag: Any
+    name: str | None = None, *, summary: str, output: Callable[[RunLayout], Path] | None = None, **fields: Any
 ) -> Callable[[StageFunction], StageFunction]:
     """Declare the decorated `stage(run) -> StageResult` as stage NAME (default: the function's name), after
-    every stage declared before it. DAG are the orchestration fields of `Stage` (task_id, gpu, ...)."""
+    every stage declared before it. FIELDS are the other fields of `Stage` (reads, images, task_id, gpu, ...)."""
 
     def declare(function: StageFunction) -> StageFunction:
-        stage = Stage(name or function.__name__, function, summary, output, **dag)
+        stage = Stage(name or function.__name__, function, summary, output, **fields)
         if stage.name in _registry:
             raise RunError(f"stage {stage.name!r} is declared twice: a stage name names one stage")
         _registry[stage.name] = stage

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 from typing import Any
 
 from fashion_tagger.core import io
@@ -42,21 +43,14 @@ log = logging.getLogger(__name__)
 )
 def fetch(run: Run) -> StageResult:
     """Make the configured source available under `<home>/raw/<name>/` (a complete earlier copy is reused)."""
-    from fashion_tagger.data.sources import fetch_dataset
+    from fashion_tagger.runs.staging import fetch_into_home
 
-    config = run.config
-    return fetch_dataset(
-        config.data.source,
-        config.raw_root,
-        s3_endpoint_url=config.data.s3_endpoint_url,
-        synthetic_size=config.data.synthetic_size,
-        synthetic_seed=config.data.synthetic_seed,
-    )
+    return fetch_into_home(run)
 
 
 @register_stage(
     summary="Validate and clean styles.csv and the images: clean.parquet, rejects.csv, report.json",
-    output=lambda layout: layout.validate.dir, task_id="validate_dataset",
+    output=lambda layout: layout.validate.dir, reads=lambda run: (raw_dir(run),), task_id="validate_dataset",
     child_process=True,
     doc="""
     Check `styles.csv` and every image: `validate/clean.parquet`, `rejects.csv` (each rejected line with
@@ -69,12 +63,17 @@ def validate(run: Run) -> StageResult:
     """Check styles.csv and every image of the fetched dataset: `validate/` (clean table, rejects, report)."""
     from fashion_tagger.data.validate import validate_dataset
 
-    return validate_dataset(stage_result(run.layout, "fetch")["raw_dir"], run.layout.validate.dir, run.config)
+    return validate_dataset(raw_dir(run), run.layout.validate.dir, run.config)
+
+
+def raw_dir(run: Run) -> Path:
+    """The raw dataset folder fetch made, in this machine's copy of the home."""
+    return run.config.layout.localize(stage_result(run.layout, "fetch")["raw_dir"])
 
 
 @register_stage(
     summary="Encode labels and write a stratified train/validation/test split (duplicate images kept together)",
-    output=lambda layout: layout.split.dir, task_id="build_splits",
+    output=lambda layout: layout.split.dir, reads=lambda run: (run.layout.validate.dir,), task_id="build_splits",
     doc="Encode the labels and write the train/validation/test parts to `split/` (an image once in test stays).",
 )
 def split(run: Run) -> StageResult:
@@ -83,8 +82,11 @@ def split(run: Run) -> StageResult:
     from fashion_tagger.data.split import split_dataset
 
     config = run.config
+    from fashion_tagger.coordination.membership import MembershipRecord
+
+    record = config.layout.test_membership(config.split.test_fraction, config.split.seed).stem
     result = split_dataset(run.layout.validate.dir, run.layout.split.dir, config,
-                           test_membership=config.layout.test_membership(config.split.test_fraction, config.split.seed))
+                           test_membership=MembershipRecord(run.workspace.coordinator, record))
     result.fingerprint = write_fingerprint(config, run.layout.split.dir)["fingerprint"]
     return result
 
@@ -101,15 +103,15 @@ def split(run: Run) -> StageResult:
 )
 def prepare(run: Run) -> StageResult:
     """Resize every image of the split once into the shared cache `<home>/cache/`."""
-    from fashion_tagger.data.prepare import prepare_images
+    from fashion_tagger.runs.staging import prepare_into_home
 
-    return prepare_images(run.layout.split.dir, run.config.cache_root, run.config)
+    return prepare_into_home(run)
 
 
 @register_stage(
     summary="Train the tagger, or resume it from its last checkpoint",
-    output=lambda layout: layout.train.dir, task_id="train_model",
-    child_process=True, gpu=True, per_device=True, timeout_hours=12, skip_when_unchanged=True,
+    output=lambda layout: layout.train.dir, reads=lambda run: (run.layout.split.dir,), images=True,
+    task_id="train_model", child_process=True, gpu=True, per_device=True, timeout_hours=12, skip_when_unchanged=True,
     doc="""
     Train in a child process (`python -m fashion_tagger train RUN`, torchrun when the task has several GPUs)
     so CUDA never starts inside the worker; its output streams into this log. Writes `train/checkpoints/`
@@ -128,7 +130,8 @@ def train(run: Run) -> StageResult:
 
 @register_stage(
     summary="Per-attribute and per-class metrics, confusion matrices and plots",
-    output=lambda layout: layout.train.eval.dir, task_id="evaluate_model",
+    output=lambda layout: layout.train.eval.dir, reads=lambda run: (run.layout.split.dir,), images=True,
+    task_id="evaluate_model",
     child_process=True, gpu=True, timeout_hours=2,
     doc="""
     Score the best checkpoint on the test part (the headline) and the validation part in a child process:
@@ -144,7 +147,8 @@ def evaluate(run: Run) -> StageResult:
 
 @register_stage(
     summary="Register the model in MLflow and apply the promotion gate",
-    output=lambda layout: layout.train.dir, task_id="register_model", outlet="fashion_tagger_model",
+    output=lambda layout: layout.train.dir, reads=lambda run: (run.layout.split.dir,), task_id="register_model",
+    outlet="fashion_tagger_model",
     outlet_extra=("model_name", "version", "model_uri", "aliases", "decision"),
     doc="""
     Log the run to MLflow, register the model as a new version (alias `challenger`) and apply the
@@ -203,23 +207,33 @@ def run_stage(run: Run, name: str) -> dict[str, Any]:
     index = stage_names().index(name)
     if index:
         stage_result(run.layout, stage_names()[index - 1])  # raises, naming the stage to run first
+    from fashion_tagger.runs import staging
+
     if not is_rank_zero():
         # torchrun's other ranks join rank 0's training; rank 0 alone locks the run and records its state.
+        staging.stage_in(run, stage)
         return stage.function(run).to_dict()
     with run_lock(run.layout):
-        if stage.output is not None and (removed := io.remove_stale_temporaries(stage.output(run.layout))):
-            log.info("stage %s: removed %d temporary file(s) left by an interrupted attempt", name, removed)
         attempts = int(stage_state(run.layout, name).get("attempts", 0))
         log.info("run %s: stage %s%s", run.id, name, f" (attempt {attempts + 1})" if attempts else "")
         record_stage(run.layout, name, STAGE_STARTED)
         started = time.perf_counter()
         try:
+            staging.stage_in(run, stage)
+            staged = time.perf_counter() - started
+            if stage.output is not None and (removed := io.remove_stale_temporaries(stage.output(run.layout))):
+                log.info("stage %s: removed %d temporary file(s) left by an interrupted attempt", name, removed)
             result = stage.function(run).to_dict()
+            published = time.perf_counter()
+            staging.stage_out(run, stage)  # before it is recorded complete: a later stage on any machine finds it
+            staged += time.perf_counter() - published
         except Exception as exc:  # Ctrl-C or a kill leaves the stage "started": the run shows as interrupted
             record_stage(run.layout, name, STAGE_FAILED, error=f"{type(exc).__name__}: {exc}"[:2000],
                          seconds=round(time.perf_counter() - started, 2))
             raise
         seconds = round(time.perf_counter() - started, 2)
+        if run.workspace.is_remote:
+            result["staging_seconds"] = round(staged, 2)
         record_stage(run.layout, name, STAGE_COMPLETE, result=result, seconds=seconds)
         log.info("run %s: stage %s done in %.1f s", run.id, name, seconds)
         return result

@@ -14,25 +14,13 @@ from pathlib import Path
 
 from fashion_tagger.core import io
 from fashion_tagger.core.errors import SourceUnavailableError
+from fashion_tagger.core.layout import SCRATCH_ENV, scratch_root
 from fashion_tagger.storage.base import Store, join_key
 from fashion_tagger.storage.publish import ManifestEntry, read_manifest
 
-SCRATCH_ENV = "FASHION_TAGGER_SCRATCH"
-APP_NAME = "fashion-tagger"
+__all__ = ["SCRATCH_ENV", "StageInResult", "object_path", "scratch_root", "stage_in"]
+
 OBJECTS_DIRNAME = "objects"
-
-
-def scratch_root() -> Path:
-    """$FASHION_TAGGER_SCRATCH, else <user cache dir>/fashion-tagger/scratch (platformdirs, else XDG)."""
-    if os.environ.get(SCRATCH_ENV):
-        return Path(os.environ[SCRATCH_ENV]).expanduser()
-    try:
-        from platformdirs import user_cache_path
-
-        cache = user_cache_path()
-    except ImportError:
-        cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return cache / APP_NAME / "scratch"
 
 
 @dataclass

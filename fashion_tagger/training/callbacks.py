@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
@@ -127,6 +128,12 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     """Checkpoints written beside their final name and renamed into place: a process killed while saving leaves
     the previous last.ckpt whole (and a temporary the next attempt removes), so resuming never meets half a file."""
 
+    def __init__(self, on_saved: Callable[[Path], None] | None = None) -> None:
+        super().__init__()
+        self.on_saved = on_saved  # called with each checkpoint's final path once it is in place
+
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
         with atomic_path(path) as tmp:
             super().save_checkpoint(checkpoint, tmp, storage_options)
+        if self.on_saved is not None:
+            self.on_saved(Path(path))

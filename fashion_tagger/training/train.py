@@ -9,7 +9,7 @@ import logging
 import sys
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,7 +30,7 @@ from lightning.pytorch.loggers import CSVLogger, Logger
 from fashion_tagger.core.config import Config, load_config, save_config
 from fashion_tagger.core.errors import RunError
 from fashion_tagger.core.io import StageResult, read_json, remove_stale_temporaries, write_json
-from fashion_tagger.core.layout import CHECKPOINT_BEST, SplitDir, TrainDir
+from fashion_tagger.core.layout import CHECKPOINT_BEST, SplitDir, TrainDir, localize_like
 from fashion_tagger.core.parallel import cpu_threads
 from fashion_tagger.data.cache import read_prepared
 from fashion_tagger.data.labels import LabelSpace
@@ -65,6 +65,22 @@ class TrainResult(StageResult):
     scores: dict[str, float] = field(default_factory=dict)  # validation macro-F1 per attribute at the best epoch
 
 
+def _publisher(config: Config, train_dir: TrainDir) -> Callable[[Path], None] | None:
+    """For an object-store home: publish the training folder each time last.ckpt is saved (every epoch), so a
+    retry on any machine resumes from the last completed epoch. None for a local home."""
+    from fashion_tagger.workspace.workspace import open_workspace
+
+    workspace = open_workspace(config.layout)
+    if not workspace.is_remote or not train_dir.dir.is_relative_to(config.layout.root):
+        return None
+
+    def publish(saved: Path) -> None:
+        if saved.name == train_dir.last_checkpoint.name:
+            workspace.push(train_dir.dir)
+
+    return publish
+
+
 def _check_same_run(train_dir: TrainDir, config: Config, split_dir: Path) -> None:
     """Resuming with another network or split would mix two runs in one directory."""
     if not (train_dir.config.is_file() and train_dir.run_info.is_file()):
@@ -75,7 +91,7 @@ def _check_same_run(train_dir: TrainDir, config: Config, split_dir: Path) -> Non
             f"{train_dir.dir} holds a run with another model config ({previous.model.model_dump()}); "
             "train into a new run folder or delete this one"
         )
-    recorded = Path(read_json(train_dir.run_info)["split_dir"])
+    recorded = localize_like(read_json(train_dir.run_info)["split_dir"], train_dir.dir)
     if recorded.resolve() != split_dir.resolve():
         raise TrainError(
             f"{train_dir.dir} was trained on {recorded}, not {split_dir}; "
@@ -204,7 +220,7 @@ def train_model(
         log_every_n_steps=max(1, min(50, steps_per_epoch)),
         benchmark=hardware["accelerator"] == "gpu",
         num_sanity_val_steps=0 if resume else 2,
-        plugins=[AtomicCheckpointIO()],
+        plugins=[AtomicCheckpointIO(on_saved=_publisher(config, train_dir))],
         **hardware,
     )
     if trainer.is_global_zero:
