@@ -10,6 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from fashion_tagger.core.layout import RunLayout
+from fashion_tagger.runs.run import read_state
+
 
 def cli(*args: str | Path, check: bool = True) -> subprocess.CompletedProcess:
     proc = subprocess.run(
@@ -110,7 +113,7 @@ def test_run_executes_every_stage_and_registers_a_champion(isolated_home):
     assert skipped["skipped"] == ["train", "evaluate", "register"]
     assert list(skipped["stages"]) == ["fetch", "validate", "split", "prepare"]
     assert "skipped training, evaluation and registration: nothing changed since champion version 1" in again.stderr
-    state = json.loads((Path(skipped["run_root"]) / "state.json").read_text())["stages"]
+    state = read_state(RunLayout(Path(skipped["run_root"])))["stages"]  # in the home's coordination database
     assert state["train"]["status"] == "skipped" and "fingerprint" in state["train"]["reason"]
     assert json.loads(cli("runs", "--json").stdout)[1]["status"] == "complete"
     # --force trains anyway.

@@ -27,7 +27,7 @@ def test_defaults_are_the_production_recipe():
 
 
 def test_home_comes_from_environment(isolated_home, monkeypatch):
-    assert project_home() == isolated_home.resolve()
+    assert project_home().root == isolated_home.resolve()
     cfg = load_config()
     assert cfg.raw_root == isolated_home.resolve() / "raw"
     assert cfg.tracking_uri == f"sqlite:///{isolated_home.resolve() / 'mlflow.db'}"
@@ -101,15 +101,25 @@ def test_a_negative_worker_count_is_an_error_naming_the_key():
 
 
 @pytest.mark.parametrize("where", ["env", "config"])
-def test_a_url_home_is_an_error_naming_it_and_never_a_local_folder(where, tmp_path, monkeypatch):
+def test_an_s3_home_is_worked_on_in_scratch_and_never_a_local_folder_named_after_it(where, tmp_path, monkeypatch):
     """`FASHION_TAGGER_HOME=s3://ft/home` used to become a folder `s3:/ft/home` under the working directory."""
     cwd = tmp_path / "cwd"
     cwd.mkdir()
     monkeypatch.chdir(cwd)
-    with pytest.raises(ConfigError, match=r"(?i)home=s3://ft/home is a URL, but the home must be a local"):
-        if where == "env":
-            monkeypatch.setenv("FASHION_TAGGER_HOME", "s3://ft/home")
-            _ = load_config(None).home_dir
-        else:
-            load_config(None, {"home": "s3://ft/home"})
+    monkeypatch.setenv("FASHION_TAGGER_SCRATCH", str(tmp_path / "scratch"))
+    if where == "env":
+        monkeypatch.setenv("FASHION_TAGGER_HOME", "s3://ft/home")
+        config = load_config(None)
+    else:
+        config = load_config(None, {"home": "s3://ft/home/"})
+    assert config.layout.url == "s3://ft/home"
+    assert config.home_dir.is_relative_to(tmp_path / "scratch" / "homes")
+    # A shared home needs a shared tracking server: the embedded store on this machine is refused.
+    with pytest.raises(ConfigError, match=r"home is s3://ft/home, but MLflow tracking is the embedded store"):
+        _ = config.tracking_uri
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")
+    assert config.tracking_uri == "http://mlflow:5000"
+    for unsupported in ("gs://ft/home", "s3:/ft/home"):
+        with pytest.raises(ConfigError, match=r"is not a home this tool can use: the home is a local folder or s3"):
+            load_config(None, {"home": unsupported})
     assert not list(cwd.iterdir())

@@ -4,6 +4,7 @@ stage state, leases raced by processes and freed after a SIGKILL, unique test-pa
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import multiprocessing
 import os
@@ -337,31 +338,38 @@ def test_two_writers_of_the_same_membership_get_one_part(database_url, isolated_
 
 
 def test_a_legacy_home_is_imported_once(coordinator, isolated_home):
-    from fashion_tagger.core.config import load_config
-    from fashion_tagger.data.split import assign_test_units
-    from fashion_tagger.runs.run import create_run, read_state
-    from fashion_tagger.runs.run import record_stage as record_in_state_json
+    """A home written before the database: runs/<id>/state.json files and test_membership/*.parquet tables, as the
+    file-based runner wrote them."""
+    import pandas as pd
 
-    run = create_run(load_config("demo"))
-    record_in_state_json(run.layout, "fetch", "started")
-    record_in_state_json(run.layout, "fetch", "complete", result={"raw_dir": "/data/raw"}, seconds=0.4)
-    record_in_state_json(run.layout, "validate", "started")
-    record_in_state_json(run.layout, "validate", "failed", error="QualityGateError: 60% rejected", seconds=1.0)
-    broken = create_run(load_config("demo"))
-    broken.layout.state.write_text("{not json")
+    from fashion_tagger.core.config import load_config, save_config
 
     home = Home(isolated_home)
+    entries = {
+        "fetch": {"status": "complete", "attempts": 1, "pid": 7, "host": "old", "started": "2026-11-01T10:00:00Z",
+                  "finished": "2026-11-01T10:00:01Z", "result": {"raw_dir": "/data/raw"}, "seconds": 0.4},
+        "validate": {"status": "failed", "attempts": 1, "pid": 7, "host": "old", "started": "2026-11-01T10:00:01Z",
+                     "finished": "2026-11-01T10:00:02Z", "error": "QualityGateError: 60% rejected", "seconds": 1.0},
+    }
+    run, broken = home.run("cli__2026-11-01T10-00-00.000Z-aaaaaa"), home.run("cli__2026-11-01T10-00-01.000Z-bbbbbb")
+    for layout in (run, broken):
+        layout.root.mkdir(parents=True)
+        save_config(load_config("demo"), layout.root)
+    run.state.write_text(json.dumps({"run_id": run.run_id, "created": "2026-11-01T10:00:00Z", "stages": entries}))
+    broken.state.write_text("{not json")
+
     rng = np.random.default_rng(0)
     keys = np.array([f"h{i:064x}" for i in range(60)] + ["id17", "id18"], dtype=object)
-    test, _ = assign_test_units(rng.integers(0, 3, size=(len(keys), 4)), keys, 0.2, 42,
-                                home.test_membership(0.2, 42), source_hash="abc")
-    assert home.test_membership(0.2, 42).is_file() and 0 < test.sum() < len(keys)
+    test = rng.random(len(keys)) < 0.2
+    home.test_memberships.mkdir(parents=True)
+    pd.DataFrame({"key": keys.astype(str), "test": test, "source_hash": "abc", "added": "2026-11-01T10:00:00+00:00"}
+                 ).to_parquet(home.test_membership(0.2, 42), index=False)
 
     summary = import_legacy(isolated_home, coordinator)
     assert (summary.runs, summary.stages, summary.membership_records, summary.membership_images) == (1, 2, 1, 62)
-    assert summary.unreadable == [broken.layout.state.relative_to(isolated_home).as_posix()]
-    assert coordinator.stage_states(run.id) == read_state(run.layout)["stages"]  # the entries, exactly
-    assert [r.run_id for r in coordinator.list_runs()] == [run.id]
+    assert summary.unreadable == [broken.state.relative_to(isolated_home).as_posix()]
+    assert coordinator.stage_states(run.run_id) == entries  # the entries, exactly
+    assert [r.run_id for r in coordinator.list_runs()] == [run.run_id]
     expected = {(k[1:] if k.startswith("h") else k): ("test" if t else "train_val")
                 for k, t in zip(keys, test, strict=True)}
     assert coordinator.test_membership(home.test_membership(0.2, 42).stem) == expected
@@ -369,4 +377,4 @@ def test_a_legacy_home_is_imported_once(coordinator, isolated_home):
     again = import_legacy(isolated_home, coordinator)
     assert (again.imported_files, again.stages, again.membership_images, again.already_imported) == (0, 0, 0, 2)
     assert again.message == f"nothing to import from {isolated_home}: its 2 file(s) were imported before"
-    assert coordinator.stage_states(run.id) == read_state(run.layout)["stages"]
+    assert coordinator.stage_states(run.run_id) == entries

@@ -116,7 +116,10 @@ def test_unchanged_data_skips_training_and_force_trains(first_run):
                                   **dict.fromkeys(["train_model", "evaluate_model", "register_model"], "skipped")}
     assert "nothing changed since champion version 1" in output
     run_root = Path(unchanged["results"]["fetch_dataset"]["run_root"])
-    state = json.loads((run_root / "state.json").read_text())["stages"]
+    from fashion_tagger.core.layout import RunLayout
+    from fashion_tagger.runs.run import read_state
+
+    state = read_state(RunLayout(run_root))["stages"]  # in the home's coordination database
     assert [state[s]["status"] for s in ("train", "evaluate", "register")] == ["skipped"] * 3
 
     forced, output = run_dag(home, [*TINY, "force=yes"], "forced")

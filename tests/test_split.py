@@ -151,10 +151,18 @@ def test_same_seed_same_split_other_seed_other_split(clean_dir, tmp_path, split)
     assert other.max_share_deviation <= 0.01
 
 
+def membership_record(tmp_path):
+    """A test-membership record in a coordination database of its own (SQLite under TMP_PATH)."""
+    from fashion_tagger.coordination import connect
+    from fashion_tagger.coordination.membership import MembershipRecord
+
+    return MembershipRecord(connect(None, tmp_path / "coordination-home"), "test-0.1-seed42")
+
+
 def test_test_membership_is_stable_when_rows_are_added_and_removed(tmp_path):
     """The home's membership record keeps every earlier test image in test, and every earlier train/val image
     out of it (a champion trained on it must never be scored on it), while the shares stay near target."""
-    membership = tmp_path / "membership.parquet"
+    membership = membership_record(tmp_path)
     full = make_clean(tmp_path / "all", 4400, seed=11)
     first_rows = full.iloc[:4000]
     (tmp_path / "v1").mkdir()
@@ -237,7 +245,7 @@ def test_real_metadata_split_keeps_every_class_near_its_test_and_val_share(real_
     clean = validate_dataset(real_data, tmp_path / "clean", load_config(None, ["data.metadata_only=true"]))
     started = time.perf_counter()
     result = split_dataset(clean.out_dir, tmp_path / "split", load_config(),
-                           test_membership=tmp_path / "membership.parquet")
+                           test_membership=membership_record(tmp_path))
     elapsed = time.perf_counter() - started
     assert result.train_rows + result.val_rows + result.test_rows == 44_424
     assert sum(result.num_classes.values()) == 71
