@@ -12,8 +12,9 @@ for var in AIRFLOW_UID AIRFLOW_ADMIN_USERNAME AIRFLOW_ADMIN_PASSWORD GPU_POOL_SL
 done
 
 # A new named volume takes the owner and mode of the image's folder: group 0, group-writable (see
-# docker/airflow.Dockerfile), so any AIRFLOW_UID in group 0 can write it and nothing needs chown.
-for dir in /opt/airflow/logs /opt/fashion-tagger-data; do
+# docker/airflow.Dockerfile), so any AIRFLOW_UID in group 0 can write it and nothing needs chown. The workers'
+# scratch volumes are made from /opt/fashion-tagger-scratch the same way.
+for dir in /opt/airflow/logs; do
   if [[ ! -w "$dir" ]]; then
     echo "airflow-init: $dir is not writable by uid $(id -u) gid $(id -g) ($(stat -c '%U:%G %A' "$dir"));" \
       "give it to group 0 once: docker compose run --rm --user 0 --entrypoint chmod airflow-init -R g+rwX $dir" >&2

@@ -13,12 +13,12 @@ ARG TORCHVISION_VERSION=0.29.1
 # PyTorch's CPU-only wheel index: the same torch API, none of the CUDA wheels (several GB smaller).
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 
-# Numeric users: 0 is root, 50000 the image's `airflow`. The data folder is group 0 and group-writable, so a new
-# volume mounted there can be written by any AIRFLOW_UID (they all run in group 0) without a chown as root.
+# Numeric users: 0 is root, 50000 the image's `airflow`. The scratch folder is group 0 and group-writable, so a
+# new volume mounted there can be written by any AIRFLOW_UID (they all run in group 0) without a chown as root.
 USER 0
-RUN mkdir -p /opt/fashion-tagger /opt/fashion-tagger-data \
-    && chown -R 50000:0 /opt/fashion-tagger /opt/fashion-tagger-data \
-    && chmod 2775 /opt/fashion-tagger-data
+RUN mkdir -p /opt/fashion-tagger /opt/fashion-tagger-scratch \
+    && chown -R 50000:0 /opt/fashion-tagger /opt/fashion-tagger-scratch \
+    && chmod 2775 /opt/fashion-tagger-scratch
 USER 50000
 
 # torch first, in its own layer: editing the project must not download it again.
@@ -38,5 +38,6 @@ COPY --chown=50000:0 docker/airflow-init.sh /opt/fashion-tagger/docker/airflow-i
 # docker-compose.yaml bind-mounts ./dags over them for development.
 COPY --chown=50000:0 dags /opt/airflow/dags
 
-ENV FASHION_TAGGER_HOME=/opt/fashion-tagger-data
+# The home (FASHION_TAGGER_HOME=s3://...) and its credentials come from the deployment; this is the local cache.
+ENV FASHION_TAGGER_SCRATCH=/opt/fashion-tagger-scratch
 WORKDIR /opt/airflow

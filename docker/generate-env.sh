@@ -12,8 +12,8 @@ random() { python3 -c "import secrets; print(secrets.token_hex($1))"; }
 fernet() { python3 -c "import base64, os; print(base64.urlsafe_b64encode(os.urandom(32)).decode())"; }
 
 # Every secret of .env.example; the two MinIO user names too, for a .env made from an older .env.example.
-for var in POSTGRES_PASSWORD MLFLOW_DB_PASSWORD REDIS_PASSWORD MINIO_ROOT_USER MINIO_ROOT_PASSWORD \
-           MINIO_MLFLOW_USER MINIO_MLFLOW_PASSWORD MINIO_DATA_READER_USER MINIO_DATA_READER_PASSWORD \
+for var in POSTGRES_PASSWORD MLFLOW_DB_PASSWORD FASHION_TAGGER_DB_PASSWORD REDIS_PASSWORD MINIO_ROOT_USER \
+           MINIO_ROOT_PASSWORD MINIO_MLFLOW_USER MINIO_MLFLOW_PASSWORD MINIO_WORKER_USER MINIO_WORKER_PASSWORD \
            MLFLOW_ADMIN_PASSWORD MLFLOW_SERVICE_PASSWORD MLFLOW_READER_PASSWORD MLFLOW_FLASK_SECRET_KEY \
            AIRFLOW_FERNET_KEY AIRFLOW_JWT_SECRET AIRFLOW_API_SECRET_KEY AIRFLOW_ADMIN_PASSWORD; do
   if grep -Eq "^${var}=.+" "$env_file"; then
@@ -25,7 +25,7 @@ for var in POSTGRES_PASSWORD MLFLOW_DB_PASSWORD REDIS_PASSWORD MINIO_ROOT_USER M
     AIRFLOW_JWT_SECRET) value="$(random 32)" ;;
     MINIO_ROOT_USER) value="minio-$(random 4)" ;;
     MINIO_MLFLOW_USER) value="mlflow-artifacts" ;;
-    MINIO_DATA_READER_USER) value="fashion-data-reader" ;;
+    MINIO_WORKER_USER) value="fashion-tagger-worker" ;;
     *) value="$(random 20)" ;;
   esac
   if grep -Eq "^${var}=" "$env_file"; then

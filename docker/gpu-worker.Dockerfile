@@ -15,12 +15,12 @@ ARG TORCHVISION_VERSION=0.29.1
 # PyTorch CUDA wheel index (cu126, cu128, ...) matching it.
 ARG TORCH_INDEX_URL=https://pypi.org/simple
 
-# Numeric users: 0 is root, 50000 the image's `airflow`. The data folder is group 0 and group-writable, so a new
-# volume mounted there can be written by any AIRFLOW_UID (they all run in group 0) without a chown as root.
+# Numeric users: 0 is root, 50000 the image's `airflow`. The scratch folder is group 0 and group-writable, so a
+# new volume mounted there can be written by any AIRFLOW_UID (they all run in group 0) without a chown as root.
 USER 0
-RUN mkdir -p /opt/fashion-tagger /opt/fashion-tagger-data \
-    && chown -R 50000:0 /opt/fashion-tagger /opt/fashion-tagger-data \
-    && chmod 2775 /opt/fashion-tagger-data
+RUN mkdir -p /opt/fashion-tagger /opt/fashion-tagger-scratch \
+    && chown -R 50000:0 /opt/fashion-tagger /opt/fashion-tagger-scratch \
+    && chmod 2775 /opt/fashion-tagger-scratch
 USER 50000
 
 RUN pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" \
@@ -35,7 +35,8 @@ RUN pip install --no-cache-dir "apache-airflow==${AIRFLOW_VERSION}" "torch==${TO
 
 COPY --chown=50000:0 dags /opt/airflow/dags
 
-ENV FASHION_TAGGER_HOME=/opt/fashion-tagger-data \
+# The home (FASHION_TAGGER_HOME=s3://...) and its credentials come from the deployment; this is the local cache.
+ENV FASHION_TAGGER_SCRATCH=/opt/fashion-tagger-scratch \
     NVIDIA_VISIBLE_DEVICES=all \
     NVIDIA_DRIVER_CAPABILITIES=compute,utility
 WORKDIR /opt/airflow

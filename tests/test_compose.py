@@ -239,18 +239,80 @@ def test_mlflow_serves_artifacts_from_the_bucket_on_its_own_database(services):
     assert services["mlflow"]["depends_on"]["minio-init"]["condition"] == "service_completed_successfully"
 
 
-def test_airflow_components_share_one_data_volume_and_the_jwt_secret(compose, services):
+def _named_volumes(service: dict) -> dict[str, str]:
+    """Named volume -> mount path (bind mounts, which start with . or $, left out)."""
+    mounts = {}
+    for volume in service.get("volumes", []):
+        source, _, rest = str(volume).partition(":")
+        if source and not source.startswith((".", "$", "/")):
+            mounts[source] = rest.split(":")[0]
+    return mounts
+
+
+def test_the_home_is_a_bucket_and_airflow_components_share_the_jwt_secret(compose, services):
     airflow = [n for n in services if n.startswith("airflow-") and n != "airflow-cli"]
     for name in airflow:
-        service = services[name]
-        assert any(str(v).startswith("fashion-tagger-data:") for v in service.get("volumes", [])), name
-        env = _environment(service)
-        assert env["FASHION_TAGGER_HOME"] == "/opt/fashion-tagger-data"
+        env = _environment(services[name])
+        assert env["FASHION_TAGGER_HOME"] == "s3://${FASHION_TAGGER_BUCKET:-fashion-tagger-home}/home", name
         assert env["AIRFLOW__API_AUTH__JWT_SECRET"].startswith("${AIRFLOW_JWT_SECRET:?")
         assert env["AIRFLOW__CORE__EXECUTION_API_SERVER_URL"] == "http://airflow-apiserver:8080/execution/"
-    assert "fashion-tagger-data" in compose["volumes"]
+    assert _env_example()["FASHION_TAGGER_BUCKET"] == "fashion-tagger-home"
     init = (REPO / "docker" / "airflow-init.sh").read_text()
     assert re.search(r"airflow pools set gpu ", init)
+
+
+def test_each_worker_has_its_own_scratch_and_shares_no_volume(compose, services):
+    scratch = {}
+    for name in WORKERS:
+        env = _environment(services[name])
+        assert env["FASHION_TAGGER_SCRATCH"] == "/opt/fashion-tagger-scratch", name
+        mounts = _named_volumes(services[name])
+        (volume,) = [v for v, path in mounts.items() if path == env["FASHION_TAGGER_SCRATCH"]]
+        scratch[name] = volume
+    assert scratch == {"airflow-worker": "scratch-default", "airflow-worker-gpu": "scratch-gpu"}
+    # Nothing a worker mounts is mounted by any other service: no folder in common, the store is the only path.
+    for name in WORKERS:
+        for volume in _named_volumes(services[name]):
+            others = [n for n, s in services.items() if n != name and volume in _named_volumes(s)]
+            assert not others, f"{name} shares volume {volume} with {others}"
+    assert "fashion-tagger-data" not in compose["volumes"], "the shared data volume is gone"
+    for dockerfile in ("airflow.Dockerfile", "gpu-worker.Dockerfile"):
+        text = (REPO / "docker" / dockerfile).read_text()
+        assert "chmod 2775 /opt/fashion-tagger-scratch" in text, "a new scratch volume must be writable by group 0"
+        assert "fashion-tagger-data" not in text
+
+
+def test_workers_reach_the_coordination_database_as_its_own_role(services):
+    url = ("postgresql+psycopg2://fashion_tagger:${FASHION_TAGGER_DB_PASSWORD:?set FASHION_TAGGER_DB_PASSWORD in .env}"
+           "@postgres:5432/fashion_tagger")
+    for name, service in services.items():
+        env = _environment(service)
+        if name in WORKERS:
+            assert env["FASHION_TAGGER_DATABASE_URL"] == url, name
+        else:
+            assert "FASHION_TAGGER_DATABASE_URL" not in env, f"{name} runs no stage: no coordination credentials"
+    assert _environment(services["postgres"])["FASHION_TAGGER_DB_PASSWORD"].startswith("${FASHION_TAGGER_DB_PASSWORD:?")
+    postgres_init = (REPO / "docker" / "postgres-init.sh").read_text()
+    assert "CREATE ROLE fashion_tagger LOGIN PASSWORD :'fashion_tagger_password'" in postgres_init
+    assert "CREATE DATABASE fashion_tagger OWNER fashion_tagger" in postgres_init
+
+
+def test_postgres_init_creates_each_role_and_database(tmp_path):
+    (tmp_path / "bin").mkdir()
+    _stub(tmp_path / "bin", "psql", 'echo "ARGS $*" >"$PSQL_LOG"; cat >>"$PSQL_LOG"\n')
+    env = {"PATH": f"{tmp_path / 'bin'}:/usr/bin:/bin", "PSQL_LOG": str(tmp_path / "psql.log"),
+           "POSTGRES_USER": "airflow", "POSTGRES_DB": "airflow", "MLFLOW_DB_PASSWORD": "mlflow-pw",
+           "FASHION_TAGGER_DB_PASSWORD": "ft-pw"}
+    script = str(REPO / "docker" / "postgres-init.sh")
+    result = subprocess.run(["bash", script], env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    log = (tmp_path / "psql.log").read_text()
+    # Passwords travel as psql variables, quoted by psql, never spliced into the SQL text.
+    assert "-v fashion_tagger_password=ft-pw" in log and "ft-pw" not in log.split("\n", 1)[1]
+    assert "CREATE DATABASE fashion_tagger OWNER fashion_tagger;" in log
+    missing = subprocess.run(["bash", script], env=env | {"FASHION_TAGGER_DB_PASSWORD": ""}, capture_output=True,
+                             text=True, timeout=60)
+    assert missing.returncode != 0 and "set FASHION_TAGGER_DB_PASSWORD in .env" in missing.stderr
 
 
 # --- production security -------------------------------------------------------------------------------------
@@ -300,11 +362,15 @@ def test_minio_root_credentials_stay_with_minio_and_minio_init(services):
     mlflow = _environment(services["mlflow"])
     assert mlflow["AWS_ACCESS_KEY_ID"].startswith("${MINIO_MLFLOW_USER:?")
     assert mlflow["AWS_SECRET_ACCESS_KEY"].startswith("${MINIO_MLFLOW_PASSWORD:?")
-    worker = _environment(services["airflow-worker"])
-    assert worker["AWS_ACCESS_KEY_ID"].startswith("${MINIO_DATA_READER_USER:?")
-    assert worker["AWS_SECRET_ACCESS_KEY"].startswith("${MINIO_DATA_READER_PASSWORD:?")
-    assert worker["AWS_ENDPOINT_URL"] == "http://minio:9000"
-    assert "AWS_SECRET_ACCESS_KEY" not in _environment(services["airflow-worker-gpu"])
+    # Every worker reads and writes the home: one MinIO user, the same for all of them.
+    for name in WORKERS:
+        worker = _environment(services[name])
+        assert worker["AWS_ACCESS_KEY_ID"].startswith("${MINIO_WORKER_USER:?"), name
+        assert worker["AWS_SECRET_ACCESS_KEY"].startswith("${MINIO_WORKER_PASSWORD:?"), name
+        assert worker["AWS_ENDPOINT_URL"] == "http://minio:9000", name
+    for name, service in services.items():
+        if name not in (*WORKERS, "mlflow"):
+            assert "AWS_SECRET_ACCESS_KEY" not in _environment(service), f"{name} needs no bucket keys"
 
 
 def test_published_ports_listen_on_the_bind_address_loopback_by_default(services):
@@ -375,9 +441,9 @@ def _minio_env(tmp_path: Path) -> dict[str, str]:
         "PATH": f"{tmp_path / 'bin'}:/usr/bin:/bin", "MC_LOG": str(tmp_path / "mc.log"),
         "POLICY_DIR": str(tmp_path / "policies"),
         "MINIO_ROOT_USER": "root-user", "MINIO_ROOT_PASSWORD": "root-password",
-        "MLFLOW_BUCKET": "mlflow", "DATA_BUCKET": "fashion-data",
+        "MLFLOW_BUCKET": "mlflow", "DATA_BUCKET": "fashion-data", "HOME_BUCKET": "fashion-tagger-home",
         "MINIO_MLFLOW_USER": "mlflow-artifacts", "MINIO_MLFLOW_PASSWORD": "mlflow-secret-0123456789",
-        "MINIO_DATA_READER_USER": "fashion-data-reader", "MINIO_DATA_READER_PASSWORD": "reader-secret-0123456789",
+        "MINIO_WORKER_USER": "fashion-tagger-worker", "MINIO_WORKER_PASSWORD": "worker-secret-0123456789",
     }
 
 
@@ -397,7 +463,7 @@ esac
     return tmp_path
 
 
-def test_minio_init_gives_each_client_a_user_limited_to_its_bucket(fake_mc):
+def test_minio_init_gives_each_client_a_user_limited_to_its_buckets(fake_mc):
     env = _minio_env(fake_mc)
     result = subprocess.run(["sh", str(REPO / "docker" / "minio-init.sh")], env=env, capture_output=True,
                             text=True, timeout=60)
@@ -405,9 +471,10 @@ def test_minio_init_gives_each_client_a_user_limited_to_its_bucket(fake_mc):
     calls = (fake_mc / "mc.log").read_text().splitlines()
     assert calls[0] == "alias set local http://minio:9000 root-user root-password"
     assert "admin user add local mlflow-artifacts mlflow-secret-0123456789" in calls
-    assert "admin user add local fashion-data-reader reader-secret-0123456789" in calls
+    assert "admin user add local fashion-tagger-worker worker-secret-0123456789" in calls
     assert "admin policy attach local mlflow-artifacts --user mlflow-artifacts" in calls
-    assert "admin policy attach local fashion-data-read --user fashion-data-reader" in calls
+    assert "admin policy attach local fashion-tagger-worker --user fashion-tagger-worker" in calls
+    assert "mb --ignore-existing local/mlflow local/fashion-data local/fashion-tagger-home" in calls
     # Root appears only in the alias: no user is given root's keys.
     assert sum("root-password" in call for call in calls) == 1
 
@@ -423,9 +490,13 @@ def test_minio_init_gives_each_client_a_user_limited_to_its_bucket(fake_mc):
     mlflow = grants("mlflow-artifacts")
     assert mlflow.keys() == {"arn:aws:s3:::mlflow", "arn:aws:s3:::mlflow/*"}
     assert {"s3:GetObject", "s3:PutObject", "s3:DeleteObject"} <= mlflow["arn:aws:s3:::mlflow/*"]
-    reader = grants("fashion-data-read")
-    assert reader == {"arn:aws:s3:::fashion-data": {"s3:GetBucketLocation", "s3:ListBucket"},
-                      "arn:aws:s3:::fashion-data/*": {"s3:GetObject"}}
+    worker = grants("fashion-tagger-worker")
+    assert worker.keys() == {"arn:aws:s3:::fashion-tagger-home", "arn:aws:s3:::fashion-tagger-home/*",
+                             "arn:aws:s3:::fashion-data", "arn:aws:s3:::fashion-data/*"}
+    assert {"s3:GetObject", "s3:PutObject", "s3:DeleteObject"} <= worker["arn:aws:s3:::fashion-tagger-home/*"]
+    # The dataset source stays read-only: the workers fetch from it, never change it.
+    assert worker["arn:aws:s3:::fashion-data"] == {"s3:GetBucketLocation", "s3:ListBucket"}
+    assert worker["arn:aws:s3:::fashion-data/*"] == {"s3:GetObject"}
 
 
 def test_minio_init_reruns_cleanly_and_fails_on_a_real_error(fake_mc):
@@ -437,10 +508,10 @@ def test_minio_init_reruns_cleanly_and_fails_on_a_real_error(fake_mc):
     broken = subprocess.run(["sh", script], env=env | {"MC_ATTACH_ERROR": "Access Denied."}, capture_output=True,
                             text=True, timeout=60)
     assert broken.returncode != 0 and "Access Denied" in broken.stderr
-    missing = subprocess.run(["sh", script], env=env | {"MINIO_DATA_READER_PASSWORD": ""}, capture_output=True,
+    missing = subprocess.run(["sh", script], env=env | {"MINIO_WORKER_PASSWORD": ""}, capture_output=True,
                              text=True, timeout=60)
     assert missing.returncode == 1
-    assert "MINIO_DATA_READER_PASSWORD is empty; set it in .env" in missing.stderr
+    assert "MINIO_WORKER_PASSWORD is empty; set it in .env" in missing.stderr
 
 
 def _mlflow_server_env(tmp_path: Path) -> dict[str, str]:
