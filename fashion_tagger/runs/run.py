@@ -180,7 +180,7 @@ def list_runs(home: Home) -> list[dict[str, Any]]:
     rows = []
     for record in workspace.coordinator.list_runs():
         layout = home.run(record.run_id)
-        state = {"run_id": record.run_id, "stages": dict(record.stages)}
+        state: dict[str, Any] = {"run_id": record.run_id, "stages": dict(record.stages)}
         status = run_status(layout, state)
         pending = next((s for s in stage_names() if state["stages"].get(s, {}).get("status") not in DONE), None)
         register = state["stages"].get("register", {}).get("result", {})
