@@ -50,6 +50,15 @@ class LeaseInfo:
     def since(self) -> str:
         return f"{datetime.fromtimestamp(self.acquired_at, UTC):%Y-%m-%d %H:%M:%S} UTC"
 
+    @property
+    def is_this_process(self) -> bool:
+        return self.pid == os.getpid() and self.host == this_host()
+
+    @property
+    def died_on_this_host(self) -> bool:
+        """Its holder ran on this host and is gone (killed, crashed): nothing renews the lease any more."""
+        return self.host == this_host() and self.pid != os.getpid() and not process_is_alive(self.pid)
+
     def __str__(self) -> str:
         named = "" if self.holder == default_holder(self.host, self.pid) else f"{self.holder}, "
         return f"{named}host {self.host}, pid {self.pid}, since {self.since}"
@@ -151,10 +160,7 @@ class Leases(Database):
         """Who holds lease NAME now (None when nobody does, or the holder's lease has expired)."""
         with self.engine.connect() as conn:
             holder = self._live_holder(conn, name, self.clock(conn))
-        if holder is not None and holder.host == socket.gethostname()[:255] and holder.pid != os.getpid() \
-                and not process_is_alive(holder.pid):
-            return None  # died on this host: the next taker frees it
-        return holder
+        return None if holder is not None and holder.died_on_this_host else holder  # the next taker frees it
 
     def run_holder(self, run_id: str) -> LeaseInfo | None:
         """Who is running RUN_ID now: what `fashion-tagger runs` calls running."""
@@ -175,7 +181,7 @@ class Leases(Database):
         with self.engine.begin() as conn:
             now = self.clock(conn)
             self._free_if_holder_died(conn, name, now)
-            values: dict[str, Any] = {"token": token, "holder": holder[:255], "host": socket.gethostname()[:255],
+            values: dict[str, Any] = {"token": token, "holder": holder[:255], "host": this_host(),
                                       "pid": os.getpid(), "acquired_at": now, "expires_at": now + ttl_s}
             taken = conn.execute(
                 self.insert(leases_table).values(name=name, **values)
@@ -212,13 +218,12 @@ class Leases(Database):
         """Delete NAME's lease when its holder ran on this host and is gone (killed, crashed): nothing renews it,
         and waiting out its ttl would only delay `run --resume` after a `kill -9`."""
         row = conn.execute(sa.select(leases_table).where(leases_table.c.name == name)).mappings().first()
-        if row is None or row["expires_at"] <= now or row["host"] != socket.gethostname()[:255]:
-            return
-        if row["pid"] == os.getpid() or process_is_alive(row["pid"]):
+        holder = self._live_holder(conn, name, now)
+        if row is None or holder is None or not holder.died_on_this_host:
             return
         conn.execute(sa.delete(leases_table).where((leases_table.c.name == name)
                                                    & (leases_table.c.token == row["token"])))
-        log.info("lease %r: its holder (pid %d on this host) is gone; freed it", name, row["pid"])
+        log.info("lease %r: its holder (pid %d on this host) is gone; freed it", name, holder.pid)
 
     def _renew(self, name: str, token: str, ttl_s: float) -> bool:
         with self.engine.begin() as conn:
@@ -231,6 +236,11 @@ class Leases(Database):
     def _release(self, name: str, token: str) -> None:
         with self.engine.begin() as conn:
             conn.execute(sa.delete(leases_table).where((leases_table.c.name == name) & (leases_table.c.token == token)))
+
+
+def this_host() -> str:
+    """This host's name as a lease records it (the column holds 255 characters)."""
+    return socket.gethostname()[:255]
 
 
 def process_is_alive(pid: int) -> bool:

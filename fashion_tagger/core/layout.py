@@ -254,8 +254,6 @@ class RunLayout:
 
     config = _In(CONFIG_FILENAME, Path)
     state = _In("state.json", Path)
-    # Held (flock) by the process executing a stage of this run; released by the kernel when it dies.
-    lock = _In(".lock", Path)
     validate = _In("validate", ValidateDir)
     split = _In("split", SplitDir)
     train = _In("train", TrainDir)
@@ -345,7 +343,6 @@ class Home:
     raw = _In("raw", Path)
     cache = _In("cache", Path)
     runs = _In("runs", Path)
-    locks = _In("locks", Path)
     weights = _In("weights", Path)
     # The catalog of product photos the tagging DAG tags when neither its form nor the environment names one.
     catalog = _In("catalog", Path)
@@ -359,9 +356,6 @@ class Home:
     def test_membership(self, test_fraction: float, seed: int) -> Path:
         """One membership table per (test fraction, seed): `test_membership/test-0.1-seed42.parquet`."""
         return self.test_memberships / f"test-{test_fraction:g}-seed{seed}.parquet"
-
-    def lock_file(self, name: str) -> Path:
-        return self.locks / f"{run_dir_name(name)}.lock"
 
     def run(self, run_id: str) -> RunLayout:
         return RunLayout(self.runs / run_dir_name(run_id))

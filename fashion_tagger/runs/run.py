@@ -151,13 +151,7 @@ def run_lock(layout: RunLayout) -> Iterator[None]:
 
 def is_locked_elsewhere(layout: RunLayout) -> bool:
     holder = workspace_of(layout.root).coordinator.run_holder(layout.run_id)
-    return holder is not None and not (holder.pid == os.getpid() and holder.host == _hostname())
-
-
-def _hostname() -> str:
-    import socket
-
-    return socket.gethostname()[:255]
+    return holder is not None and not holder.is_this_process
 
 
 def run_status(layout: RunLayout, state: Mapping[str, Any] | None = None) -> str:

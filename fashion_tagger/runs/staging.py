@@ -117,15 +117,15 @@ def prepare_into_home(run: Any) -> StageResult:
             return prepare_images(split.dir, config.cache_root, config)
         shas = set(load_split_images(split.dir)["image_sha256"])
         published = published_images(workspace, size_dir)
-        stage_in_batches(workspace, size_dir, {published[sha] for sha in shas if sha in published})
+        holding = {published[sha] for sha in shas if sha in published}  # the batches with images of this split
+        stage_in_batches(workspace, size_dir, holding)
         new = sorted(shas - set(published))
         if new:
             workspace.require(run.config.raw_root / _raw_name(run), "the raw dataset")
         result = prepare_images(split.dir, config.cache_root, config)
         batch = publish_batch(workspace, size_dir, new)
-        batches = sorted({published[sha] for sha in shas if sha in published} | ({batch} if batch else set()))
         prepared = io.read_json(split.prepared)
-        io.write_json(split.prepared, {**prepared, "batches": batches})
+        io.write_json(split.prepared, {**prepared, "batches": sorted(holding | ({batch} if batch else set()))})
         return result
 
 
