@@ -103,7 +103,7 @@ def _stage_list() -> str:
     schedule=schedule("FASHION_TAGGER_SCHEDULE", "@weekly"),
     start_date=datetime(2025, 1, 1, tzinfo=UTC),
     catchup=False,
-    max_active_runs=1,
+    max_active_runs=dag_support.max_active_runs(),
     params=PARAMS,
     tags=["fashion-tagger", "training", "mlflow"],
     default_args=DEFAULT_ARGS,

@@ -179,6 +179,24 @@ def test_deployment_settings_come_from_the_environment_and_name_a_bad_value(monk
         dag_support.task_retries()
 
 
+def test_run_overlap_and_retry_delay_are_deployment_settings(monkeypatch):
+    from datetime import timedelta
+
+    monkeypatch.delenv(dag_support.MAX_ACTIVE_RUNS_ENV, raising=False)
+    monkeypatch.delenv(dag_support.RETRY_DELAY_ENV, raising=False)
+    assert (dag_support.max_active_runs(), dag_support.retry_delay()) == (1, timedelta(minutes=1))
+    assert dag_support.default_args(2)["retry_delay"] == timedelta(minutes=1)
+    monkeypatch.setenv(dag_support.MAX_ACTIVE_RUNS_ENV, "3")
+    monkeypatch.setenv(dag_support.RETRY_DELAY_ENV, "5")
+    assert (dag_support.max_active_runs(), dag_support.default_args(2)["retry_delay"]) == (3, timedelta(seconds=5))
+    monkeypatch.setenv(dag_support.MAX_ACTIVE_RUNS_ENV, "0")
+    with pytest.raises(ConfigError, match=r"\$FASHION_TAGGER_MAX_ACTIVE_RUNS must be at least 1, not 0"):
+        dag_support.max_active_runs()
+    monkeypatch.setenv(dag_support.RETRY_DELAY_ENV, "-1")
+    with pytest.raises(ConfigError, match=r"\$FASHION_TAGGER_TASK_RETRY_DELAY_S must be zero or more seconds"):
+        dag_support.retry_delay()
+
+
 def test_default_source_follows_env_then_kaggle_credentials(monkeypatch, tmp_path):
     monkeypatch.delenv(orch.SOURCE_ENV, raising=False)
     monkeypatch.delenv("KAGGLE_API_TOKEN", raising=False)

@@ -18,6 +18,8 @@ GPU_QUEUE_ENV = "FASHION_TAGGER_GPU_QUEUE"
 GPU_POOL_ENV = "FASHION_TAGGER_GPU_POOL"
 RETRIES_ENV = "FASHION_TAGGER_TASK_RETRIES"  # `make run` sets 0 to fail fast
 TRAIN_GPUS_ENV = "FASHION_TAGGER_TRAIN_GPUS"
+RETRY_DELAY_ENV = "FASHION_TAGGER_TASK_RETRY_DELAY_S"  # the first retry's delay; later ones double, up to 30 min
+MAX_ACTIVE_RUNS_ENV = "FASHION_TAGGER_MAX_ACTIVE_RUNS"  # training runs at once; they coordinate through leases
 MANUAL_SCHEDULES = ("", "none", "null", "manual")
 
 
@@ -59,6 +61,23 @@ def task_retries() -> int:
     return int(_from_env(RETRIES_ENV, 2, int))
 
 
+def max_active_runs() -> int:
+    """Training DAG runs active at once (default 1). More may overlap safely: fetch, preparation, the test part and
+    registration are leases in the coordination database, and training waits for the GPU pool's slots."""
+    value = int(_from_env(MAX_ACTIVE_RUNS_ENV, 1, int))
+    if value < 1:
+        raise ConfigError(f"${MAX_ACTIVE_RUNS_ENV} must be at least 1, not {value}")
+    return value
+
+
+def retry_delay() -> timedelta:
+    """The delay before a task's first retry: ${RETRY_DELAY_ENV} seconds, default 60."""
+    seconds = float(_from_env(RETRY_DELAY_ENV, 60, float))
+    if seconds < 0:
+        raise ConfigError(f"${RETRY_DELAY_ENV} must be zero or more seconds, not {seconds:g}")
+    return timedelta(seconds=seconds)
+
+
 def train_gpus() -> int:
     """GPUs one training reserves: its pool slots and its processes (`train.devices`); at least one."""
     return max(int(_from_env(TRAIN_GPUS_ENV, 1, int)), 1)
@@ -79,11 +98,12 @@ def parse_schedule(value: str | None, default: str) -> str | None:
 
 
 def default_args(retries: int) -> dict[str, Any]:
-    """Airflow `default_args` of the project's DAGs: RETRIES with exponential backoff from 1 to 30 minutes."""
+    """Airflow `default_args` of the project's DAGs: RETRIES with exponential backoff from `retry_delay()` (1 minute
+    by default) to 30 minutes."""
     return {
         "owner": "fashion-tagger",
         "retries": retries,
-        "retry_delay": timedelta(minutes=1),
+        "retry_delay": retry_delay(),
         "retry_exponential_backoff": 2.0,
         "max_retry_delay": timedelta(minutes=30),
     }
