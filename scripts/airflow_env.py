@@ -15,18 +15,23 @@ REPO = Path(__file__).resolve().parents[1]
 DAG_ID = "fashion_tagger_training"
 
 
-def project_home() -> Path:
-    return Path(os.environ.get("FASHION_TAGGER_HOME") or "~/.fashion-tagger").expanduser().resolve()
+def project_home() -> tuple[str, Path]:
+    """The home as FASHION_TAGGER_HOME names it (a folder or an s3:// URL) and this machine's folder for it: the
+    folder itself, or the local copy of an object-store home, where Airflow's and MLflow's embedded files live."""
+    from fashion_tagger.core.config import project_home as home_of_project
+
+    home = home_of_project()
+    return home.location, home.root
 
 
 def airflow_env(home: Path | None = None, *, port: int = 8080, host: str = "127.0.0.1") -> dict[str, str]:
     """Environment for every Airflow command of the embedded default. Values already set in the environment win
     for the settings a user may want to change (executor, parallelism, users); paths always follow the home."""
-    home = (home or project_home()).resolve()
+    location, home = (str(home.resolve()), home.resolve()) if home else project_home()
     airflow_home = home / "airflow"
     base_url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
     env = {
-        "FASHION_TAGGER_HOME": str(home),
+        "FASHION_TAGGER_HOME": location,
         "AIRFLOW_HOME": str(airflow_home),
         "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"),
         "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
@@ -38,6 +43,9 @@ def airflow_env(home: Path | None = None, *, port: int = 8080, host: str = "127.
         # The MLflow store of `fashion_tagger.core.config.Config.tracking_uri`, named so `mlflow ui` finds it too.
         "MLFLOW_TRACKING_URI": os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{home / 'mlflow.db'}",
     }
+    if location != str(home) and not os.environ.get("MLFLOW_TRACKING_URI"):
+        # An object-store home needs a tracking server (Config.tracking_uri says so): no local store in its copy.
+        del env["MLFLOW_TRACKING_URI"]
     defaults = {
         "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
         "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "admin:admin",

@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV_BIN="${VENV_BIN:-$PWD/.venv/bin}"
-SERVICES="$("$VENV_BIN/python" -c 'from fashion_tagger.core.config import project_home; print(project_home())')/services"
+SERVICES="$("$VENV_BIN/python" -c 'from fashion_tagger.core.config import project_home; print(project_home().root)')/services"
 
 members() {  # the processes of session $1
   ps -e -o pid=,sid= | awk -v sid="$1" '$2 == sid { print $1 }'

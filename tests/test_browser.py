@@ -257,7 +257,8 @@ def trigger_and_watch_in_airflow(services: Services, page, shots: Screenshots) -
     shots.take(page, "airflow-dag")
 
     # The trigger form, filled through its labelled fields.
-    page.get_by_role("button", name="Trigger Dag").click()
+    # .first: while the page settles, the header and the grid may each render a trigger button for a moment.
+    page.get_by_role("button", name="Trigger Dag").first.click()
     dialog = page.get_by_role("dialog")
     expect(dialog.get_by_role("heading", name=re.compile("^Trigger Dag"))).to_be_visible()
     data_fields = ("Preset", "Dataset source", "Minimum class count")

@@ -120,7 +120,7 @@ def test_tags_equal_the_served_model_and_broken_files_are_rejects(catalog, model
         pd.DataFrame({"image": [Path(p).read_bytes() for p in table["image_path"]]}))
     for attribute in ("masterCategory", "baseColour"):
         assert table[attribute].tolist() == served[attribute].tolist()
-        np.testing.assert_allclose(table[f"{attribute}_confidence"], served[f"{attribute}_confidence"], atol=1e-4)
+        np.testing.assert_allclose(table[f"{attribute}_confidence"], served[f"{attribute}_confidence"], atol=1e-3)
     expected = truth(catalog).loc[table["id"]]
     assert (table["masterCategory"].to_numpy() == expected["masterCategory"].to_numpy()).mean() >= 0.9
     assert (table["baseColour"].to_numpy() == expected["baseColour"].to_numpy()).mean() >= 0.9
