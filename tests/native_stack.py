@@ -4,6 +4,10 @@ docker/mlflow-server.sh, its users made by docker/mlflow-init.py, as in the comp
 CeleryExecutor (api-server, scheduler, dag-processor, one Celery worker on queue `default` and one on queue `gpu`,
 both signed in to MLflow as the service user).
 
+There is no shared folder: the home is `s3://fashion-tagger-home/home` on the S3 server, run state and leases are in
+the coordination database `fashion_tagger` on the PostgreSQL server, and each worker stands for a machine of its own
+with only its own scratch folder and user home (`machines/<worker>/{scratch,home}`).
+
 `with NativeStack() as stack:` starts everything and stops every process group on exit, also on failure.
 `python tests/native_stack.py` keeps a stack up until Ctrl-C and prints where everything is.
 """
@@ -32,6 +36,8 @@ REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 ADMIN_USER = "admin"
 BUCKET = "mlflow"
+HOME_BUCKET = "fashion-tagger-home"  # docker-compose.yaml's FASHION_TAGGER_BUCKET default
+HOME_URL = f"s3://{HOME_BUCKET}/home"
 # The MLflow users docker-compose.yaml defaults to (MLFLOW_*_USERNAME in .env.example).
 MLFLOW_ADMIN = "admin"
 MLFLOW_SERVICE_USER = "fashion-tagger-worker"
@@ -40,6 +46,10 @@ MLFLOW_USERS = {MLFLOW_ADMIN: "mlflow_admin", MLFLOW_SERVICE_USER: "mlflow_servi
 # Each Celery worker stands for a machine of its own: its celery nodename and the hostname it reports on
 # task instances (through [core] hostname_callable) are the same, as they are in a container.
 WORKER_QUEUES = {"default-worker": "default", "gpu-worker": "gpu"}
+# Two default-queue tasks at once, so two DAG runs really overlap (fetch, split, prepare); one trainer per GPU.
+WORKER_CONCURRENCY = {"default": 2, "gpu": 1}
+MAX_ACTIVE_RUNS = 2
+RETRY_DELAY_S = 5  # a killed trainer's retry starts within seconds instead of a minute
 GPU_POOL_SLOTS = 1
 POSTGRES_USER = "postgres"  # PostgreSQL refuses to run as root; the Debian package creates this user.
 
@@ -110,12 +120,13 @@ class NativeStack:
         self.logs = self.root / "logs"
         self.logs.mkdir()
         self.airflow_home = self.root / "airflow"
-        self.data_home = self.root / "fashion-tagger-home"
+        # One folder per worker "machine": its scratch (FASHION_TAGGER_SCRATCH) and its user home ($HOME).
+        self.machines = {host: self.root / "machines" / host for host in WORKER_QUEUES}
         self.ports = {name: free_port() for name in ("postgres", "redis", "s3", "mlflow", "api")}
         self.secrets = {
             name: secrets.token_hex(16)
-            for name in ("airflow_db", "mlflow_db", "redis", "api", "admin", "aws_key", "aws_secret",
-                         "mlflow_admin", "mlflow_service", "mlflow_reader", "mlflow_flask")
+            for name in ("airflow_db", "mlflow_db", "fashion_tagger_db", "redis", "api", "admin", "aws_key",
+                         "aws_secret", "mlflow_admin", "mlflow_service", "mlflow_reader", "mlflow_flask")
         }
         # 64 bytes: Airflow signs with HS512, and PyJWT warns about shorter keys.
         self.secrets["jwt"] = secrets.token_hex(32)
@@ -147,6 +158,31 @@ class NativeStack:
     @property
     def admin_password(self) -> str:
         return self.secrets["admin"]
+
+    @property
+    def database_url(self) -> str:
+        """The coordination database, as the workers reach it (FASHION_TAGGER_DATABASE_URL)."""
+        return self.pg_url("fashion_tagger", "fashion_tagger")
+
+    def scratch(self, host: str) -> Path:
+        return self.machines[host] / "scratch"
+
+    def store_env(self) -> dict[str, str]:
+        """What a machine needs to work on the home: the bucket, its endpoint and keys, the coordination database."""
+        return {
+            "FASHION_TAGGER_HOME": HOME_URL,
+            "FASHION_TAGGER_DATABASE_URL": self.database_url,
+            "AWS_ENDPOINT_URL": self.s3_url,
+            "AWS_ACCESS_KEY_ID": self.secrets["aws_key"],
+            "AWS_SECRET_ACCESS_KEY": self.secrets["aws_secret"],
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }
+
+    def home_objects(self, prefix: str = "") -> dict[str, int]:
+        """{key under the home: size} of every object of the home in the bucket (below PREFIX)."""
+        root = HOME_URL.removeprefix(f"s3://{HOME_BUCKET}/") + "/"
+        pages = self.s3_client().get_paginator("list_objects_v2").paginate(Bucket=HOME_BUCKET, Prefix=root + prefix)
+        return {obj["Key"].removeprefix(root): obj["Size"] for page in pages for obj in page.get("Contents", [])}
 
     def mlflow_auth(self, username: str) -> tuple[str, str]:
         """(username, password) of one of MLFLOW_USERS, for requests' `auth=` or MLFLOW_TRACKING_*."""
@@ -308,6 +344,9 @@ class NativeStack:
             "CREATE DATABASE mlflow OWNER mlflow;"
             # MLflow's user store: its own database on the same server, as docker/postgres-init.sh makes it.
             "CREATE DATABASE mlflow_auth OWNER mlflow;"
+            # The coordination database, with a role of its own (docker/postgres-init.sh).
+            f"CREATE ROLE fashion_tagger LOGIN PASSWORD '{self.secrets['fashion_tagger_db']}';"
+            "CREATE DATABASE fashion_tagger OWNER fashion_tagger;"
         )
         for statement in sql.rstrip(";").split(";"):
             self._run("psql", [str(pg_bin / "psql"), "-v", "ON_ERROR_STOP=1", "-h", str(data),
@@ -382,10 +421,12 @@ class NativeStack:
             "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "True",
             "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "15",
             "AIRFLOW__LOGGING__BASE_LOG_FOLDER": str(self.airflow_home / "logs"),
-            "FASHION_TAGGER_HOME": str(self.data_home),
-            # Manual runs only: unpausing a scheduled DAG would start a run of its own, and with
-            # max_active_runs=1 the triggered run would wait for it.
+            "FASHION_TAGGER_HOME": HOME_URL,
+            # Manual runs only: unpausing a scheduled DAG would start a run of its own.
             "FASHION_TAGGER_SCHEDULE": "none",
+            # Read when the DAG is parsed (max_active_runs, default_args), so every component gets them.
+            "FASHION_TAGGER_MAX_ACTIVE_RUNS": str(MAX_ACTIVE_RUNS),
+            "FASHION_TAGGER_TASK_RETRY_DELAY_S": str(RETRY_DELAY_S),
             "MLFLOW_TRACKING_URI": self.mlflow_url,
         }
 
@@ -399,7 +440,9 @@ class NativeStack:
 
     def _airflow_db_migrate(self, deadline: float) -> None:
         self.airflow_home.mkdir()
-        self.data_home.mkdir()
+        for machine in self.machines.values():
+            (machine / "scratch").mkdir(parents=True)
+            (machine / "home").mkdir()
         # The simple auth manager keeps the passwords of the users it knows in this file.
         (self.airflow_home / "passwords.json").write_text(f'{{"{ADMIN_USER}": "{self.admin_password}"}}')
         pylib = self.root / "pylib"
@@ -427,11 +470,15 @@ class NativeStack:
                 "NATIVE_STACK_HOSTNAME": hostname,
                 # Only the workers talk to MLflow, as its service user (docker-compose.yaml does the same).
                 **self.mlflow_env(MLFLOW_SERVICE_USER),
+                # ... and to the home's bucket and the coordination database; each has a disk of its own.
+                **self.store_env(),
+                "FASHION_TAGGER_SCRATCH": str(self.scratch(hostname)),
+                "HOME": str(self.machines[hostname] / "home"),
                 "PYTHONPATH": os.pathsep.join(filter(None, [str(self.root / "pylib"), env.get("PYTHONPATH")])),
             }
             # Logs land on the shared local disk, where the api-server reads them: no log server per worker.
             self.workers[hostname] = self._spawn(f"airflow-worker-{queue}", [
-                airflow, "celery", "worker", "--queues", queue, "--concurrency", "1",
+                airflow, "celery", "worker", "--queues", queue, "--concurrency", str(WORKER_CONCURRENCY[queue]),
                 "--celery-hostname", hostname, "--skip-serve-logs",
             ], worker_env)
 
@@ -445,14 +492,15 @@ class NativeStack:
         report["redis"] = self._wait("Redis PING", client.ping, deadline, self.redis)
         client.close()
 
-        def make_bucket() -> bool:
+        def make_buckets() -> bool:
             s3 = self.s3_client()
-            if BUCKET not in {b["Name"] for b in s3.list_buckets()["Buckets"]}:
-                s3.create_bucket(Bucket=BUCKET)
-            s3.head_bucket(Bucket=BUCKET)
+            for bucket in (BUCKET, HOME_BUCKET):
+                if bucket not in {b["Name"] for b in s3.list_buckets()["Buckets"]}:
+                    s3.create_bucket(Bucket=bucket)
+                s3.head_bucket(Bucket=bucket)
             return True
 
-        report["s3"] = self._wait(f"the S3 bucket {BUCKET}", make_bucket, deadline, self.s3)
+        report["s3"] = self._wait(f"the S3 buckets {BUCKET} and {HOME_BUCKET}", make_buckets, deadline, self.s3)
         report["mlflow"] = self._wait(
             "MLflow /health", lambda: requests.get(f"{self.mlflow_url}/health", timeout=5).ok, deadline, mlflow)
         self._init_mlflow_users(deadline)
@@ -545,7 +593,8 @@ def main() -> None:
         print(f"  Airflow  {stack.api_url}  user {ADMIN_USER} password {stack.admin_password}")
         print(f"  MLflow   {stack.mlflow_url}  users " + ", ".join(
             "{} password {}".format(*stack.mlflow_auth(user)) for user in MLFLOW_USERS))
-        print(f"  S3       {stack.s3_url} bucket {BUCKET}")
+        print(f"  S3       {stack.s3_url} buckets {BUCKET} (MLflow's artifacts), {HOME_BUCKET} (the home {HOME_URL})")
+        print(f"  database {stack.database_url}")
         print(f"  workers  {stack.health['celery']}")
         print("Ctrl-C stops everything.")
         with contextlib.suppress(KeyboardInterrupt):

@@ -4,6 +4,9 @@ artifacts must land in the S3 bucket and its version must carry the alias champi
 MLflow runs with its authentication: anonymous requests are refused, the read-only user reads but cannot move
 an alias, and the workers register and promote as the service user.
 
+No shared folder (issue 19): the home is a bucket on the S3 server, state and leases are in the coordination
+database, each worker has only its own scratch folder; the DAG test checks that nothing of the run is anywhere else.
+
 Needs PostgreSQL and Redis from Debian (scripts/ensure_services.sh installs them); about 4-6 minutes.
 """
 
@@ -13,12 +16,16 @@ import ast
 import json
 import os
 import re
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 from native_stack import (
     BUCKET,
     GPU_POOL_SLOTS,
+    HOME_URL,
     MLFLOW_ADMIN,
     MLFLOW_READER,
     MLFLOW_SERVICE_USER,
@@ -176,7 +183,36 @@ def _assert_the_service_user_owns_the_pipeline(stack: NativeStack, name: str, ex
     }
 
 
-def test_dag_run_trains_on_the_gpu_worker_and_registers_a_champion(stack, monkeypatch):
+def _assert_nothing_of_the_run_outside_the_store(stack: NativeStack, run_id: str, tmp_path: Path) -> None:
+    """No shared folder: the run lives in the home's bucket and the coordination database; on the worker machines
+    only in their scratch folders (and Airflow's own task logs). Another machine with an empty scratch folder sees
+    it complete through `fashion-tagger runs`."""
+    from fashion_tagger.core.layout import run_dir_name
+
+    folder = run_dir_name(run_id)
+    objects = {key.removeprefix(f"runs/{folder}/"): size for key, size in stack.home_objects(f"runs/{folder}/").items()}
+    for key in ("config.yaml", "validate/clean.parquet", "split/test.parquet", "train/checkpoints/last.ckpt",
+                "train/eval/metrics.json", "train/registration.json"):
+        assert key in objects, f"{HOME_URL}/runs/{folder}/{key} is missing: {sorted(objects)[:60]}"
+    services = {"logs", "airflow", "postgres", "redis", "pylib", "mlflow-auth", "machines"}
+    assert {p.name for p in stack.root.iterdir()} <= services, sorted(p.name for p in stack.root.iterdir())
+    allowed = [stack.scratch(host) for host in stack.machines] + [stack.airflow_home / "logs"]
+    outside = [p for p in stack.root.rglob(f"*{folder}*") if not any(p.is_relative_to(a) for a in allowed)]
+    assert not outside, f"files of run {folder} outside the store and the scratch folders: {outside[:10]}"
+    for host, machine in stack.machines.items():
+        assert not (machine / "home" / ".fashion-tagger").exists(), f"{host} wrote a home in its user folder"
+    env = stack.base_env() | stack.store_env() | {"FASHION_TAGGER_SCRATCH": str(tmp_path / "scratch"),
+                                                   "HOME": str(tmp_path)}
+    listing = subprocess.run([str(Path(sys.executable).parent / "fashion-tagger"), "runs", "--json"], env=env,
+                             capture_output=True, text=True, timeout=180)
+    assert listing.returncode == 0, listing.stderr[-3000:]
+    rows = {row["run_id"]: row for row in json.loads(listing.stdout)}
+    row = rows.get(run_id) or rows.get(folder)
+    assert row is not None and row["status"] == "complete", (run_id, rows)
+    assert row["root"].startswith(HOME_URL), row
+
+
+def test_dag_run_trains_on_the_gpu_worker_and_registers_a_champion(stack, monkeypatch, tmp_path):
     from mlflow import MlflowClient
 
     started = time.monotonic()
@@ -244,3 +280,4 @@ def test_dag_run_trains_on_the_gpu_worker_and_registers_a_champion(stack, monkey
     assert weights[0] > 10_000, f"the model folder {prefix} holds no weights: {sorted(objects)[:40]}"
     print(f"champion {registered['model_name']} v{champion.version}: {len(objects)} objects in s3://{BUCKET}, "
           f"largest in the model folder {weights[1]} ({weights[0]} bytes)")
+    _assert_nothing_of_the_run_outside_the_store(stack, run_id, tmp_path)
