@@ -41,7 +41,7 @@ test: $(STAMP)  ## run the whole test suite (installs PostgreSQL and Redis when 
 	$(VENV)/bin/lint-imports
 	$(VENV)/bin/mypy
 	$(MAKE) --no-print-directory lint-deploy
-	$(VENV)/bin/pytest
+	$(VENV)/bin/pytest --durations=25
 
 test-fast: $(STAMP)  ## tests without the slow tier
 	$(VENV)/bin/pytest -m "not slow and not services and not browser"

@@ -27,11 +27,12 @@ PARAMS = {name: Param(**spec) for name, spec in form.form_params().items()}
 
 
 def start_run(context: dict[str, Any]) -> str:
-    """The first task's run folder: created from the trigger parameters and named by the Airflow run id."""
+    """The first task's run, created from the trigger parameters and named by the Airflow run id: its folder, or
+    its URL for an object-store home (the next task may run on another machine, with its own copy of the home)."""
     from fashion_tagger.runs.run import create_run
 
     config = form.config_from_params(context["params"], fixed=FIXED_OVERRIDES)
-    return str(create_run(config, context["run_id"]).root)
+    return create_run(config, context["run_id"]).location
 
 
 def skip_if_unchanged(run_root: str) -> None:

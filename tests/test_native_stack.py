@@ -25,6 +25,7 @@ import pytest
 from native_stack import (
     BUCKET,
     GPU_POOL_SLOTS,
+    HOME_BUCKET,
     HOME_URL,
     MLFLOW_ADMIN,
     MLFLOW_READER,
@@ -54,7 +55,12 @@ SMOKE_PARAMS = {
     "min_class_count": 10,
     "promote": "yes",
 }
-RUN_TIMEOUT_S = 480
+# The DAG run whose trainer is killed: three epochs of a few seconds each, so the kill lands inside one.
+KILL_PARAMS = SMOKE_PARAMS | {"source": "synthetic:600", "image_width": 128, "image_height": 160, "epochs": 3}
+# Two runs at once on a dataset no run of this module has fetched yet.
+TWIN_PARAMS = SMOKE_PARAMS | {"source": "synthetic:400"}
+RUN_TIMEOUT_S = 600
+GPU_HOST = "gpu-worker"
 
 
 @pytest.fixture(scope="module")
@@ -212,36 +218,154 @@ def _assert_nothing_of_the_run_outside_the_store(stack: NativeStack, run_id: str
     assert row["root"].startswith(HOME_URL), row
 
 
-def test_dag_run_trains_on_the_gpu_worker_and_registers_a_champion(stack, monkeypatch, tmp_path):
+def _trigger(stack: NativeStack, conf: dict, deadline: float) -> str:
+    dag = _wait_for_dag(stack, deadline)
+    if dag["is_paused"]:
+        stack.api("PATCH", f"dags/{DAG_ID}", json={"is_paused": False})
+    return stack.api("POST", f"dags/{DAG_ID}/dagRuns", json={"logical_date": None, "conf": conf})["dag_run_id"]
+
+
+def _task_instances(stack: NativeStack, run_id: str) -> dict[str, dict]:
+    listing = stack.api("GET", f"dags/{DAG_ID}/dagRuns/{run_id}/taskInstances")["task_instances"]
+    return {ti["task_id"]: ti for ti in listing}
+
+
+def _summary(tis: dict[str, dict]) -> dict[str, tuple]:
+    return {t: (ti["state"], ti["queue"], ti["hostname"], ti["try_number"], round(ti["duration"] or 0, 1))
+            for t, ti in tis.items()}
+
+
+def _task_log(stack: NativeStack, run_id: str, task_id: str, attempt: int) -> str:
+    """The text of attempt ATTEMPT of TASK_ID in RUN_ID, as the worker wrote it (JSON lines, one event each)."""
+    from native_stack import _strip_json_log
+
+    paths = sorted((stack.airflow_home / "logs").rglob(f"run_id={run_id}/task_id={task_id}/attempt={attempt}.log"))
+    return "\n".join(_strip_json_log(path.read_text(errors="replace")) for path in paths)
+
+
+def _epochs_logged(text: str) -> list[int]:
+    return [int(n) for n in re.findall(r"epoch (\d+)/\d+: train loss", text)]
+
+
+def _trainer_pid(folder: str) -> int | None:
+    """The stage child `python -m fashion_tagger train <run>` of the run folder FOLDER, not its forked
+    DataLoader workers (same command line, parent among them)."""
+    found = {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            text = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if "fashion_tagger train" in text and folder in text:
+            found[int(proc.name)] = ppid
+    tops = [pid for pid, ppid in found.items() if ppid not in found]
+    return tops[0] if len(tops) == 1 else None
+
+
+def _gone(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat.rsplit(")", 1)[1].split()[0] == "Z"
+
+
+def _empty(folder: Path) -> int:
+    """Remove everything under FOLDER (a worker's scratch), keeping the folder; the number of files removed."""
+    import shutil
+
+    removed = sum(1 for p in folder.rglob("*") if not p.is_dir())
+    for child in folder.iterdir():
+        shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+    return removed
+
+
+def _kill_the_trainer_in_epoch_2(stack: NativeStack, run_id: str, deadline: float) -> dict:
+    """Wait until the training attempt has finished epoch 1 and published its checkpoint, `kill -9` its stage
+    child, and empty the gpu worker's scratch folder before Airflow retries. What attempt 1 had done, returned."""
+    from fashion_tagger.core.layout import run_dir_name
+
+    folder = run_dir_name(run_id)
+    published = re.compile(rf"published \S*runs/{re.escape(folder)}/train:")
+    seen: list[tuple] = []  # what the test saw, when it changed: the failure message's timeline
+    while time.monotonic() < deadline:
+        text = _task_log(stack, run_id, "train_model", 1)
+        epochs = _epochs_logged(text)
+        pid = _trainer_pid(folder)
+        now = (epochs, len(published.findall(text)), pid, len(text))
+        if not seen or seen[-1][1:] != now:
+            seen.append((round(time.monotonic() - deadline + RUN_TIMEOUT_S, 1), *now))
+        if 3 in epochs:
+            pytest.fail(f"training finished before it could be killed; seen (s, epochs, checkpoints, pid, log "
+                        f"chars): {seen}\n{text[-3000:]}")
+        if epochs and published.search(text) and pid is not None:
+            os.kill(pid, 9)
+            break
+        tis = _task_instances(stack, run_id)
+        if any(ti["state"] in ("failed", "up_for_retry", "upstream_failed") for ti in tis.values()):
+            pytest.fail(f"DAG run {run_id} failed before the kill: {_summary(tis)}\n{stack.diagnostics()}")
+        time.sleep(0.2)
+    else:
+        pytest.fail(f"training of {run_id} never reached epoch 2:\n{stack.diagnostics()}")
+    while not _gone(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    removed = _empty(stack.scratch(GPU_HOST))
+    text = _task_log(stack, run_id, "train_model", 1)
+    killed = {"pid": pid, "epochs": _epochs_logged(text), "checkpoints": len(published.findall(text)),
+              "scratch_files_removed": removed}
+    print(f"\nkilled trainer {pid} of {run_id} after epochs {killed['epochs']} "
+          f"({killed['checkpoints']} checkpoint(s) published); emptied {GPU_HOST}'s scratch ({removed} files)")
+    return killed
+
+
+def _assert_training_resumed(stack: NativeStack, run_id: str, killed: dict, tis: dict[str, dict]) -> None:
+    """Airflow retried the training on the gpu worker, which resumed from the last published checkpoint: the
+    second attempt's log holds only the epochs after it."""
+    from fashion_tagger.core.layout import run_dir_name
+
+    train = tis["train_model"]
+    assert train["try_number"] == 2, _summary(tis)
+    assert all(ti["try_number"] == 1 for task, ti in tis.items() if task != "train_model"), _summary(tis)
+    done = killed["checkpoints"]
+    assert 1 <= done < 3, killed
+    retry = _task_log(stack, run_id, "train_model", 2)
+    assert _epochs_logged(retry) == list(range(done + 1, 4)), retry[-4000:]
+    folder = re.escape(run_dir_name(run_id))
+    assert re.search(rf"resuming \S*{folder}\S* from \S*last\.ckpt", retry), retry[-4000:]
+    # The scratch folder was empty: the retry downloaded the training folder, its checkpoint included, from the store.
+    staged = re.findall(rf"staged in \S*runs/{folder}/train: \d+ files \((\d+) downloaded", retry)
+    assert staged and int(staged[0]) >= 1, retry[-4000:]
+
+
+def test_dag_run_survives_a_killed_trainer_and_registers_one_champion(stack, monkeypatch, tmp_path):
+    """A full DAG run; its trainer is killed with SIGKILL after epoch 1 of 3 and the gpu worker's scratch folder
+    emptied; Airflow's retry resumes from the checkpoint in the store and the run registers one version."""
     from mlflow import MlflowClient
 
     started = time.monotonic()
     deadline = started + RUN_TIMEOUT_S
-    dag = _wait_for_dag(stack, deadline)
-    if dag["is_paused"]:
-        stack.api("PATCH", f"dags/{DAG_ID}", json={"is_paused": False})
-    run = stack.api("POST", f"dags/{DAG_ID}/dagRuns", json={"logical_date": None, "conf": SMOKE_PARAMS})
-    run_id = run["dag_run_id"]
+    run_id = _trigger(stack, KILL_PARAMS, deadline)
+    killed = _kill_the_trainer_in_epoch_2(stack, run_id, deadline)
 
-    def task_instances() -> dict[str, dict]:
-        listing = stack.api("GET", f"dags/{DAG_ID}/dagRuns/{run_id}/taskInstances")["task_instances"]
-        return {ti["task_id"]: ti for ti in listing}
-
-    state, tis = run["state"], {}
-    # A failed attempt ends the test at once: the smoke run needs no retry, and waiting out the retry delays
-    # would only hide the error for minutes.
+    state, tis = "running", {}
+    # Any other failed attempt ends the test at once: waiting out the retry delays would only hide the error.
     while state not in ("success", "failed") and time.monotonic() < deadline:
         time.sleep(3)
         state = stack.api("GET", f"dags/{DAG_ID}/dagRuns/{run_id}")["state"]
-        tis = task_instances()
-        if any(ti["state"] in ("failed", "up_for_retry", "upstream_failed") for ti in tis.values()):
+        tis = _task_instances(stack, run_id)
+        if any(ti["state"] in ("failed", "upstream_failed") or (ti["state"] == "up_for_retry" and t != "train_model")
+               for t, ti in tis.items()):
             state = "failed"
     elapsed = time.monotonic() - started
-    tis = task_instances()
-    summary = {t: (ti["state"], ti["queue"], ti["hostname"], round(ti["duration"] or 0, 1)) for t, ti in tis.items()}
+    tis = _task_instances(stack, run_id)
+    summary = _summary(tis)
     if state != "success":
         pytest.fail(f"DAG run {run_id} ended {state!r} after {elapsed:.0f}s: {summary}\n{stack.diagnostics()}")
-    print(f"\nDAG run succeeded in {elapsed:.0f}s: {summary}")
+    print(f"DAG run succeeded in {elapsed:.0f}s: {summary}")
+    _assert_training_resumed(stack, run_id, killed, tis)
 
     # Routing: training and evaluation on the gpu queue and its worker, in the gpu pool; the rest on default.
     assert tis.keys() >= GPU_TASKS | DEFAULT_TASKS
@@ -263,6 +387,8 @@ def test_dag_run_trains_on_the_gpu_worker_and_registers_a_champion(stack, monkey
     assert champion.run_id == registered["run_id"]
     assert "champion" in registered["aliases"]
     assert client.get_run(champion.run_id).info.status == "FINISHED"
+    versions = client.search_model_versions(f"name='{name}'")
+    assert [v.version for v in versions] == [champion.version], "the killed attempt registered a version too"
     _assert_read_only_user_cannot_move_the_alias(stack, name, champion.version)
     _assert_the_service_user_owns_the_pipeline(stack, name, client.get_run(champion.run_id).info.experiment_id)
 
@@ -281,3 +407,69 @@ def test_dag_run_trains_on_the_gpu_worker_and_registers_a_champion(stack, monkey
     print(f"champion {registered['model_name']} v{champion.version}: {len(objects)} objects in s3://{BUCKET}, "
           f"largest in the model folder {weights[1]} ({weights[0]} bytes)")
     _assert_nothing_of_the_run_outside_the_store(stack, run_id, tmp_path)
+
+
+def _read_parquet_from_home(stack: NativeStack, key: str):
+    import io
+
+    import pandas as pd
+
+    root = HOME_URL.removeprefix(f"s3://{HOME_BUCKET}/")
+    body = stack.s3_client().get_object(Bucket=HOME_BUCKET, Key=f"{root}/{key}")["Body"].read()
+    return pd.read_parquet(io.BytesIO(body))
+
+
+def test_two_runs_at_once_on_a_new_dataset_fetch_and_prepare_it_once(stack, monkeypatch):
+    """Two DAG runs triggered together on a dataset no run has fetched: both succeed, one fetches and the other
+    reuses it, each image is prepared once, and both have the same test part (the membership record)."""
+    from datetime import datetime
+
+    from mlflow import MlflowClient
+
+    from fashion_tagger.core.layout import run_dir_name
+
+    for key, value in stack.mlflow_env(MLFLOW_READER).items():
+        monkeypatch.setenv(key, value)
+    client = MlflowClient(tracking_uri=stack.mlflow_url)
+    started = time.monotonic()
+    deadline = started + RUN_TIMEOUT_S
+    runs = [_trigger(stack, TWIN_PARAMS, deadline) for _ in range(2)]
+    states = {}
+    while time.monotonic() < deadline:
+        states = {run_id: stack.api("GET", f"dags/{DAG_ID}/dagRuns/{run_id}")["state"] for run_id in runs}
+        if all(state in ("success", "failed") for state in states.values()):
+            break
+        if any(ti["state"] in ("failed", "up_for_retry", "upstream_failed")
+               for run_id in runs for ti in _task_instances(stack, run_id).values()):
+            break
+        time.sleep(3)
+    elapsed = time.monotonic() - started
+    tis = {run_id: _task_instances(stack, run_id) for run_id in runs}
+    summaries = {run_id: _summary(tis[run_id]) for run_id in runs}
+    if any(state != "success" for state in states.values()):
+        pytest.fail(f"DAG runs ended {states} after {elapsed:.0f}s: {summaries}\n{stack.diagnostics()}")
+    print(f"\ntwo DAG runs succeeded in {elapsed:.0f}s: {summaries}")
+
+    # They ran at once: their fetch tasks overlapped in time (one waited on the other's lease).
+    spans = [(datetime.fromisoformat(tis[r]["fetch_dataset"]["start_date"]),
+              datetime.fromisoformat(tis[r]["fetch_dataset"]["end_date"])) for r in runs]
+    assert spans[0][0] < spans[1][1] and spans[1][0] < spans[0][1], f"the fetches did not overlap: {spans}"
+
+    fetched = [_xcom(stack, run_id, "fetch_dataset") for run_id in runs]
+    assert sorted(f["downloaded"] for f in fetched) == [False, True], fetched
+    assert fetched[0]["raw_dir"] == fetched[1]["raw_dir"] and fetched[0]["images"] == fetched[1]["images"], fetched
+    prepared = [_xcom(stack, run_id, "prepare_images") for run_id in runs]
+    images = {p["images"] for p in prepared}
+    assert len(images) == 1, prepared
+    assert sum(p["written"] for p in prepared) == images.pop(), f"an image was prepared twice: {prepared}"
+    assert all(p["written"] + p["cached"] == p["images"] for p in prepared), prepared
+
+    tests = [_read_parquet_from_home(stack, f"runs/{run_dir_name(run_id)}/split/test.parquet") for run_id in runs]
+    assert len(tests[0]) > 0
+    assert sorted(tests[0]["id"]) == sorted(tests[1]["id"]), "the two runs' test parts differ"
+
+    registered = [_xcom(stack, run_id, "register_model") for run_id in runs]
+    name = registered[0]["model_name"]
+    for entry in registered:
+        mine = [v for v in client.search_model_versions(f"name='{name}'") if v.run_id == entry["run_id"]]
+        assert [v.version for v in mine] == [str(entry["version"])], (entry, mine)

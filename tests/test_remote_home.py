@@ -10,7 +10,7 @@ import pytest
 from moto_server import MOTO_ENV, moto_s3_server
 
 from fashion_tagger.core.config import load_config
-from fashion_tagger.core.errors import ConfigError
+from fashion_tagger.core.errors import ConfigError, RunError
 from fashion_tagger.runs.run import create_run, list_runs, open_run, read_state
 from fashion_tagger.runs.stage_registry import stage_names
 from fashion_tagger.runs.stages import run_stage
@@ -88,6 +88,16 @@ def test_every_stage_on_another_machine_finds_what_the_others_published(remote_h
     assert [(r["run_id"], r["last_completed_stage"]) for r in rows] == [(run_id, "evaluate")]
     assert rows[0]["root"] == store.url(prefix)
     state = read_state(open_run(run_id).layout)["stages"]
+    # A task hands the next one the run's location: its URL, or (recorded before) its folder on another machine.
+    first = tmp_path / "scratch-create"
+    other_copy = next(first.glob("homes/*/runs")) / run_id
+    for ref in (rows[0]["root"], str(other_copy), f"{other_copy}/"):
+        run = open_run(ref)
+        assert (run.id, run.location) == (run_id, store.url(prefix)), ref
+        assert run.root.is_relative_to(tmp_path / "scratch-reader") and run.layout.config.is_file(), ref
+    for bad in (f"{remote_home}/runs/", f"{remote_home}/runs/{run_id}/train", str(tmp_path / "elsewhere" / run_id)):
+        with pytest.raises(RunError, match="is not a run of the home"):
+            open_run(bad)
     assert [state[s]["status"] for s in stage_names()[:-1]] == ["complete"] * (len(stage_names()) - 1)
 
     # A second run of the same data prepares nothing again: its images are in the published batch.

@@ -49,6 +49,12 @@ class Run:
     def workspace(self) -> Workspace:
         return workspace_of(self.layout.root)
 
+    @property
+    def location(self) -> str:
+        """Where any machine finds this run: its URL in an object-store home (`s3://.../runs/<id>`), else its
+        folder. What one task hands the next, which may run on another machine with its own copy of the home."""
+        return self.workspace.url(self.layout.root)
+
 
 def create_run(config: Config, run_id: str | None = None, *, prefix: str = "cli") -> Run:
     """A new run folder under `<home>/runs/` with CONFIG saved in it.
@@ -91,10 +97,29 @@ def open_run(ref: str | Path, home: Home | None = None) -> Run:
 
         home = project_home()
     workspace = open_workspace(home)
-    if workspace.is_remote and (text := str(ref).strip()) and "/" not in text:
-        workspace.pull_file(home.run(text).config)
+    if workspace.is_remote and str(ref).strip():
+        ref = remote_run_id(home, ref)
+        workspace.pull_file(home.run(ref).config)
     layout = home.find_run(ref)
     return Run(layout, load_config(layout.config, check_environment=False))
+
+
+def remote_run_id(home: Home, ref: str | Path) -> str:
+    """REF, a run of the object-store HOME, as its id: an id, the run's URL (`Run.location`), or its folder in
+    any machine's copy of the home (what a task on another machine recorded); an error naming REF otherwise."""
+    text = str(ref).strip()
+    prefix = f"{str(home.url).rstrip('/')}/runs/"
+    if text.startswith(prefix):
+        rest = text.removeprefix(prefix).strip("/")
+    elif "/" in text or text.startswith("."):
+        local = home.localize(Path(text).expanduser())
+        rest = str(local.relative_to(home.runs)) if local.is_relative_to(home.runs) else ""
+    else:
+        return text
+    if not rest or "/" in rest:
+        raise RunError(f"{text!r} is not a run of the home {home.url}: pass a run id (see `fashion-tagger runs`) "
+                       f"or a run's URL, {prefix}<run id>")
+    return rest
 
 
 # --- state ------------------------------------------------------------------------------------------------------
