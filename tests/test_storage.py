@@ -383,3 +383,32 @@ def test_sharded_images_go_through_the_store_in_a_few_objects(store, tmp_path):
     shards.unpack_all(tmp_path / "in", tmp_path / "images-in")
     assert sorted(p.name for p in (tmp_path / "images-in").iterdir()) == sorted(files)
     assert stage_in(store, "cache/shards/240x320", tmp_path / "in2", scratch=tmp_path / "scratch").downloads == 0
+
+
+def test_a_packed_folder_is_a_few_objects_and_unpacks_to_the_same_files(store, tmp_path):
+    """A raw dataset's layout (styles.csv and images/) published as shards: three objects instead of 41, staged
+    in on another machine into the same files, unpacked once per machine."""
+    from fashion_tagger.storage.packed import PACKED_DIRNAME, is_packed, publish_packed, unpack_staged
+
+    raw = tmp_path / "raw"
+    _images(raw / "images", 40)
+    (raw / "styles.csv").write_text("id,gender\n0,Men\n")
+    (raw / ".styles.csv.tmp").write_text("a write in progress")  # not published
+    result = publish_packed(store, raw, "raw/fashion", work=tmp_path / "work")
+    assert result.files == 41
+    keys = store.list("raw/fashion")
+    assert sorted(k.removeprefix("raw/fashion/") for k in keys) == [
+        MANIFEST_NAME, f"{PACKED_DIRNAME}/shard-000000.tar", f"{PACKED_DIRNAME}/shards.json"]
+    assert not list((tmp_path / "work").iterdir())  # the shards went up and their working folder with them
+
+    into, scratch = tmp_path / "other-machine" / "raw" / "fashion", tmp_path / "other-scratch"
+    stage_in(store, "raw/fashion", into, scratch=scratch)
+    assert is_packed(into)
+    assert unpack_staged(into) == 41
+    assert not is_packed(into) and not (into / PACKED_DIRNAME).exists()
+    originals = {p.relative_to(raw) for p in raw.rglob("*") if p.is_file() and not p.name.endswith(".tmp")}
+    assert {p.relative_to(into) for p in into.rglob("*") if p.is_file() and not p.name.startswith(".")} == originals
+    assert all((into / rel).read_bytes() == (raw / rel).read_bytes() for rel in originals)
+
+    stage_in(store, "raw/fashion", into, scratch=scratch)  # a later stage on the same machine
+    assert unpack_staged(into) == 0 and (into / "styles.csv").is_file()

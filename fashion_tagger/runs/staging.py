@@ -89,12 +89,8 @@ def fetch_into_home(run: Any) -> StageResult:
                 return FetchResult(**{**known, "raw_dir": raw_dir, "downloaded": False, "seconds": 0.0})
         result = fetch()
         raw_dir = config.raw_root / result.name
-        if Path(result.raw_dir) != raw_dir:  # a local folder used in place: the home gets a copy other machines see
-            from fashion_tagger.storage.publish import publish
-
-            publish(workspace.store, Path(result.raw_dir), workspace.key(raw_dir))
-        else:
-            workspace.push(raw_dir)
+        # As shards: thousands of images in a few objects. A local folder used in place gets a copy in the home.
+        workspace.publish_folder(Path(result.raw_dir), workspace.key(raw_dir), packed=True)
         summary = {**result.to_dict(), "raw_dir": str(raw_dir)}
         workspace.store.write_bytes(key, json.dumps(summary).encode())
         result.raw_dir = raw_dir

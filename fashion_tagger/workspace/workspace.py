@@ -24,6 +24,7 @@ from fashion_tagger.coordination.leases import HeldLease
 from fashion_tagger.core.errors import RunError
 from fashion_tagger.core.layout import Home, scratch_root
 from fashion_tagger.storage.base import Store, local_relative_key
+from fashion_tagger.storage.packed import is_packed, publish_packed, unpack_staged
 from fashion_tagger.storage.publish import PublishResult, is_published, publish
 from fashion_tagger.storage.scratch import StageInResult, stage_in
 from fashion_tagger.storage.store import open_store
@@ -86,11 +87,14 @@ class Workspace:
         if self.store is None or not is_published(self.store, key := self.key(folder)):
             return None
         result = stage_in(self.store, key, Path(folder), scratch=scratch_root())
+        packed = ""
+        if is_packed(Path(folder)):  # published by push(packed=True): a few shards to unpack
+            packed = f", {unpack_staged(Path(folder))} unpacked from shards"
         if writable:
             _own_copies(Path(folder))
-        log.info("staged in %s: %d files (%d downloaded, %.1f MB, %d from this machine's cache) in %.1f s",
+        log.info("staged in %s: %d files (%d downloaded, %.1f MB, %d from this machine's cache%s) in %.1f s",
                  result.url, result.files, result.downloads, result.bytes_downloaded / 1e6, result.cache_hits,
-                 result.seconds)
+                 packed, result.seconds)
         return result
 
     def require(self, folder: str | Path, what: str, *, writable: bool = False) -> Path:
@@ -104,13 +108,25 @@ class Workspace:
                            "writes it (again)")
         return folder
 
-    def push(self, folder: str | Path) -> PublishResult | None:
-        """Publish FOLDER of the working copy to the store: every file, then its manifest (None: a local home)."""
+    def push(self, folder: str | Path, *, packed: bool = False) -> PublishResult | None:
+        """Publish FOLDER of the working copy to the store: every file, then its manifest (None: a local home).
+        PACKED publishes its files as a few tar shards instead (`storage.packed`: a raw dataset's thousands of
+        images), which `pull` unpacks."""
         if self.store is None or not Path(folder).is_dir():
             return None
-        result = publish(self.store, Path(folder), self.key(folder))
-        log.info("published %s: %d files (%d uploaded, %.1f MB) in %.1f s", result.url, result.files,
-                 result.uploaded, result.bytes_uploaded / 1e6, result.seconds)
+        return self.publish_folder(Path(folder), self.key(folder), packed=packed)
+
+    def publish_folder(self, local_dir: Path, key: str, *, packed: bool = False) -> PublishResult:
+        """LOCAL_DIR (anywhere on this machine) published at KEY of the store, as `push` does."""
+        assert self.store is not None
+        if packed:
+            result = publish_packed(self.store, local_dir, key, work=scratch_root() / "packing")
+            how = f"{result.uploaded} shard objects"
+        else:
+            result = publish(self.store, local_dir, key)
+            how = f"{result.uploaded} uploaded"
+        log.info("published %s: %d files (%s, %.1f MB) in %.1f s", result.url, result.files, how,
+                 result.bytes_uploaded / 1e6, result.seconds)
         return result
 
     # --- single files (a run's config.yaml) --------------------------------------------------------------------
