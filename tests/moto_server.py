@@ -1,5 +1,6 @@
 """moto's S3 server as a process on a loopback port, for tests and benchmarks that need a real endpoint (requests
-over HTTP, other processes able to reach it) without Docker: `with moto_s3_server() as endpoint: ...`.
+over HTTP, other processes able to reach it) without Docker: `with moto_s3_server() as endpoint: ...`; and an
+MLflow tracking server the same way (`mlflow_server`), which an object-store home requires.
 """
 
 from __future__ import annotations
@@ -55,3 +56,40 @@ def moto_s3_server(timeout: float = 30) -> Iterator[str]:
             os.killpg(popen.pid, signal.SIGKILL)
             popen.wait()
         log.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def mlflow_server(root: Path, backend: str, *, artifacts: str | None = None, env: dict[str, str] | None = None,
+                  timeout: float = 120) -> Iterator[str]:
+    """`mlflow server` on 127.0.0.1 over the BACKEND store (e.g. sqlite:///...), its new artifacts at ARTIFACTS
+    (default: a folder under ROOT), with ENV (default: this process's); yields its URL once /health answers."""
+    port = free_port()
+    root.mkdir(parents=True, exist_ok=True)
+    log = root / "mlflow-server.log"
+    cmd = [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+           "--workers", "1", "--backend-store-uri", backend,
+           "--artifacts-destination", artifacts or str(root / "artifacts")]
+    with open(log, "w") as out:
+        popen = subprocess.Popen(cmd, env=env if env is not None else dict(os.environ), stdout=out,
+                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if popen.poll() is not None:
+                raise RuntimeError(f"the MLflow server exited with {popen.returncode}:\n{log_tail(log)}")
+            with contextlib.suppress(requests.RequestException):
+                if requests.get(f"{url}/health", timeout=2).ok:
+                    break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the MLflow server did not answer within {timeout:.0f}s:\n{log_tail(log)}")
+            time.sleep(0.5)
+        yield url
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(popen.pid, signal.SIGTERM)
+        try:
+            popen.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(popen.pid, signal.SIGKILL)
+            popen.wait()

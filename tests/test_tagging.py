@@ -4,6 +4,7 @@ DAG (structure, and `dag.test()` against a registered champion)."""
 
 from __future__ import annotations
 
+import io as _io
 import json
 import os
 import shutil
@@ -485,3 +486,71 @@ def test_tags_of_a_model_trained_on_real_photos_agree_with_styles_csv(real_small
         majority = float(table[f"{attribute}_true"].value_counts(normalize=True).iloc[0])
         print(f"{attribute}: accuracy {accuracy:.3f} vs majority share {majority:.3f} on {len(table)} photos")
         assert accuracy > majority + 0.15, (attribute, accuracy, majority)
+
+
+@pytest.mark.services
+def test_the_dag_tasks_tag_through_an_object_store_home_each_on_another_machine(catalog, models, tmp_path,
+                                                                               monkeypatch):
+    """The tagging DAG's tasks with the home in S3 (moto's server) and the registry on an MLflow server, each task
+    on a "machine" with its own empty scratch folder: the catalog is read from <home>/catalog in the bucket, the
+    shards' outputs and the merged tags reach the next machine only through the store."""
+    import boto3
+    from moto_server import MOTO_ENV, mlflow_server, moto_s3_server
+
+    from fashion_tagger.orchestration.child import run_json_command
+    from fashion_tagger.workspace.workspace import close_workspaces
+
+    promote(models, "1")
+    with moto_s3_server() as endpoint, mlflow_server(tmp_path / "mlflow", models["store"]) as tracking:
+        env = {**MOTO_ENV, "AWS_ENDPOINT_URL": endpoint, "MLFLOW_TRACKING_URI": tracking,
+               "FASHION_TAGGER_HOME": "s3://shop/home",
+               "FASHION_TAGGER_DATABASE_URL": f"sqlite:///{tmp_path / 'coordination.db'}"}
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        for name in (jobs.CATALOG_ENV, jobs.TAGS_DIR_ENV):
+            monkeypatch.delenv(name, raising=False)
+        s3 = boto3.client("s3", endpoint_url=endpoint)
+        s3.create_bucket(Bucket="shop")
+        for path in sorted(p for p in catalog.rglob("*") if p.is_file()):
+            s3.upload_file(str(path), "shop", f"home/catalog/{path.relative_to(catalog).as_posix()}")
+
+        def on(machine: str) -> None:
+            close_workspaces()
+            monkeypatch.setenv("FASHION_TAGGER_SCRATCH", str(tmp_path / "machines" / machine))
+
+        def tag_run(run_id: str, shard_size: int) -> dict:
+            on(f"{run_id}-pin")
+            run = jobs.pin_model({"tagging": {"shard_size": shard_size, "workers": 2, "batch_size": 8}}, run_id)
+            assert run["source"] == "s3://shop/home/catalog"
+            on(f"{run_id}-list")
+            shards = jobs.list_shards(run)
+            done = []
+            for number, shard in enumerate(shards):
+                on(f"{run_id}-gpu-{number}")
+                done.append(jobs.tag_shard(shard, run_json_command))
+            on(f"{run_id}-merge")
+            merged = jobs.merge_shards(run, [shard["out_dir"] for shard in done])
+            on(f"{run_id}-summary")
+            return {"pinned": run, "shards": len(shards), "merged": merged,
+                    "logged": jobs.log_summary(run, merged, tags={"airflow.dag_run_id": run_id})}
+
+        first = tag_run("manual__first", shard_size=20)
+        merged = first["merged"]
+        assert (first["shards"], merged["shards"], merged["tagged"], merged["reused"], merged["rejected"]) == (
+            2, 2, GOOD + 1, 0, 4)
+        objects = {o["Key"] for o in s3.list_objects_v2(Bucket="shop", Prefix="home/tags/")["Contents"]}
+        for name in ("tags.parquet", "rejects.csv", "review.parquet", "changes.csv", "summary.json"):
+            assert f"home/tags/{name}" in objects, sorted(objects)
+        def read(key: str) -> _io.BytesIO:
+            return _io.BytesIO(s3.get_object(Bucket="shop", Key=f"home/tags/{key}")["Body"].read())
+
+        table = pd.read_parquet(read("tags.parquet"))
+        assert len(table) == GOOD + 1 and table["id"].is_unique and set(table["model_version"]) == {"1"}
+        assert table["image_path"].str.startswith("s3://shop/home/catalog/images/").all()
+        rejects = pd.read_csv(read("rejects.csv"), dtype=str)
+        assert set(rejects["id"]) == {*BROKEN, MISSING_ID}
+
+        # A second run on new machines finds the previous table in the store: nothing is tagged again.
+        second = tag_run("manual__second", shard_size=100)["merged"]  # one shard
+        assert (second["tagged"], second["reused"], second["changed_items"]) == (0, GOOD + 1, 0)
+    close_workspaces()

@@ -15,12 +15,13 @@ from typing import Any
 import pandas as pd
 
 from fashion_tagger.core import io
-from fashion_tagger.core.config import Config, load_config, save_config
+from fashion_tagger.core.config import Config, load_config, project_home, save_config
 from fashion_tagger.core.layout import Home, TaggingWorkDir, TagsDir
 from fashion_tagger.tagging import outputs
 from fashion_tagger.tagging import summary as mlflow_summary
 from fashion_tagger.tagging.catalog import list_catalog, split_listing
 from fashion_tagger.tagging.tagger import PinnedModel, load_tagger, requested_model, resolve_model, tag_items
+from fashion_tagger.workspace.workspace import Workspace, open_workspace
 
 log = logging.getLogger(__name__)
 
@@ -70,8 +71,10 @@ def tag_catalog(
 
 
 def catalog_source(config: Config) -> str:
-    """`tagging.catalog`, else $FASHION_TAGGER_CATALOG, else <home>/catalog."""
-    return config.tagging.catalog or os.environ.get(CATALOG_ENV) or str(Home(config.home_dir).catalog)
+    """`tagging.catalog`, else $FASHION_TAGGER_CATALOG, else <home>/catalog (for an object-store home its URL,
+    `s3://.../catalog`, which every machine lists and reads directly)."""
+    home = config.layout
+    return config.tagging.catalog or os.environ.get(CATALOG_ENV) or open_workspace(home).url(home.catalog)
 
 
 def tags_folder(config: Config) -> Path:
@@ -80,8 +83,30 @@ def tags_folder(config: Config) -> Path:
     return Path(chosen).expanduser() if chosen else Home(config.home_dir).tags.dir
 
 
+# With an object-store home each task may run on another machine: the folders the tasks hand on are this machine's
+# copy of the home (`_here`), and the files they read and write travel through the store, one object each. The tags
+# folder's files go up table first and summary last, as `outputs.write_outputs` writes them; each shard folder is
+# written by one task only.
+
+
+def _workspace() -> Workspace:
+    return open_workspace(project_home())
+
+
+def _here(path: str | Path) -> Path:
+    """PATH, recorded by a task on some machine, on this one (`Home.localize`; unchanged for a local home)."""
+    return project_home().localize(path)
+
+
+def _tag_files(folder: Path) -> tuple[Path, ...]:
+    tags = TagsDir(folder)
+    return (tags.tags, tags.rejects, tags.review_csv, tags.review_parquet, tags.changes_csv, tags.changes_parquet,
+            tags.summary)
+
+
 def _work(run: Mapping[str, Any]) -> tuple[TaggingWorkDir, Config]:
-    work = TaggingWorkDir(Path(run["work_dir"]))
+    work = TaggingWorkDir(_here(run["work_dir"]))
+    _workspace().pull_files((work.config, work.model, work.rejects))
     return work, load_config(work.config)
 
 
@@ -96,6 +121,7 @@ def pin_model(overrides: Mapping[str, Any], run_id: str, *, preset: str | None =
     work = TagsDir(out_dir).work(run_id)
     save_config(config.model_copy(update={"tagging": resolved}), work.dir)
     io.write_json(work.model, model.to_dict())
+    _workspace().push_files((work.config, work.model))
     return {"source": source, "out_dir": str(out_dir), "work_dir": str(work.dir), **model.to_dict()}
 
 
@@ -108,6 +134,7 @@ def list_shards(run: Mapping[str, Any]) -> list[dict[str, str]]:
     with io.atomic_path(work.rejects) as tmp:
         rejects.to_csv(tmp, index=False)
     shards = split_listing(items, config.tagging.shard_size, work.dir)
+    _workspace().push_files((work.listing, work.rejects, *shards))
     return [{"listing": str(path), "work_dir": run["work_dir"], "out_dir": run["out_dir"],
              "model_uri": run["model_uri"]} for path in shards]
 
@@ -126,16 +153,24 @@ def shard_command(shard: Mapping[str, str], python: str | None = None) -> list[s
 def tag_shard(shard: Mapping[str, str], run_command: JsonRunner) -> dict[str, Any]:
     """Tag one shard in a child process: RUN_COMMAND (the orchestration's runner of a command that prints its
     JSON result) runs `shard_command`, so CUDA never starts in the caller. The shard's folder and counts."""
-    result = run_command("tag", shard_command(shard))
+    here = {**shard, **{key: str(_here(shard[key])) for key in ("listing", "work_dir", "out_dir")}}
+    listing, workspace = Path(here["listing"]), _workspace()
+    workspace.pull_files((TaggingWorkDir(Path(here["work_dir"])).config, listing, TagsDir(Path(here["out_dir"])).tags))
+    result = run_command("tag", shard_command(here))
+    workspace.push_files(_tag_files(listing.parent))
     return {key: result[key] for key in SHARD_RESULT_KEYS}
 
 
 def merge_shards(run: Mapping[str, Any], shard_dirs: Sequence[str]) -> dict[str, Any]:
     """Merge the shard folders and the listing's rejects into the run's tags folder (see `outputs.merge_shards`)."""
     work, config = _work(run)
-    result = outputs.merge_shards(shard_dirs, run["out_dir"], PinnedModel.from_dict(run),
+    folders, out_dir, workspace = [_here(d) for d in shard_dirs], _here(run["out_dir"]), _workspace()
+    workspace.pull_files([path for folder in folders for path in _tag_files(folder)])
+    workspace.pull_files((TagsDir(out_dir).tags,))  # the previous table, for the changes
+    result = outputs.merge_shards(folders, out_dir, PinnedModel.from_dict(run),
                                   thresholds=config.tagging.thresholds,
                                   extra_rejects=pd.read_csv(work.rejects, dtype=str)).to_dict()
+    workspace.push_files(_tag_files(out_dir))
     result.pop("files")
     return result
 
@@ -143,4 +178,6 @@ def merge_shards(run: Mapping[str, Any], shard_dirs: Sequence[str]) -> dict[str,
 def log_summary(run: Mapping[str, Any], merged: Mapping[str, Any], tags: Mapping[str, str]) -> dict[str, Any]:
     """Log the merged run to MLflow (`summary.log_summary`) with TAGS on the MLflow run; MERGED and its run id."""
     _, config = _work(run)
-    return {**merged, "mlflow_run_id": mlflow_summary.log_summary(run["out_dir"], config, tags=tags)}
+    out_dir = _here(run["out_dir"])
+    _workspace().pull_files(_tag_files(out_dir))
+    return {**merged, "mlflow_run_id": mlflow_summary.log_summary(out_dir, config, tags=tags)}

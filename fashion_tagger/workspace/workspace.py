@@ -14,7 +14,7 @@ import logging
 import os
 import shutil
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -145,6 +145,23 @@ class Workspace:
             return False
         self.store.download(key, path)
         return True
+
+    def owns(self, path: str | Path) -> bool:
+        """Whether PATH is in this machine's copy of an object-store home (so it travels through the store)."""
+        return self.store is not None and Path(path).is_relative_to(self.home.root)
+
+    def pull_files(self, paths: Iterable[str | Path]) -> None:
+        """Each of PATHS that is in an object-store home, from the store when it is there (a file no stage
+        published yet, such as the first run's previous tag table, is simply not there)."""
+        for path in paths:
+            if self.owns(path):
+                self.pull_file(path)
+
+    def push_files(self, paths: Iterable[str | Path]) -> None:
+        """Each of PATHS that exists and is in an object-store home, to the store, in the order given."""
+        for path in paths:
+            if self.owns(path) and Path(path).is_file():
+                self.push_file(path)
 
     # --- leases ------------------------------------------------------------------------------------------------
 
