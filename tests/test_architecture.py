@@ -76,3 +76,13 @@ def test_every_folder_of_the_library_is_a_layer_of_the_import_contract():
     named = {part.strip().removeprefix("fashion_tagger.") for layer in layers for part in layer.split("|")}
     subpackages = {p.parent.name for p in PACKAGE.glob("*/__init__.py")} - {"presets"}
     assert subpackages <= named, f"add to the layers contract in pyproject.toml: {sorted(subpackages - named)}"
+
+
+def test_yaml_is_only_ever_read_with_the_safe_loader():
+    """A config, a preset or an MLmodel file must never construct Python objects: `yaml.safe_load` only."""
+    unsafe = re.compile(r"yaml\.(load|load_all|unsafe_load|full_load)\s*\(|Loader\s*=\s*yaml\.(Loader|UnsafeLoader)")
+    offenders = [f"{path.relative_to(REPO)}:{number}"
+                 for folder in ("fashion_tagger", "dags", "scripts", "docker", "benchmarks")
+                 for path in sorted((REPO / folder).rglob("*.py"))
+                 for number, line in enumerate(path.read_text().splitlines(), 1) if unsafe.search(line)]
+    assert not offenders, offenders

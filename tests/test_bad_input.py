@@ -355,7 +355,7 @@ def test_served_model_tags_each_readable_row_and_says_why_the_others_failed(chec
     errors = out["error"].tolist()
     assert "row 11: cannot read image bytes" in errors[1] and "truncated" in errors[1]
     assert "not base64" in errors[2]
-    assert "row 13: cannot read path" in errors[3]
+    assert "row 13: paths are not accepted by this server" in errors[3]
     assert "must hold image bytes or base64 text" in errors[5]
     assert out.loc[[11, 12, 13, 15], "masterCategory_confidence"].isna().all()
 

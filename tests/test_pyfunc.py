@@ -46,7 +46,7 @@ def test_images_are_read_from_bytes_base64_data_urls_and_paths(tmp_path):
         "image": [jpeg, b64, f"data:image/jpeg;base64,{b64}", _png_bytes(image.convert("RGBA")), None],
         "path": [None, None, None, None, str(tmp_path / "a.jpg")],
     })
-    images = images_from_frame(frame)
+    images = images_from_frame(frame, path_roots=(tmp_path.resolve(),))
     assert [im.mode for im in images] == ["RGB"] * 5 and {im.size for im in images} == {(32, 40)}
     decoded = np.asarray(images[0])
     assert all(np.array_equal(decoded, np.asarray(im)) for im in (images[1], images[2], images[4]))
@@ -60,7 +60,7 @@ def test_images_are_read_from_bytes_base64_data_urls_and_paths(tmp_path):
         (pd.DataFrame({"image": [b"not an image"]}), "row 0: cannot read image bytes"),
         (pd.DataFrame({"image": ["%%% not base64 %%%"]}), "holds text that is not base64"),
         (pd.DataFrame({"image": [None], "path": [None]}), "row 0: neither 'image' nor 'path' is set"),
-        (pd.DataFrame({"path": ["/nonexistent/x.jpg"]}), "cannot read path"),
+        (pd.DataFrame({"path": ["/nonexistent/x.jpg"]}), "paths are not accepted by this server"),
         (pd.DataFrame({"image": [12]}), "must hold image bytes or base64 text"),
     ],
 )
@@ -91,9 +91,11 @@ def _split_images(split: Path, count: int = 6) -> list[Path]:
     return sorted((split / "images").glob("*.jpg"))[::4][:count]
 
 
-def test_registered_model_tags_raw_jpeg_bytes_and_base64_like_the_export(registered):
-    model = tracking.load_model(registered["uri"], registered["config"])
+def test_registered_model_tags_raw_jpeg_bytes_and_base64_like_the_export(registered, monkeypatch):
     files = _split_images(registered["split"])
+    # Paths only below the folders the server was started with (FASHION_TAGGER_SERVING_PATH_ROOTS).
+    monkeypatch.setenv("FASHION_TAGGER_SERVING_PATH_ROOTS", str(files[0].parent))
+    model = tracking.load_model(registered["uri"], registered["config"])
     raw = [path.read_bytes() for path in files]
     expected = Predictor.from_export(registered["export_dir"]).predict([Image.open(path) for path in files])
 
@@ -125,6 +127,42 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def test_the_served_model_opens_no_path_a_client_names(registered, tmp_path, monkeypatch):
+    """With the default settings a path is refused without being opened (a fifo would block a worker forever); with
+    allowed folders, a path outside them gets the same answer whether it exists or not, and only regular files are
+    read."""
+    fifo = tmp_path / "allowed" / "pipe.jpg"
+    fifo.parent.mkdir()
+    os.mkfifo(fifo)
+    inside = fifo.parent / "photo.jpg"
+    inside.write_bytes(_split_images(registered["split"])[0].read_bytes())
+    asked = ["/etc/hostname", "/no/such/file", "/root/.bashrc", str(fifo), str(inside)]
+
+    monkeypatch.delenv("FASHION_TAGGER_SERVING_PATH_ROOTS", raising=False)
+    model = tracking.load_model(registered["uri"], registered["config"])
+    started = time.monotonic()
+    out = model.predict(pd.DataFrame({"path": asked}))
+    assert time.monotonic() - started < 30  # the fifo was never opened
+    for row, error in enumerate(out["error"]):
+        assert error.startswith(f"row {row}: paths are not accepted by this server: send the image's bytes"), error
+    assert out["baseColour"].isna().all()
+
+    monkeypatch.setenv("FASHION_TAGGER_SERVING_PATH_ROOTS", str(fifo.parent))
+    model = tracking.load_model(registered["uri"], registered["config"])
+    out = model.predict(pd.DataFrame({"path": [*asked, str(fifo.parent / ".." / ".." / "etc" / "passwd")]}))
+    errors = out["error"].tolist()
+    outside = [e.replace(repr(path), "PATH") for e, path in zip(errors[:3], asked[:3], strict=True)]
+    assert len({e.split(": ", 1)[1] for e in outside}) == 1, outside  # existing or not: the same answer
+    assert "is not below the folders this server reads" in outside[0]
+    assert "is not below the folders" in errors[5]  # `..` cannot climb out
+    assert errors[3] == f"row 3: path {str(fifo)!r} is not a regular file"
+    assert errors[4] is None and out.loc[4, "baseColour"] is not None
+
+    monkeypatch.setenv("FASHION_TAGGER_SERVING_PATH_ROOTS", "relative/folder")
+    with pytest.raises(Exception, match="FASHION_TAGGER_SERVING_PATH_ROOTS: 'relative/folder' is not an existing"):
+        tracking.load_model(registered["uri"], registered["config"])
 
 
 @pytest.mark.slow

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import stat
 import sys
 import types
 import zipfile
@@ -310,3 +311,56 @@ def test_generated_dataset_served_as_the_full_kaggle_archive(synthetic_raw, tmp_
     assert (result.raw_dir / "styles.csv").read_bytes() == (synthetic_raw / "styles.csv").read_bytes()
     assert result.images == len(list((synthetic_raw / "images").iterdir()))
     assert result.rows == len((synthetic_raw / "styles.csv").read_bytes().splitlines()) - 1
+
+
+def _hostile_zip(dataset: Path, out: Path, kind: str) -> Path:
+    archive = _zip(dataset, out, ("myntradataset",))
+    with zipfile.ZipFile(archive, "a", compression=zipfile.ZIP_DEFLATED) as zf:
+        if kind == "symlink":
+            link = zipfile.ZipInfo("myntradataset/images/777.jpg")
+            link.external_attr = (stat.S_IFLNK | 0o777) << 16
+            zf.writestr(link, "/etc/passwd")
+        elif kind == "fifo":
+            fifo = zipfile.ZipInfo("myntradataset/images/778.jpg")
+            fifo.external_attr = (stat.S_IFIFO | 0o644) << 16
+            zf.writestr(fifo, "")
+        elif kind == "bomb":
+            zf.writestr("myntradataset/images/779.jpg", b"\0" * (64 << 20))  # 64 MB of zeros in about 64 KB
+    return archive
+
+
+@pytest.mark.parametrize(("kind", "message"), [
+    ("symlink", "member 'myntradataset/images/777.jpg' is a symbolic link: the dataset holds plain files only"),
+    ("fifo", "member 'myntradataset/images/778.jpg' is a special file"),
+    ("bomb", r"member 'myntradataset/images/779.jpg' expands \d+ bytes to 67108864 \(over 200x\): refusing a "
+             "possible zip bomb"),
+])
+def test_links_special_files_and_zip_bombs_are_refused_before_anything_is_extracted(dataset, tmp_path, kind, message):
+    archive = _hostile_zip(dataset, tmp_path / "archive.zip", kind)
+    with pytest.raises(SourceError, match=message):
+        fetch_dataset(f"kaggle:{SLUG}", tmp_path / "raw", kaggle_api=FakeKaggleApi(archive))
+    assert datasets_in(tmp_path / "raw") == []
+    assert not any(p.is_symlink() for p in tmp_path.rglob("*"))
+
+
+def test_an_archive_larger_than_the_extract_limit_is_refused(dataset, tmp_path, monkeypatch):
+    archive = _zip(dataset, tmp_path / "archive.zip", ("myntradataset",))
+    monkeypatch.setenv("FASHION_TAGGER_MAX_EXTRACT_GB", "0.000001")  # 1 KB
+    with pytest.raises(SourceError, match=r"would extract 0\.0 GB, more than the limit of 0\.0 GB "
+                                          r"\(\$FASHION_TAGGER_MAX_EXTRACT_GB\): refusing a possible zip bomb"):
+        fetch_dataset(f"kaggle:{SLUG}", tmp_path / "raw", kaggle_api=FakeKaggleApi(archive))
+    monkeypatch.setenv("FASHION_TAGGER_MAX_EXTRACT_GB", "lots")
+    with pytest.raises(SourceError, match=r"\$FASHION_TAGGER_MAX_EXTRACT_GB must be a number of GB, not 'lots'"):
+        fetch_dataset(f"kaggle:{SLUG}", tmp_path / "raw2", kaggle_api=FakeKaggleApi(archive))
+
+
+def test_a_member_longer_than_its_header_declares_is_refused():
+    from io import BytesIO
+
+    from fashion_tagger.data.sources import _copy_at_most
+
+    out = BytesIO()
+    with pytest.raises(SourceError, match="member 'x' holds more than the 5 bytes its header declares"):
+        _copy_at_most(BytesIO(b"0123456789"), out, 5, "member 'x'")
+    _copy_at_most(BytesIO(b"01234"), out, 5, "member 'y'")
+    assert out.getvalue() == b"01234"

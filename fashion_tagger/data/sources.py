@@ -11,6 +11,7 @@ import logging
 import os
 import re
 import shutil
+import stat
 import time
 import zipfile
 from collections.abc import Callable
@@ -301,12 +302,53 @@ def extract_dataset_zip(archive: Path, target: Path) -> str:
                 out = (target / inner).resolve()
                 if not out.is_relative_to(target_resolved):
                     raise SourceError(f"{archive} member {info.filename!r} escapes {target}: refusing to extract it")
+                _check_member(archive, info)
                 members.append((info, out))
+        total = sum(info.file_size for info, _ in members)
+        if total > (limit := max_extracted_bytes()):
+            raise SourceError(f"{archive} would extract {total / 1e9:.1f} GB, more than the limit of {limit / 1e9:.1f} "
+                              f"GB (${MAX_EXTRACT_ENV}): refusing a possible zip bomb; raise the limit if it is real")
         (target / IMAGES_DIRNAME).mkdir(parents=True, exist_ok=True)
         for info, out in tqdm(members, desc=f"unzip {archive.name}", unit="file", disable=None):
             with zf.open(info) as src, open(out, "wb") as dst:
-                shutil.copyfileobj(src, dst, 1 << 20)
+                _copy_at_most(src, dst, info.file_size, f"{archive} member {info.filename!r}")
     return layout
+
+
+MAX_EXTRACT_ENV = "FASHION_TAGGER_MAX_EXTRACT_GB"  # what one archive may unpack to; the real dataset is about 25 GB
+MAX_EXTRACT_GB = 100.0
+MAX_COMPRESSION_RATIO = 200  # a JPEG barely compresses and styles.csv about 5x; zip bombs reach 1000x and more
+
+
+def max_extracted_bytes() -> int:
+    value = os.environ.get(MAX_EXTRACT_ENV, "").strip()
+    try:
+        gigabytes = float(value) if value else MAX_EXTRACT_GB
+    except ValueError:
+        raise SourceError(f"${MAX_EXTRACT_ENV} must be a number of GB, not {value!r}") from None
+    return int(gigabytes * 1e9)
+
+
+def _check_member(archive: Path, info: zipfile.ZipInfo) -> None:
+    """Refuse links and special files (by their Unix mode) and members that decompress suspiciously far."""
+    kind = stat.S_IFMT(info.external_attr >> 16)  # 0: no Unix type recorded (DOS attributes, permissions only)
+    if kind not in (0, stat.S_IFREG, stat.S_IFDIR):
+        what = "a symbolic link" if kind == stat.S_IFLNK else "a special file"
+        raise SourceError(f"{archive} member {info.filename!r} is {what}: the dataset holds plain files only; "
+                          "refusing to extract it")
+    if info.file_size > (1 << 20) and info.file_size > MAX_COMPRESSION_RATIO * max(info.compress_size, 1):
+        raise SourceError(f"{archive} member {info.filename!r} expands {info.compress_size} bytes to "
+                          f"{info.file_size} (over {MAX_COMPRESSION_RATIO}x): refusing a possible zip bomb")
+
+
+def _copy_at_most(src: Any, dst: Any, size: int, what: str) -> None:
+    """Copy SRC to DST, never more than the SIZE the archive declared (a forged header cannot unpack more)."""
+    written = 0
+    while chunk := src.read(1 << 20):
+        written += len(chunk)
+        if written > size:
+            raise SourceError(f"{what} holds more than the {size} bytes its header declares: refusing it")
+        dst.write(chunk)
 
 
 def _is_under(path: PurePosixPath, base: PurePosixPath) -> bool:

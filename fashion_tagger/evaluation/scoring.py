@@ -22,7 +22,7 @@ from fashion_tagger.core.layout import SplitDir, cached_image_path
 from fashion_tagger.core.schema import IGNORE_INDEX
 from fashion_tagger.data.cache import read_prepared
 from fashion_tagger.data.labels import LabelSpace, label_column
-from fashion_tagger.serving.rows import PATH_COLUMN
+from fashion_tagger.serving.rows import IMAGE_COLUMN
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +80,15 @@ class PredictorModel:
         return tag_frame(self.predictor, frame)
 
 
+def _image_bytes(path: str) -> bytes:
+    """The file's bytes; an unreadable file sends none, which the model reports as that row's error."""
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        log.warning("cannot read %s: %s", path, exc)
+        return b""
+
+
 def predict_paths(model: Any, paths: Sequence[str], batch_size: int, desc: str = "scoring") -> pd.DataFrame:
     """Run a model with the pyfunc interface (a loaded pyfunc or a `PredictorModel`) over image paths in batches."""
     from tqdm.auto import tqdm
@@ -89,7 +98,8 @@ def predict_paths(model: Any, paths: Sequence[str], batch_size: int, desc: str =
     parts = []
     batches = tqdm(range(0, len(paths), batch_size), desc=desc, unit="batch", leave=False, disable=None)
     for start in log_progress(batches, total=len(batches), what=desc, unit="batches"):  # a line every 30 s
-        batch = pd.DataFrame({PATH_COLUMN: list(paths[start : start + batch_size])})
+        # The bytes, as a remote client sends them: a served model reads no path it is given (pyfunc_model).
+        batch = pd.DataFrame({IMAGE_COLUMN: [_image_bytes(path) for path in paths[start : start + batch_size]]})
         parts.append(model.predict(batch))
     return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
 

@@ -2,7 +2,11 @@
 
 Input is a DataFrame with a column `image` (JPEG/PNG bytes, or base64 text as it arrives in REST JSON) or
 `path`; output is one column per attribute plus `<attribute>_confidence`, and `error`: null for a tagged row,
-else why its image could not be read (that row's tags are null; the other rows are still tagged). Our inference
+else why its image could not be read (that row's tags are null; the other rows are still tagged).
+
+Paths are refused unless the server is started with `FASHION_TAGGER_SERVING_PATH_ROOTS` (folders, separated by
+`:`): a client of `mlflow models serve` must not make the server open files of its choosing. Even then only regular
+files below those folders are read, and a refused path gets the same answer whether or not it exists. Our inference
 code travels with the model (`code_paths`), so `mlflow.pyfunc.load_model("models:/fashion-tagger@champion")`
 needs no training code.
 """
@@ -13,7 +17,9 @@ import base64
 import binascii
 import importlib.metadata
 import io
+import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Sequence
 from functools import partial
@@ -36,6 +42,7 @@ if TYPE_CHECKING:
     from mlflow.models.model import ModelInfo
     from mlflow.models.signature import ModelSignature
 
+PATH_ROOTS_ENV = "FASHION_TAGGER_SERVING_PATH_ROOTS"  # folders a request may name files in; none by default
 TAGGER_ARTIFACT = "tagger"  # key of the exported tagger (weights.pt + tagger.json) among the model's artifacts
 # Pinned to what this environment has, so logging never probes the environment (slow) and serving matches it.
 REQUIREMENTS = ("mlflow", "torch", "timm", "pillow", "pandas", "numpy")
@@ -78,20 +85,59 @@ def _is_missing(value: Any) -> bool:
     return value is None or (isinstance(value, float) and pd.isna(value))
 
 
-def _row_image(record: Any, has_image: bool, has_path: bool) -> Image.Image:
+def path_roots_from_env() -> tuple[Path, ...]:
+    """The folders below which the served model reads files a request names by path: $PATH_ROOTS_ENV, none by
+    default. Each must be an existing folder (a typo must not silently allow nothing or everything)."""
+    value = os.environ.get(PATH_ROOTS_ENV, "").strip()
+    roots = []
+    for part in filter(None, (item.strip() for item in value.split(os.pathsep))):
+        root = Path(part).expanduser()
+        if not root.is_absolute() or not root.is_dir():
+            raise FashionTaggerError(f"${PATH_ROOTS_ENV}: {part!r} is not an existing absolute folder; give the "
+                                     f"folders the server may read images from, separated by {os.pathsep!r}")
+        roots.append(root.resolve())
+    return tuple(roots)
+
+
+def _allowed_file(path: str, roots: Sequence[Path]) -> str:
+    """PATH when it is a regular file below one of ROOTS; otherwise an ImageReadError that says the same for a path
+    that exists and one that does not (no oracle of the server's files), opening nothing."""
+    if not roots:
+        raise ImageReadError(f"paths are not accepted by this server: send the image's bytes in column "
+                             f"'{IMAGE_COLUMN}' (a server started with {PATH_ROOTS_ENV}=<folders> reads files "
+                             "below those folders)")
+    resolved = Path(os.path.realpath(path)) if os.path.isabs(path) else None
+    if resolved is None or not any(resolved.is_relative_to(root) for root in roots):
+        raise ImageReadError(f"path {path!r} is not below the folders this server reads ({PATH_ROOTS_ENV})")
+    try:
+        mode = os.stat(resolved).st_mode
+    except OSError:
+        raise ImageReadError(f"path {path!r}: no such file below the folders this server reads") from None
+    if not stat.S_ISREG(mode):  # a fifo or a device would block or stream forever
+        raise ImageReadError(f"path {path!r} is not a regular file")
+    return str(resolved)
+
+
+def _row_image(record: Any, has_image: bool, has_path: bool, path_roots: Sequence[Path] | None) -> Image.Image:
     value = getattr(record, IMAGE_COLUMN) if has_image else None
     if not _is_missing(value):
         return decode_image(_image_bytes(value), name="image bytes")
     path = getattr(record, PATH_COLUMN) if has_path else None
     if _is_missing(path) or not str(path):
         raise ImageReadError(f"neither '{IMAGE_COLUMN}' nor '{PATH_COLUMN}' is set")
+    if path_roots is not None:
+        path = _allowed_file(str(path), path_roots)
     return decode_image(str(path), name=f"path {str(path)!r}")
 
 
-def read_rows(frame: pd.DataFrame) -> tuple[list[Image.Image | None], list[str | None]]:
+def read_rows(
+    frame: pd.DataFrame, path_roots: Sequence[Path] | None = ()
+) -> tuple[list[Image.Image | None], list[str | None]]:
     """Each row's image from `image` (preferred) or `path`, or None and why it could not be read ("row 3: ...").
 
-    A frame with neither column is an InputError (HTTP 400): no row of it could ever be read.
+    PATH_ROOTS: the folders a `path` may point into (the default, none, refuses every path; None is for this
+    process's own trusted callers and reads any path). A frame with neither column is an InputError (HTTP 400):
+    no row of it could ever be read.
     """
     has_image, has_path = IMAGE_COLUMN in frame.columns, PATH_COLUMN in frame.columns
     if not (has_image or has_path):
@@ -102,23 +148,25 @@ def read_rows(frame: pd.DataFrame) -> tuple[list[Image.Image | None], list[str |
     images: list[Image.Image | None] = []
     errors: list[str | None] = []
     for row, record in zip(frame.index, frame.itertuples(index=False), strict=True):
-        image, error = read_one(partial(_row_image, record, has_image, has_path), where=f"row {row}")
+        image, error = read_one(partial(_row_image, record, has_image, has_path, path_roots), where=f"row {row}")
         images.append(image)
         errors.append(error)
     return images, errors
 
 
-def images_from_frame(frame: pd.DataFrame) -> list[Image.Image]:
-    """Decode each row's `image` (preferred) or `path`; the first row that cannot be read is an InputError."""
-    images, errors = read_rows(frame)
+def images_from_frame(frame: pd.DataFrame, path_roots: Sequence[Path] | None = ()) -> list[Image.Image]:
+    """Decode each row's `image` (preferred) or `path` (`read_rows`); the first row that cannot be read is an
+    InputError."""
+    images, errors = read_rows(frame, path_roots)
     if problems := [error for error in errors if error is not None]:
         raise InputError(problems[0])
     return [image for image in images if image is not None]
 
 
-def tag_frame(predictor: Predictor, frame: pd.DataFrame) -> pd.DataFrame:
-    """The model's answer to FRAME: tags and confidences per readable row, `error` for the others."""
-    images, errors = read_rows(frame)
+def tag_frame(predictor: Predictor, frame: pd.DataFrame, path_roots: Sequence[Path] | None = ()) -> pd.DataFrame:
+    """The model's answer to FRAME: tags and confidences per readable row, `error` for the others (paths as
+    `read_rows` allows them)."""
+    images, errors = read_rows(frame, path_roots)
     out = with_errors(predictor.predict([image for image in images if image is not None]), errors)
     if any(errors):
         out = out.astype(object).where(out.notna(), None)  # JSON null for the untagged rows, not NaN
@@ -132,11 +180,12 @@ class TaggerModel(PythonModel):
     def load_context(self, context: Any) -> None:
         # Default: the GPU when there is one; FASHION_TAGGER_DEVICE=cpu keeps a server off a shared GPU.
         self.predictor = Predictor.from_export(context.artifacts[TAGGER_ARTIFACT], device=default_device())
+        self.path_roots = path_roots_from_env()
 
     # A DataFrame hint is one MLflow derives no schema from: the logged signature stays the only one.
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
         frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
-        return tag_frame(self.predictor, frame)
+        return tag_frame(self.predictor, frame, getattr(self, "path_roots", ()))
 
 
 def exported_tagger(model_dir: str | Path) -> Path:
