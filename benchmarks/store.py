@@ -3,6 +3,13 @@ packed in tar shards against one object per file, against a plain local copy, al
 
 Run: .venv/bin/python benchmarks/store.py [--images 2000] [--endpoint http://127.0.0.1:9000]
 Without --endpoint it starts moto's server on loopback. Prints a markdown table and the extrapolation to 44,419 images.
+
+With --demo-run it measures instead what staging costs a whole run: the demo preset's stages, each in a process of
+its own as the DAG's tasks run them (fetch, validate, split, prepare and register on one "machine", train and
+evaluate on another, each machine with its own scratch folder, empty when the run starts), once on a local home and
+once on an S3 home (moto's server, the coordination database in SQLite, an MLflow server with its artifacts in the
+same S3 server), and prints each stage's seconds on both, the staging seconds the stage runner recorded, and the
+S3 run's extra share.
 """
 
 from __future__ import annotations
@@ -10,8 +17,10 @@ from __future__ import annotations
 import argparse
 import hashlib
 import io
+import json
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -27,7 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))  # moto_server: the same loopback server the storage tests start
 
-from moto_server import MOTO_ENV, moto_s3_server  # noqa: E402
+from moto_server import MOTO_ENV, mlflow_server, moto_s3_server  # noqa: E402
 
 from fashion_tagger.storage import shards  # noqa: E402
 from fashion_tagger.storage.base import Store  # noqa: E402
@@ -115,6 +124,106 @@ def s3_home(endpoint: str | None) -> Iterator[Store]:
         yield open_store(f"s3://{bucket}/home")
 
 
+# --- a whole run: the demo preset on a local home and on an S3 home ------------------------------------------------
+
+# Which "machine" runs each stage: the DAG's queues (train and evaluate on the gpu worker).
+MACHINES = {"fetch": "default", "validate": "default", "split": "default", "prepare": "default",
+            "train": "gpu", "evaluate": "gpu", "register": "default"}
+CREATE = """
+import json, sys
+from fashion_tagger.core.config import load_config
+from fashion_tagger.runs.run import create_run
+print(json.dumps(create_run(load_config(sys.argv[1], json.loads(sys.argv[2]))).id))
+"""
+STAGE = """
+import json, sys, time
+from fashion_tagger.runs.run import open_run, stage_state
+from fashion_tagger.runs.stages import run_stage
+started = time.perf_counter()
+run = open_run(sys.argv[1])
+result = run_stage(run, sys.argv[2])
+entry = stage_state(run.layout, sys.argv[2])
+print(json.dumps({"seconds": entry["seconds"], "wall": time.perf_counter() - started,
+                  "staging": result.get("staging_seconds", 0.0)}))
+"""
+
+
+def _python(code: str, *args: str, env: dict[str, str], log: Path) -> object:
+    with open(log, "a") as out:
+        done = subprocess.run([sys.executable, "-c", code, *args], env=env, stdout=subprocess.PIPE, stderr=out,
+                              text=True, cwd=REPO)
+    if done.returncode:
+        raise SystemExit(f"{args} exited with {done.returncode}; its log: {log}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def demo_run(root: Path, home: str, env: dict[str, str], preset: str, overrides: list[str]) -> dict[str, dict]:
+    """Every stage of one run of PRESET on HOME, each in its own process on its machine's scratch folder (empty
+    when the run starts: each run gets new machines, which keep their scratch from stage to stage as workers do)."""
+    number = len(list(root.glob("run-*.log")))
+    log = root / f"run-{number}.log"
+    base = env | {"FASHION_TAGGER_HOME": home}
+    run_id = _python(CREATE, preset, json.dumps(overrides), env=base | {"FASHION_TAGGER_SCRATCH": str(root / "x")},
+                     log=log)
+    stages = {}
+    for stage, machine in MACHINES.items():
+        scratch = root / f"scratch-{number}-{machine}"
+        stages[stage] = _python(STAGE, str(run_id), stage, env=base | {"FASHION_TAGGER_SCRATCH": str(scratch)},
+                                log=log)
+        print(f"  {home}: {stage} {stages[stage]['seconds']:.1f} s", flush=True)
+    return stages
+
+
+def measure_demo_run(args: argparse.Namespace) -> None:
+    overrides = [*args.set]
+    with tempfile.TemporaryDirectory(prefix="bench-store-run-", dir=args.work) as tmp, \
+            (moto_s3_server() if args.endpoint is None else nullcontext(args.endpoint)) as url:
+        root = Path(tmp)
+        import boto3
+
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("FASHION_TAGGER_", "MLFLOW_"))}
+        env |= {**MOTO_ENV, "AWS_ENDPOINT_URL": url, "MLFLOW_S3_ENDPOINT_URL": url}
+        bucket = f"bench-{uuid.uuid4().hex[:8]}"
+        boto3.client("s3", endpoint_url=url, **{k.lower(): v for k, v in MOTO_ENV.items()
+                                                 if k != "AWS_DEFAULT_REGION"}).create_bucket(Bucket=bucket)
+        with mlflow_server(root / "mlflow", f"sqlite:///{root / 'mlflow.db'}", artifacts=f"s3://{bucket}/mlflow",
+                           env=env) as tracking:
+            env["MLFLOW_TRACKING_URI"] = tracking
+            homes = {"local": str(root / "local-home"), "s3": f"s3://{bucket}/home"}
+            runs: dict[str, list[dict[str, dict]]] = {"local": [], "s3": []}
+            for repeat in range(args.repeats):
+                for name, home in homes.items():
+                    extra = {"FASHION_TAGGER_DATABASE_URL": f"sqlite:///{root / 'coordination.db'}"} \
+                        if name == "s3" else {}
+                    model = [f"registry.model_name=bench-{name}-{repeat}"]
+                    runs[name].append(demo_run(root, home, env | extra, args.preset, overrides + model))
+    _report_demo_runs(runs, args)
+
+
+def _report_demo_runs(runs: dict[str, list[dict[str, dict]]], args: argparse.Namespace) -> None:
+    print(f"\npreset {args.preset} {' '.join(args.set)}, {os.cpu_count()} CPUs, endpoint: "
+          f"{args.endpoint or 'moto server on loopback'}; seconds per stage as the run recorded them "
+          "(mean of the repeats)\n")
+    print("| stage | machine | local home (s) | S3 home (s) | of which staging (s) | extra (s) |")
+    print("| --- | --- | ---: | ---: | ---: | ---: |")
+
+    def mean(name: str, stage: str, key: str) -> float:
+        return sum(run[stage][key] for run in runs[name]) / len(runs[name])
+
+    totals = {"local": 0.0, "s3": 0.0, "staging": 0.0}
+    for stage, machine in MACHINES.items():
+        local, remote, staging = mean("local", stage, "seconds"), mean("s3", stage, "seconds"), \
+            mean("s3", stage, "staging")
+        totals["local"] += local
+        totals["s3"] += remote
+        totals["staging"] += staging
+        print(f"| {stage} | {machine} | {local:.1f} | {remote:.1f} | {staging:.1f} | {remote - local:+.1f} |")
+    extra = totals["s3"] - totals["local"]
+    print(f"| **run** | | {totals['local']:.1f} | {totals['s3']:.1f} | {totals['staging']:.1f} | {extra:+.1f} |")
+    print(f"\nextra seconds of the S3 home: {extra:.1f} s = {100 * extra / totals['s3']:.1f} % of its run "
+          f"(target at most 20 %); the stage runner's staging alone: {100 * totals['staging'] / totals['s3']:.1f} %")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=2000)
@@ -122,7 +231,14 @@ def main() -> None:
     parser.add_argument("--shard-mb", type=int, default=shards.SHARD_BYTES >> 20)
     parser.add_argument("--work", type=Path, help="where the local copies and the scratch folder go (default: "
                         "the system's temporary folder); the filesystem's file-creation rate bounds every column")
+    parser.add_argument("--demo-run", action="store_true", help="measure a whole run's staging instead (see above)")
+    parser.add_argument("--preset", default="demo", help="with --demo-run: the preset to run")
+    parser.add_argument("--set", action="append", default=[], help="with --demo-run: a config override")
+    parser.add_argument("--repeats", type=int, default=1, help="with --demo-run: runs on each home, alternating")
     args = parser.parse_args()
+    if args.demo_run:
+        measure_demo_run(args)
+        return
 
     with tempfile.TemporaryDirectory(prefix="bench-store-", dir=args.work) as tmp, s3_home(args.endpoint) as store:
         root = Path(tmp)
