@@ -1,12 +1,17 @@
 """Read styles.csv line by line: each physical line decoded (UTF-8, else cp1252) and split as CSV on its own, then
 kept as a record with its line number and raw text, or turned into a reject that names the line and the rule.
+
+Memory follows the records kept, not the file's text held twice: lines are found one at a time, records use slots,
+and the few-valued columns (gender, season, ...) share one string per distinct value.
 """
 
 from __future__ import annotations
 
 import csv
 import logging
+import re
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,11 +22,12 @@ from fashion_tagger.core.schema import STYLE_COLUMNS
 log = logging.getLogger(__name__)
 
 _UTF8_BOM = b"\xef\xbb\xbf"
+MANY_VALUED = frozenset({"id", "productDisplayName"})  # columns whose values are mostly distinct
 _UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
 _CP1252_UNDEFINED = frozenset(b"\x81\x8d\x8f\x90\x9d")
 
 
-@dataclass
+@dataclass(slots=True)
 class Reject:
     """A data line of styles.csv left out of the clean table, with its reason (a rule's name) and detail."""
 
@@ -32,7 +38,7 @@ class Reject:
     raw_line: str
 
 
-@dataclass
+@dataclass(slots=True)
 class StyleRecord:
     """A data line of styles.csv with as many fields as the header: its values by column name."""
 
@@ -58,28 +64,27 @@ def _decode_cp1252(raw: bytes) -> str:
         return "".join(chr(b) if b in _CP1252_UNDEFINED else bytes([b]).decode("cp1252") for b in raw)
 
 
-def _decode_lines(path: Path, data: bytes) -> tuple[list[str], str, int]:
-    """Physical lines with their endings (CRLF, LF or CR), each decoded as UTF-8, or as cp1252 when it is not.
+# A physical line with its ending (CRLF, LF or CR), or a last line without one; found one at a time, so a file of a
+# million lines is never held as a list of lines beside its bytes.
+_PHYSICAL_LINE = re.compile(rb"[^\r\n]*(?:\r\n|\r|\n)|[^\r\n]+\Z")
 
-    Deciding per line keeps a file that mixes both (a UTF-8 export edited in a Latin-1 tool) readable, and
-    no character is ever replaced by U+FFFD. Returns the lines, the encoding's name and the cp1252 count.
-    """
+
+def _decode_line(raw: bytes) -> tuple[str, bool]:
+    """RAW as UTF-8, or as cp1252 when it is not (True): deciding per line keeps a file that mixes both (a UTF-8
+    export edited in a Latin-1 tool) readable, and no character is ever replaced by U+FFFD."""
+    try:
+        return raw.decode("utf-8"), False
+    except UnicodeDecodeError:
+        return _decode_cp1252(raw), True
+
+
+def _physical_lines(path: Path, data: bytes) -> tuple[Iterator[bytes], bool]:
+    """The file's physical lines, one at a time, after a UTF-8 byte-order mark (True when there was one)."""
     if data.startswith(_UTF16_BOMS):
         raise DataError(f"{path} is UTF-16 (it starts with a UTF-16 byte-order mark): save it as UTF-8 and rerun")
     bom = data.startswith(_UTF8_BOM)
-    lines: list[str] = []
-    fallback = 0
-    for raw in data[len(_UTF8_BOM) if bom else 0 :].splitlines(keepends=True):
-        try:
-            lines.append(raw.decode("utf-8"))
-        except UnicodeDecodeError:
-            lines.append(_decode_cp1252(raw))
-            fallback += 1
-    encoding = "utf-8-sig" if bom else "utf-8"
-    if fallback:
-        encoding += " with cp1252 fallback"
-        log.warning("%s: %d lines are not valid UTF-8 and were read as cp1252", path, fallback)
-    return lines, encoding, fallback
+    lines = (match.group() for match in _PHYSICAL_LINE.finditer(data, len(_UTF8_BOM) if bom else 0))
+    return lines, bom
 
 
 def _split_line(line: str) -> list[str]:
@@ -122,11 +127,19 @@ def read_styles(path: Path) -> ParsedStyles:
     if not path.is_file():
         raise DataError(f"{path} does not exist: a raw dataset directory holds styles.csv and images/")
     data = read_bytes(path, DataError)
-    lines, encoding, cp1252_lines = _decode_lines(path, data)
-    header = _read_header(path, lines[0] if lines else None)
+    lines, bom = _physical_lines(path, data)
+    first = next(lines, None)
+    header_line, fallback = _decode_line(first) if first is not None else (None, False)
+    cp1252_lines = int(fallback)
+    header = _read_header(path, header_line)
     records: list[StyleRecord] = []
     rejects: list[Reject] = []
-    for line_number, line in enumerate(lines[1:], start=2):
+    shared: dict[str, str] = {}  # one string object per distinct value of the few-valued columns
+    few_valued = [i for i, name in enumerate(header) if name not in MANY_VALUED]
+    line_number = 1
+    for line_number, raw_bytes in enumerate(lines, start=2):
+        line, fallback = _decode_line(raw_bytes)
+        cp1252_lines += fallback
         raw = line.rstrip("\r\n")
         try:
             fields = _split_line(line)
@@ -148,5 +161,12 @@ def read_styles(path: Path) -> ParsedStyles:
             rejects.append(Reject(line_number, fields[0].strip(), "bad_encoding",
                                    f"{column} holds U+FFFD, a character lost to a wrong decoding upstream", raw))
         else:
+            for i in few_valued:
+                fields[i] = shared.setdefault(fields[i], fields[i])
             records.append(StyleRecord(line_number, raw, dict(zip(header, fields, strict=True))))
-    return ParsedStyles(records, rejects, len(lines) - 1, encoding, cp1252_lines)
+    encoding = "utf-8-sig" if bom else "utf-8"
+    if cp1252_lines:
+        encoding += " with cp1252 fallback"
+        log.warning("%s: %d lines are not valid UTF-8 and were read as cp1252", path, cp1252_lines)
+    lines_read = line_number - 1 if first is not None else 0
+    return ParsedStyles(records, rejects, lines_read, encoding, cp1252_lines)

@@ -193,7 +193,8 @@ def _duplicate_groups(hashes: pd.Series) -> pd.Series:
 
 
 def _write_rejects(rejects: list[Reject], path: Path) -> None:
-    frame = pd.DataFrame([r.__dict__ for r in rejects], columns=list(REJECT_COLUMNS))
+    rows = [{name: getattr(r, name) for name in REJECT_COLUMNS} for r in rejects]
+    frame = pd.DataFrame(rows, columns=list(REJECT_COLUMNS))
     with atomic_path(path) as tmp:
         frame.to_csv(tmp, index=False, lineterminator="\n")
 

@@ -1,0 +1,99 @@
+"""Time and peak memory against the size of the work (issue 20): `validate` (metadata only) of a styles.csv of the
+real file's 44,446 lines and of 1,000,000 lines (the real lines repeated with fresh ids), each in a fresh process.
+
+Run: .venv/bin/python benchmarks/scale.py [--lines 44446 1000000] [--styles PATH]
+PATH defaults to $FASHION_TAGGER_REAL_DATA/styles.csv, else ../shared/data/fashion-real/styles.csv, else a generated
+styles.csv (data.synthetic). Prints a markdown table: seconds, peak resident memory, and time per line against the
+smallest size (1.0 = linear; the target is within 1.3x).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+VALIDATE = """
+import sys
+from fashion_tagger.core.config import load_config
+from fashion_tagger.data.validate import validate_dataset
+config = load_config(None, ["data.metadata_only=true", "data.max_reject_fraction=1.0"])
+result = validate_dataset(sys.argv[1], sys.argv[2], config)
+print(result.lines_read, result.rows_clean, result.rows_rejected)
+"""
+
+
+def real_styles() -> Path | None:
+    for folder in (os.environ.get("FASHION_TAGGER_REAL_DATA"), REPO.parent / "shared" / "data" / "fashion-real"):
+        if folder and (Path(folder) / "styles.csv").is_file():
+            return Path(folder) / "styles.csv"
+    return None
+
+
+def generated_styles(work: Path) -> Path:
+    from fashion_tagger.data.synthetic.generator import generate_dataset
+
+    return generate_dataset(work / "generated", rows=2_000, seed=0).out_dir / "styles.csv"  # its lines, repeated
+
+
+def repeat_lines(source: Path, lines: int, out: Path) -> Path:
+    """LINES data lines: SOURCE's, repeated as often as needed, each with a fresh id (1, 2, ...)."""
+    header, *body = source.read_bytes().splitlines(keepends=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "wb") as fh:
+        fh.write(header)
+        written = 0
+        while written < lines:
+            for line in body[: lines - written]:
+                _, comma, rest = line.partition(b",")
+                written += 1
+                fh.write(str(written).encode() + comma + rest if comma else line)
+    return out
+
+
+def run_child(code: str, *args: str) -> tuple[float, float, str]:
+    """Seconds and peak resident memory (MB) of `python -c CODE ARGS` in a fresh process, and its output."""
+    started = time.perf_counter()
+    child = subprocess.Popen([sys.executable, "-c", code, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, cwd=REPO)
+    out, err = child.communicate()
+    seconds = time.perf_counter() - started
+    if child.returncode:
+        raise SystemExit(f"{args} failed:\n{err[-3000:]}")
+    # ru_maxrss of the children waited for so far: the largest, so measure sizes from small to large.
+    peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    return seconds, peak_mb, out.strip()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lines", type=int, nargs="+", default=[44_446, 1_000_000])
+    parser.add_argument("--styles", type=Path, help="the styles.csv whose lines are repeated (default: the real one)")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="bench-scale-") as tmp:
+        work = Path(tmp)
+        source = args.styles or real_styles() or generated_styles(work)
+        rows = []
+        for lines in sorted(args.lines):
+            raw = repeat_lines(source, lines, work / f"raw-{lines}" / "styles.csv").parent
+            seconds, peak, out = run_child(VALIDATE, str(raw), str(work / f"out-{lines}"))
+            rows.append((lines, seconds, peak, out))
+            print(f"validate {lines:,} lines: {seconds:.1f} s, peak {peak:,.0f} MB ({out})", flush=True)
+    base_lines, base_seconds = rows[0][0], rows[0][1]
+    print(f"\nvalidate, metadata only, lines of {source.name} ({source}); {os.cpu_count()} CPUs\n")
+    print("| lines | seconds | peak memory (MB) | time per line vs the smallest |")
+    print("| ---: | ---: | ---: | ---: |")
+    for lines, seconds, peak, _ in rows:
+        print(f"| {lines:,} | {seconds:.1f} | {peak:,.0f} | {(seconds / lines) / (base_seconds / base_lines):.2f} |")
+
+
+if __name__ == "__main__":
+    main()
