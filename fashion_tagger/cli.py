@@ -6,6 +6,7 @@ imported inside the commands so that `fashion-tagger --help` stays fast.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import sys
@@ -16,7 +17,8 @@ from typing import Annotated, Any
 import typer
 
 from fashion_tagger.core.config import load_config
-from fashion_tagger.core.errors import FashionTaggerError
+from fashion_tagger.core.errors import FashionTaggerError, ScratchFullError
+from fashion_tagger.core.layout import SCRATCH_ENV
 from fashion_tagger.runs.stage_registry import stage_names, stages
 
 app = typer.Typer(
@@ -229,7 +231,15 @@ def main() -> None:
     """The error contract (errors.py): an error we understand is one line and its exit code (2: bad input,
     75: transient, worth a retry); `--verbose` adds its traceback. Anything else is a bug and shows one."""
     try:
-        app()
+        try:
+            app()
+        except OSError as exc:
+            if exc.errno != errno.ENOSPC:
+                raise
+            where = f" writing {exc.filename}" if exc.filename else ""
+            raise ScratchFullError(f"no space left on the device{where}: free space there (a scratch folder, "
+                                   f"{SCRATCH_ENV}, is a cache that may be emptied between tasks); a retry "
+                                   "continues from what was complete") from exc
     except FashionTaggerError as exc:
         if _verbose:
             traceback.print_exc()

@@ -457,3 +457,20 @@ def test_fetch_counts_the_lines_validate_reads_whatever_the_line_ending(ending, 
     validated = validate_dataset(fetched.raw_dir, tmp_path / "out",
                                  load_config(None, ["data.min_rows=1", "images.workers=1"]))
     assert fetched.rows == validated.lines_read == validated.rows_clean == 2
+
+
+def test_a_full_disk_anywhere_is_one_transient_line_naming_the_file(monkeypatch, capsys):
+    import errno
+
+    from fashion_tagger.core import config_sources
+
+    def full(*_args, **_kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", "/scratch/homes/h/runs/r/train/last.ckpt")
+
+    monkeypatch.setattr(config_sources, "preset_names", full)
+    code, _, err = run_cli(monkeypatch, capsys, "presets")
+    assert code == 75 and "Traceback" not in err, err
+    lines = [text for text in err.splitlines() if text.startswith("error:")]
+    assert lines == ["error: no space left on the device writing /scratch/homes/h/runs/r/train/last.ckpt: free "
+                     "space there (a scratch folder, FASHION_TAGGER_SCRATCH, is a cache that may be emptied between "
+                     "tasks); a retry continues from what was complete"], err

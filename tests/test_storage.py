@@ -412,3 +412,48 @@ def test_a_packed_folder_is_a_few_objects_and_unpacks_to_the_same_files(store, t
 
     stage_in(store, "raw/fashion", into, scratch=scratch)  # a later stage on the same machine
     assert unpack_staged(into) == 0 and (into / "styles.csv").is_file()
+
+
+def test_a_full_scratch_folder_is_a_transient_error_naming_it_and_the_retry_succeeds(store, tmp_path, monkeypatch):
+    """Too little space is found before anything is downloaded; running out mid-write (ENOSPC injected at the
+    write) leaves no partial file; once there is room the same stage-in succeeds."""
+    import errno
+    import shutil
+
+    from fashion_tagger.core import io as core_io
+    from fashion_tagger.core.errors import ScratchFullError
+    from fashion_tagger.storage import scratch as scratch_module
+
+    publish(store, _tree(tmp_path / "split", OUTPUTS), "runs/r1/split")
+    scratch, into = tmp_path / "scratch", tmp_path / "into"
+    real_usage = shutil.disk_usage
+    monkeypatch.setattr(scratch_module.shutil, "disk_usage", lambda path: real_usage(path)._replace(free=1_000_000))
+    with pytest.raises(ScratchFullError, match=rf"the scratch folder {scratch} has 1\.0 MB free, and staging in "
+                                               r"\S+runs/r1/split needs 67\.1 MB .*point FASHION_TAGGER_SCRATCH at a "
+                                               r"larger disk") as full:
+        stage_in(store, "runs/r1/split", into, scratch=scratch)
+    assert full.value.exit_code == 75 and "\n" not in str(full.value)
+    assert not into.exists() and not list(scratch.rglob("*.*"))
+    monkeypatch.setattr(scratch_module.shutil, "disk_usage", real_usage)
+
+    real_download = store.download
+    calls = []
+
+    def disk_fills_up(key: str, dest: Path) -> Path:
+        calls.append(key)
+        if len(calls) == 2:
+            with core_io.atomic_path(dest) as tmp:
+                tmp.write_bytes(b"half of it")
+                raise OSError(errno.ENOSPC, "No space left on device")
+        return real_download(key, dest)
+
+    monkeypatch.setattr(store, "download", disk_fills_up)
+    with pytest.raises(ScratchFullError, match=rf"the scratch folder {scratch} ran out of space while staging in"):
+        stage_in(store, "runs/r1/split", into, scratch=scratch)
+    cached = [p for p in scratch.rglob("*") if p.is_file()]
+    assert all(not p.name.startswith(".") for p in cached), cached  # no temporary left behind
+    assert all(hashlib.sha256(p.read_bytes()).hexdigest() == p.name for p in cached)  # nothing corrupt cached
+
+    monkeypatch.setattr(store, "download", real_download)
+    again = stage_in(store, "runs/r1/split", into, scratch=scratch)
+    assert again.files == 3 and all((into / name).read_bytes() == data for name, data in OUTPUTS.items())

@@ -55,6 +55,10 @@ class SourceUnavailableError(TransientError):
     """A dataset source that did not answer or broke off (network, Kaggle, S3): retried."""
 
 
+class ScratchFullError(TransientError):
+    """A worker's scratch folder without the space a stage needs: retried, and a retry succeeds once there is."""
+
+
 class RunError(BadInputError):
     """A run folder that is missing, incomplete for the stage asked, or busy with another process."""
 

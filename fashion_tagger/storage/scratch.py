@@ -4,6 +4,7 @@ checked by its hash on every use, and hard-linked into the folder a stage reads.
 
 from __future__ import annotations
 
+import errno
 import os
 import secrets
 import shutil
@@ -13,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fashion_tagger.core import io
-from fashion_tagger.core.errors import SourceUnavailableError
+from fashion_tagger.core.errors import ScratchFullError, SourceUnavailableError
 from fashion_tagger.core.layout import SCRATCH_ENV, scratch_root
 from fashion_tagger.storage.base import Store, join_key
 from fashion_tagger.storage.publish import ManifestEntry, read_manifest
@@ -48,6 +49,8 @@ def stage_in(store: Store, prefix: str, into: Path, *, scratch: Path | None = No
     scratch = Path(scratch) if scratch is not None else scratch_root()
     into = Path(into)
     manifest = read_manifest(store, prefix)
+    _check_space(scratch, sum(entry.size for entry in manifest.values()
+                              if not object_path(scratch, entry.sha256).is_file()), store.url(prefix))
 
     def fetch(item: tuple[str, ManifestEntry]) -> bool:
         name, entry = item
@@ -59,13 +62,38 @@ def stage_in(store: Store, prefix: str, into: Path, *, scratch: Path | None = No
         return downloaded
 
     items = sorted(manifest.items())
-    with ThreadPoolExecutor(store.transfer_threads) as pool:
-        downloaded = [entry.size for (_, entry), fetched in zip(items, pool.map(fetch, items), strict=True) if fetched]
+    try:
+        with ThreadPoolExecutor(store.transfer_threads) as pool:
+            fetched = list(pool.map(fetch, items))
+    except OSError as exc:
+        if exc.errno != errno.ENOSPC:
+            raise
+        total = sum(entry.size for entry in manifest.values()) / 1e6
+        raise ScratchFullError(f"the scratch folder {scratch} ran out of space while staging in {store.url(prefix)} "
+                               f"({total:,.1f} MB in all): {SPACE_HINT}") from None
+    downloaded = [entry.size for (_, entry), was in zip(items, fetched, strict=True) if was]
     return StageInResult(
         into=into, url=store.url(prefix), files=len(items), downloads=len(downloaded),
         cache_hits=len(items) - len(downloaded), bytes_downloaded=sum(downloaded),
         seconds=round(time.perf_counter() - started, 3),
     )
+
+
+SPACE_HINT = (f"free space there (it is a cache: anything in it may be deleted between tasks) or point "
+              f"{SCRATCH_ENV} at a larger disk; the task's retry continues once there is room")
+SPACE_MARGIN = 64 << 20  # left free beside what is staged in: the stage writes its own outputs there too
+
+
+def _check_space(scratch: Path, needed: int, what: str) -> None:
+    """A ScratchFullError naming SCRATCH and the space NEEDED for WHAT when its filesystem has less free."""
+    if needed <= 0:
+        return
+    scratch.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(scratch).free
+    if free < needed + SPACE_MARGIN:
+        raise ScratchFullError(f"the scratch folder {scratch} has {free / 1e6:,.1f} MB free, and staging in {what} "
+                               f"needs {(needed + SPACE_MARGIN) / 1e6:,.1f} MB (its {needed / 1e6:,.1f} MB not yet "
+                               f"cached, and {SPACE_MARGIN >> 20} MB for the stage's outputs): {SPACE_HINT}")
 
 
 def _is_intact(cached: Path, entry: ManifestEntry) -> bool:
