@@ -182,7 +182,7 @@ def weights(
     """Write ImageNet weights as a safetensors file for model.pretrained_path."""
     from fashion_tagger.model.weights import write_weights
 
-    _emit(write_weights(source, load_config(config, set_).home_dir, out=out, force=force))
+    _emit(write_weights(source, load_config(config, set_).layout, out=out, force=force))
 
 
 @app.command("run", help=(

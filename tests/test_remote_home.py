@@ -108,3 +108,36 @@ def test_every_stage_on_another_machine_finds_what_the_others_published(remote_h
         result = run_stage(open_run(second.id), stage)
     assert result["written"] == 0 and result["cached"] == result["images"]
     assert len([k for k in store.list("cache") if k.endswith("/shards.json")]) == 1
+
+
+def test_offline_weights_written_on_one_machine_are_found_by_name_on_another(remote_home, tmp_path, monkeypatch,
+                                                                             caplog):
+    import hashlib
+    import logging
+
+    from fashion_tagger.model.weights import WeightsError, resolve_pretrained_path, write_weights
+
+    name = "tf_efficientnet_lite0.imagenet.safetensors"
+    _new_machine(tmp_path, monkeypatch, "connected")
+    written = write_weights("imagenet-lite0", load_config(None).layout)
+    assert written.pretrained_path == f"weights:{name}" and written.created
+    store = open_store(remote_home)
+    assert store.exists(f"weights/{name}")
+    digest = hashlib.sha256(written.path.read_bytes()).hexdigest()
+
+    _new_machine(tmp_path, monkeypatch, "air-gapped")
+    config = load_config("demo", [f"model.pretrained_path=weights:{name}"])
+    path = resolve_pretrained_path(config.model.pretrained_path, config.model.backbone, config.layout)
+    assert path.startswith(str(tmp_path / "scratch-air-gapped")) and hashlib.sha256(
+        open(path, "rb").read()).hexdigest() == digest
+
+    _new_machine(tmp_path, monkeypatch, "worker")  # the named source is fetched, not converted again
+    with caplog.at_level(logging.INFO, logger="fashion_tagger.model.weights"):
+        path = resolve_pretrained_path("imagenet-lite0", "tf_efficientnet_lite0", load_config(None).layout)
+    assert "converting" not in caplog.text and hashlib.sha256(open(path, "rb").read()).hexdigest() == digest
+
+    with pytest.raises(WeightsError, match="model.pretrained_path weights:nope.safetensors: nope.safetensors is not "
+                                           "in the home's weights .*`fashion-tagger weights TIMM_NAME`"):
+        resolve_pretrained_path("weights:nope.safetensors", "efficientnet_b3", load_config(None).layout)
+    with pytest.raises(ConfigError, match="give weights:<file name> of a file in the home's weights/ folder"):
+        load_config("demo", ["model.pretrained_path=weights:../etc/passwd"])

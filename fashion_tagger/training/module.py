@@ -131,7 +131,7 @@ def build_model(config: Config, label_space: LabelSpace, *, pretrained: bool) ->
     load = pretrained and m.pretrained
     return build_network(
         m.model_dump(), label_space.num_classes, pretrained=load,
-        pretrained_path=resolve_pretrained_path(m.pretrained_path, m.backbone, config.home_dir) if load else None,
+        pretrained_path=resolve_pretrained_path(m.pretrained_path, m.backbone, config.layout) if load else None,
     )
 
 
