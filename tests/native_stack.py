@@ -26,7 +26,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -102,9 +102,17 @@ class Service:
     popen: subprocess.Popen
     log: Path
     stop_signal: int = signal.SIGTERM
+    cmd: list[str] = field(default_factory=list)  # how it was started: what `restart` and `revive` start again
+    env: dict[str, str] = field(default_factory=dict)
+    user: str | None = None
 
     def running(self) -> bool:
         return self.popen.poll() is None
+
+
+# The long-running services docker-compose.yaml gives `restart: always`: `revive` starts again any that exited.
+RESTART_ALWAYS = ("airflow-api-server", "airflow-scheduler", "airflow-dag-processor", "mlflow",
+                  *(f"airflow-worker-{queue}" for queue in WORKER_QUEUES.values()))
 
 
 class NativeStack:
@@ -279,9 +287,55 @@ class NativeStack:
                 cmd, env=env, cwd=self.root, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 start_new_session=True, user=user,
             )
-        service = Service(name, popen, log, stop_signal)
+        service = Service(name, popen, log, stop_signal, list(cmd), dict(env), user)
         self.services.append(service)
         return service
+
+    # --- faults ---------------------------------------------------------------------------------------
+    def service(self, name: str) -> Service:
+        found = [s for s in self.services if s.name == name]
+        if not found:
+            raise StackError(f"no service {name!r}: {[s.name for s in self.services]}")
+        return found[-1]
+
+    def _respawn(self, old: Service) -> Service:
+        self.services.remove(old)
+        new = self._spawn(old.name, old.cmd, old.env, user=old.user, stop_signal=old.stop_signal)
+        for attribute, value in list(vars(self).items()):  # self.postgres, self.redis, ... follow the new process
+            if value is old:
+                setattr(self, attribute, new)
+        for host, worker in list(getattr(self, "workers", {}).items()):
+            if worker is old:
+                self.workers[host] = new
+        return new
+
+    def restart(self, name: str, *, down_s: float = 0.0, timeout: float = 30) -> Service:
+        """Stop service NAME as its supervisor would (its stop signal, then SIGKILL after TIMEOUT), leave it down
+        for DOWN_S seconds, and start it again with the same command."""
+        old = self.service(name)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(old.popen.pid, old.stop_signal)
+        try:
+            old.popen.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(old.popen.pid, signal.SIGKILL)
+            old.popen.wait()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(old.popen.pid, signal.SIGKILL)  # what the group left behind
+        time.sleep(down_s)
+        with old.log.open("a") as out:
+            out.write(f"\n--- restarted after {down_s:g}s down\n")
+        return self._respawn(old)
+
+    def revive(self) -> list[str]:
+        """Start again every RESTART_ALWAYS service that exited (`restart: always` in docker-compose.yaml)."""
+        revived = []
+        for service in [s for s in self.services if s.name in RESTART_ALWAYS and not s.running()]:
+            with service.log.open("a") as out:
+                out.write(f"\n--- exited with {service.popen.returncode}; started again (restart: always)\n")
+            self._respawn(service)
+            revived.append(service.name)
+        return revived
 
     def _run(self, name: str, cmd: list[str], env: dict[str, str] | None = None, *, user: str | None = None,
              timeout: float = 120) -> None:
@@ -358,7 +412,9 @@ class NativeStack:
         redis_dir.mkdir()
         self.redis = self._spawn("redis", [
             shutil.which("redis-server"), "--bind", "127.0.0.1", "--port", str(self.ports["redis"]),
-            "--requirepass", self.secrets["redis"], "--save", "", "--appendonly", "no", "--dir", str(redis_dir),
+            "--requirepass", self.secrets["redis"], "--appendonly", "no", "--dir", str(redis_dir),
+            # Saved on shutdown, like the compose service's defaults: a restart keeps Celery's queued tasks.
+            "--save", "3600 1",
         ], self.base_env())
 
     def _start_s3(self) -> None:

@@ -473,3 +473,36 @@ def test_two_runs_at_once_on_a_new_dataset_fetch_and_prepare_it_once(stack, monk
     for entry in registered:
         mine = [v for v in client.search_model_versions(f"name='{name}'") if v.run_id == entry["run_id"]]
         assert [v.version for v in mine] == [str(entry["version"])], (entry, mine)
+
+
+def test_a_run_completes_through_a_postgresql_and_a_redis_restart(stack):
+    """PostgreSQL (Airflow's, MLflow's and the coordination database) restarted while `validate_dataset` runs and
+    Redis (Celery's broker) while `train_model` runs, each down for a few seconds; services that exit are started
+    again as `restart: always` does. The run completes, through task retries if it needs them."""
+    started = time.monotonic()
+    deadline = started + RUN_TIMEOUT_S
+    run_id = _trigger(stack, SMOKE_PARAMS | {"source": "synthetic:350"}, deadline)
+    faults, done, events, state, tis = {"postgres": "validate_dataset", "redis": "train_model"}, {}, [], "queued", {}
+    while time.monotonic() < deadline:
+        if revived := stack.revive():
+            events.append((round(time.monotonic() - started), "started again", revived))
+        try:
+            tis = _task_instances(stack, run_id)
+            state = stack.api("GET", f"dags/{DAG_ID}/dagRuns/{run_id}")["state"]
+        except Exception as exc:  # the API server waits for its database too
+            events.append((round(time.monotonic() - started), "API", type(exc).__name__))
+            time.sleep(2)
+            continue
+        for service, task_id in faults.items():
+            if service not in done and tis.get(task_id, {}).get("state") == "running":
+                stack.restart(service, down_s=3)
+                done[service] = task_id
+                events.append((round(time.monotonic() - started), f"restarted {service}", task_id))
+        if state in ("success", "failed") or any(ti["state"] in ("failed", "upstream_failed") for ti in tis.values()):
+            break
+        time.sleep(2)
+    summary = _summary(tis)
+    if state != "success":
+        pytest.fail(f"DAG run {run_id} ended {state!r}: {summary}; events {events}\n{stack.diagnostics()}")
+    print(f"\nDAG run through the restarts in {time.monotonic() - started:.0f}s: {summary}; events {events}")
+    assert done == faults, events
