@@ -309,9 +309,9 @@ class NativeStack:
                 self.workers[host] = new
         return new
 
-    def restart(self, name: str, *, down_s: float = 0.0, timeout: float = 30) -> Service:
-        """Stop service NAME as its supervisor would (its stop signal, then SIGKILL after TIMEOUT), leave it down
-        for DOWN_S seconds, and start it again with the same command."""
+    def down(self, name: str, *, timeout: float = 30) -> Service:
+        """Stop service NAME as its supervisor would: its stop signal, then SIGKILL after TIMEOUT (and for whatever
+        its process group left behind). `up` starts it again."""
         old = self.service(name)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(old.popen.pid, old.stop_signal)
@@ -321,11 +321,25 @@ class NativeStack:
             os.killpg(old.popen.pid, signal.SIGKILL)
             old.popen.wait()
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(old.popen.pid, signal.SIGKILL)  # what the group left behind
-        time.sleep(down_s)
+            os.killpg(old.popen.pid, signal.SIGKILL)
         with old.log.open("a") as out:
-            out.write(f"\n--- restarted after {down_s:g}s down\n")
+            out.write("\n--- stopped (fault injected)\n")
+        return old
+
+    def up(self, name: str) -> Service:
+        """Start the stopped service NAME again with the command it was started with."""
+        old = self.service(name)
+        if old.running():
+            raise StackError(f"{name} is running: stop it with down() first")
+        with old.log.open("a") as out:
+            out.write("\n--- started again\n")
         return self._respawn(old)
+
+    def restart(self, name: str, *, down_s: float = 0.0, timeout: float = 30) -> Service:
+        """`down`, DOWN_S seconds, `up`."""
+        self.down(name, timeout=timeout)
+        time.sleep(down_s)
+        return self.up(name)
 
     def revive(self) -> list[str]:
         """Start again every RESTART_ALWAYS service that exited (`restart: always` in docker-compose.yaml)."""
@@ -484,6 +498,7 @@ class NativeStack:
             "FASHION_TAGGER_MAX_ACTIVE_RUNS": str(MAX_ACTIVE_RUNS),
             "FASHION_TAGGER_TASK_RETRY_DELAY_S": str(RETRY_DELAY_S),
             "MLFLOW_TRACKING_URI": self.mlflow_url,
+            "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3",  # as docker-compose.yaml: a task fails fast, Airflow retries it
         }
 
     @property

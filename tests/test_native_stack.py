@@ -506,3 +506,47 @@ def test_a_run_completes_through_a_postgresql_and_a_redis_restart(stack):
         pytest.fail(f"DAG run {run_id} ended {state!r}: {summary}; events {events}\n{stack.diagnostics()}")
     print(f"\nDAG run through the restarts in {time.monotonic() - started:.0f}s: {summary}; events {events}")
     assert done == faults, events
+
+
+def test_register_retries_while_the_mlflow_server_is_down_and_registers_one_version(stack, monkeypatch):
+    """The MLflow server stopped as `register_model` is about to run: the task fails with the transient error
+    (exit code 75 in its log), Airflow retries it, and once the server is back exactly one version is registered."""
+    from mlflow import MlflowClient
+
+    started = time.monotonic()
+    deadline = started + RUN_TIMEOUT_S
+    run_id = _trigger(stack, SMOKE_PARAMS | {"source": "synthetic:320"}, deadline)
+    stopped = restarted = None
+    state, tis = "queued", {}
+    while time.monotonic() < deadline:
+        tis = _task_instances(stack, run_id)
+        state = stack.api("GET", f"dags/{DAG_ID}/dagRuns/{run_id}")["state"]
+        register = tis.get("register_model", {})
+        if stopped is None and tis.get("evaluate_model", {}).get("state") == "success":
+            stack.down("mlflow")
+            stopped = round(time.monotonic() - started)
+        if stopped is not None and restarted is None and register.get("state") == "up_for_retry":
+            stack.up("mlflow")
+            restarted = round(time.monotonic() - started)
+        if state in ("success", "failed") or any(ti["state"] in ("failed", "upstream_failed") for ti in tis.values()):
+            break
+        time.sleep(1)
+    summary = _summary(tis)
+    if restarted is None and not stack.service("mlflow").running():
+        stack.up("mlflow")  # for the tests after this one
+    if state != "success":
+        pytest.fail(f"DAG run {run_id} ended {state!r}: {summary}; mlflow down at {stopped}s, up at {restarted}s\n"
+                    f"{stack.diagnostics()}")
+    print(f"\nDAG run succeeded in {time.monotonic() - started:.0f}s with the MLflow server down from {stopped}s to "
+          f"{restarted}s: {summary}")
+    assert restarted is not None and tis["register_model"]["try_number"] >= 2, summary
+    first = _task_log(stack, run_id, "register_model", 1)
+    assert re.search(r"the MLflow tracking server \S+ did not answer", first), first[-3000:]
+
+    registered = _xcom(stack, run_id, "register_model")
+    for key, value in stack.mlflow_env(MLFLOW_READER).items():
+        monkeypatch.setenv(key, value)
+    client = MlflowClient(tracking_uri=stack.mlflow_url)
+    mine = [v for v in client.search_model_versions(f"name='{registered['model_name']}'")
+            if v.run_id == registered["run_id"]]
+    assert [v.version for v in mine] == [str(registered["version"])], mine

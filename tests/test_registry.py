@@ -345,3 +345,22 @@ def test_the_tag_keys_of_runs_and_versions_are_a_published_interface():
         "TAG_CODE_VERSION": "fashion_tagger.code_version", "TAG_GIT_COMMIT": "fashion_tagger.git_commit",
         "TAG_AIRFLOW_RUN_ID": "airflow.dag_run_id", "TAG_RUN_DIR": "fashion_tagger.run_dir",
     }
+
+
+def test_a_tracking_server_that_does_not_answer_is_transient_and_a_refusal_is_not(tmp_path, monkeypatch):
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+    from native_stack import free_port
+
+    from fashion_tagger.core.errors import ModelUnavailableError
+    from fashion_tagger.core.tracking import unanswered_is_transient
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    with pytest.raises(ModelUnavailableError, match=rf"the MLflow tracking server {uri} did not answer \(.*\); "
+                                                    "retry once it is up") as caught, unanswered_is_transient(uri):
+        MlflowClient(uri).search_experiments()
+    assert caught.value.exit_code == 75 and "\n" not in str(caught.value)
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    with pytest.raises(MlflowException, match="No Experiment with id=424242"), unanswered_is_transient(store):
+        MlflowClient(store).get_experiment("424242")

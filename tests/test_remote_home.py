@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shutil
 import uuid
+from pathlib import Path
 
 import pytest
 from moto_server import MOTO_ENV, moto_s3_server
@@ -128,13 +129,13 @@ def test_offline_weights_written_on_one_machine_are_found_by_name_on_another(rem
     _new_machine(tmp_path, monkeypatch, "air-gapped")
     config = load_config("demo", [f"model.pretrained_path=weights:{name}"])
     path = resolve_pretrained_path(config.model.pretrained_path, config.model.backbone, config.layout)
-    assert path.startswith(str(tmp_path / "scratch-air-gapped")) and hashlib.sha256(
-        open(path, "rb").read()).hexdigest() == digest
+    assert path.startswith(str(tmp_path / "scratch-air-gapped"))
+    assert hashlib.sha256(Path(path).read_bytes()).hexdigest() == digest
 
     _new_machine(tmp_path, monkeypatch, "worker")  # the named source is fetched, not converted again
     with caplog.at_level(logging.INFO, logger="fashion_tagger.model.weights"):
         path = resolve_pretrained_path("imagenet-lite0", "tf_efficientnet_lite0", load_config(None).layout)
-    assert "converting" not in caplog.text and hashlib.sha256(open(path, "rb").read()).hexdigest() == digest
+    assert "converting" not in caplog.text and hashlib.sha256(Path(path).read_bytes()).hexdigest() == digest
 
     with pytest.raises(WeightsError, match="model.pretrained_path weights:nope.safetensors: nope.safetensors is not "
                                            "in the home's weights .*`fashion-tagger weights TIMM_NAME`"):

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from fashion_tagger import __version__
 from fashion_tagger.core.config import Config, config_to_flat_dict
+from fashion_tagger.core.errors import ModelUnavailableError, first_line
 from fashion_tagger.core.io import read_json, write_json
 from fashion_tagger.core.layout import SplitDir, TrainDir
 
@@ -84,6 +85,29 @@ def artifact_location(config: Config, experiment: str | None = None) -> str | No
 
 def _slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-") or "default"
+
+
+# What MLflow's client says when the server did not answer (its own retries spent), as opposed to a refusal.
+_UNANSWERED = ("Max retries exceeded", "Connection refused", "Failed to establish a new connection",
+               "RemoteDisconnected", "Connection aborted", "Read timed out", "too many 502 error responses",
+               "too many 503 error responses", "too many 504 error responses")
+
+
+@contextlib.contextmanager
+def unanswered_is_transient(uri: str) -> Iterator[None]:
+    """A tracking server that does not answer, in the error contract's terms: a transient `ModelUnavailableError`
+    naming URI (a task retries once the server is back); anything else MLflow raises passes through."""
+    import requests
+    from mlflow.exceptions import MlflowException
+
+    try:
+        yield
+    except (MlflowException, requests.exceptions.ConnectionError) as exc:
+        text = str(exc)
+        if isinstance(exc, MlflowException) and not any(marker in text for marker in _UNANSWERED):
+            raise
+        raise ModelUnavailableError(f"the MLflow tracking server {uri} did not answer "
+                                    f"({first_line(exc)[:300]}); retry once it is up") from exc
 
 
 @contextlib.contextmanager

@@ -158,10 +158,13 @@ def evaluate(run: Run) -> StageResult:
     """,
 )
 def register(run: Run) -> StageResult:
-    """Register the model in MLflow and apply the promotion gate."""
+    """Register the model in MLflow and apply the promotion gate; a tracking server that does not answer is a
+    transient error (the task retries, and registering again is a no-op for a version already registered)."""
+    from fashion_tagger.core.tracking import tracking_uri, unanswered_is_transient
     from fashion_tagger.registry.register import register_run
 
-    return register_run(run.layout.train.dir, run.config)
+    with unanswered_is_transient(tracking_uri(run.config)):
+        return register_run(run.layout.train.dir, run.config)
 
 
 def retrain_stages() -> tuple[str, ...]:
