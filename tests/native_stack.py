@@ -139,6 +139,7 @@ class NativeStack:
         # 64 bytes: Airflow signs with HS512, and PyJWT warns about shorter keys.
         self.secrets["jwt"] = secrets.token_hex(32)
         self.services: list[Service] = []
+        self.held_down: set[str] = set()  # services a test stopped on purpose (`down`)
         self.timings: dict[str, float] = {}
         self._token: str | None = None
         self._stopped = False
@@ -324,6 +325,7 @@ class NativeStack:
             os.killpg(old.popen.pid, signal.SIGKILL)
         with old.log.open("a") as out:
             out.write("\n--- stopped (fault injected)\n")
+        self.held_down.add(name)  # not `revive`d: it stays down until `up`
         return old
 
     def up(self, name: str) -> Service:
@@ -333,6 +335,7 @@ class NativeStack:
             raise StackError(f"{name} is running: stop it with down() first")
         with old.log.open("a") as out:
             out.write("\n--- started again\n")
+        self.held_down.discard(name)
         return self._respawn(old)
 
     def restart(self, name: str, *, down_s: float = 0.0, timeout: float = 30) -> Service:
@@ -344,7 +347,8 @@ class NativeStack:
     def revive(self) -> list[str]:
         """Start again every RESTART_ALWAYS service that exited (`restart: always` in docker-compose.yaml)."""
         revived = []
-        for service in [s for s in self.services if s.name in RESTART_ALWAYS and not s.running()]:
+        for service in [s for s in self.services
+                        if s.name in RESTART_ALWAYS and s.name not in self.held_down and not s.running()]:
             with service.log.open("a") as out:
                 out.write(f"\n--- exited with {service.popen.returncode}; started again (restart: always)\n")
             self._respawn(service)
