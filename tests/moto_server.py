@@ -23,6 +23,33 @@ MOTO_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", 
 
 
 @contextlib.contextmanager
+def _served(popen: subprocess.Popen, what: str, health_url: str, log: Path, timeout: float, *,
+            poll_s: float, stop_s: float) -> Iterator[None]:
+    """Wait until HEALTH_URL answers (an error with LOG's tail if POPEN exits or TIMEOUT passes), then, on exit,
+    stop POPEN's process group: SIGTERM, SIGKILL after STOP_S seconds."""
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if popen.poll() is not None:
+                raise RuntimeError(f"{what} exited with {popen.returncode}:\n{log_tail(log)}")
+            with contextlib.suppress(requests.RequestException):
+                if requests.get(health_url, timeout=2).ok:
+                    break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{what} did not answer within {timeout:.0f}s:\n{log_tail(log)}")
+            time.sleep(poll_s)
+        yield
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(popen.pid, signal.SIGTERM)
+        try:
+            popen.wait(timeout=stop_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(popen.pid, signal.SIGKILL)
+            popen.wait()
+
+
+@contextlib.contextmanager
 def moto_s3_server(timeout: float = 30) -> Iterator[str]:
     """Start `python -m moto.server` on 127.0.0.1, yield its endpoint URL once it answers, stop it on exit."""
     port = free_port()
@@ -36,25 +63,9 @@ def moto_s3_server(timeout: float = 30) -> Iterator[str]:
     os.close(fd)
     endpoint = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if popen.poll() is not None:
-                raise RuntimeError(f"moto's server exited with {popen.returncode}:\n{log_tail(log)}")
-            with contextlib.suppress(requests.RequestException):
-                if requests.get(f"{endpoint}/moto-api/", timeout=2).ok:
-                    break
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"moto's server did not answer within {timeout:.0f}s:\n{log_tail(log)}")
-            time.sleep(0.2)
-        yield endpoint
+        with _served(popen, "moto's server", f"{endpoint}/moto-api/", log, timeout, poll_s=0.2, stop_s=10):
+            yield endpoint
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(popen.pid, signal.SIGTERM)
-        try:
-            popen.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.killpg(popen.pid, signal.SIGKILL)
-            popen.wait()
         log.unlink(missing_ok=True)
 
 
@@ -73,23 +84,5 @@ def mlflow_server(root: Path, backend: str, *, artifacts: str | None = None, env
         popen = subprocess.Popen(cmd, env=env if env is not None else dict(os.environ), stdout=out,
                                  stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if popen.poll() is not None:
-                raise RuntimeError(f"the MLflow server exited with {popen.returncode}:\n{log_tail(log)}")
-            with contextlib.suppress(requests.RequestException):
-                if requests.get(f"{url}/health", timeout=2).ok:
-                    break
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the MLflow server did not answer within {timeout:.0f}s:\n{log_tail(log)}")
-            time.sleep(0.5)
+    with _served(popen, "the MLflow server", f"{url}/health", log, timeout, poll_s=0.5, stop_s=20):
         yield url
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(popen.pid, signal.SIGTERM)
-        try:
-            popen.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(popen.pid, signal.SIGKILL)
-            popen.wait()
