@@ -10,13 +10,15 @@ from datetime import UTC, datetime
 from typing import Any
 
 from airflow.sdk import Param, dag, task
+from airflow.sdk.configuration import conf
 from fashion_tagger_common import ASSETS, DEFAULT_ARGS, GPU_POOL, GPU_QUEUE, errors_follow_the_contract, schedule
 
 from fashion_tagger.orchestration import dag_support, form  # light: the config schema and helpers, no torch/mlflow
-from fashion_tagger.orchestration.kubernetes import gpu_executor_config
+from fashion_tagger.orchestration.kubernetes import gpu_executor_config, runs_pods
 from fashion_tagger.runs.stage_registry import Stage, stages
 
 TRAIN_GPUS = dag_support.train_gpus()
+RUNS_PODS = runs_pods(conf.get("core", "executor", fallback=""))
 
 # Set by the DAG, not by the trigger form: one training process per GPU the task reserves in the pool,
 # and no progress bars, since task logs are files, not terminals.
@@ -70,8 +72,8 @@ def stage_task(stage: Stage):
         options["outlets"] = [ASSETS[stage.outlet]]
     if stage.gpu:
         options |= {"queue": GPU_QUEUE, "pool": GPU_POOL}
-        # The GPU pod under a KubernetesExecutor (Celery ignores it); None when `kubernetes` is not installed.
-        if (executor_config := gpu_executor_config(TRAIN_GPUS if stage.per_device else 1)) is not None:
+        # The GPU pod, only under a KubernetesExecutor; None when `kubernetes` is not installed.
+        if RUNS_PODS and (executor_config := gpu_executor_config(TRAIN_GPUS if stage.per_device else 1)) is not None:
             options["executor_config"] = executor_config
     if stage.per_device:
         options["pool_slots"] = TRAIN_GPUS

@@ -37,6 +37,8 @@ COPY --chown=50000:0 docker/airflow-init.sh /opt/fashion-tagger/docker/airflow-i
 # DAGs are baked in so that a worker on another machine needs nothing but the image;
 # docker-compose.yaml bind-mounts ./dags over them for development.
 COPY --chown=50000:0 dags /opt/airflow/dags
+# Under a KubernetesExecutor: imports the kubernetes client before the API server answers (see the file).
+COPY --chown=50000:0 docker/airflow-plugins /opt/airflow/plugins
 
 # The home (FASHION_TAGGER_HOME=s3://...) and its credentials come from the deployment; this is the local cache.
 ENV FASHION_TAGGER_SCRATCH=/opt/fashion-tagger-scratch

@@ -34,6 +34,8 @@ RUN pip install --no-cache-dir "apache-airflow==${AIRFLOW_VERSION}" "torch==${TO
     && python -c "import torch; assert torch.version.cuda, 'the gpu worker needs a CUDA build of torch'"
 
 COPY --chown=50000:0 dags /opt/airflow/dags
+# Under a KubernetesExecutor: imports the kubernetes client before the API server answers (see the file).
+COPY --chown=50000:0 docker/airflow-plugins /opt/airflow/plugins
 
 # The home (FASHION_TAGGER_HOME=s3://...) and its credentials come from the deployment; this is the local cache.
 ENV FASHION_TAGGER_SCRATCH=/opt/fashion-tagger-scratch \

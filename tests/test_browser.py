@@ -140,10 +140,20 @@ def page(services):
         context = browser.new_context(viewport={"width": 1600, "height": 1000})
         context.set_default_timeout(UI_TIMEOUT_MS)
         page = context.new_page()
+        page.server_errors = []  # (status, url, body) of every 5xx answer, shown when the test fails
+        page.on("response", lambda response: response.status >= 500 and page.server_errors.append(
+            (response.status, response.url, _body(response))))
         try:
             yield page
         finally:
             browser.close()
+
+
+def _body(response) -> str:
+    try:
+        return response.text()[:2000]
+    except sync_api.Error as error:  # e.g. the page navigated away before the body was read
+        return f"(body not read: {error})"
 
 
 def field_group(dialog, title: str):
@@ -227,6 +237,8 @@ def test_trigger_in_airflow_watch_it_succeed_and_find_the_champion_in_mlflow(ser
     except BaseException:
         with suppress(Exception):
             print(f"screenshot of the failure: {shots.take(page, 'failure')}")
+        for status, url, body in page.server_errors[:10]:
+            print(f"the UI got {status} from {url}: {body}")
         raise
     finally:
         print(f"screenshots: {shots.folder}")

@@ -147,6 +147,7 @@ def training_dag(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("FASHION_TAGGER_TRAIN_GPUS", "2")
         mp.setenv("FASHION_TAGGER_K8S_TOLERATIONS", "nvidia.com/gpu:NoSchedule")
+        mp.setenv("AIRFLOW__CORE__EXECUTOR", "KubernetesExecutor")
         mp.setenv("AIRFLOW_HOME", str(tmp_path_factory.mktemp("airflow_home")))
         mp.setenv("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
         from airflow.dag_processing.dagbag import BundleDagBag
@@ -177,6 +178,106 @@ def test_the_pod_override_survives_airflows_serialisation(training_dag):
     assert pod.spec.containers[0].resources.limits == {"nvidia.com/gpu": "2"}
 
 
+@pytest.mark.parametrize(("executors", "pods_"), [
+    ("KubernetesExecutor", True),
+    ("CeleryExecutor,KubernetesExecutor", True),
+    (" CeleryExecutor , airflow.providers.cncf.kubernetes.executors.kubernetes_executor.KubernetesExecutor", True),
+    ("k8s:airflow.providers.cncf.kubernetes.executors.kubernetes_executor.KubernetesExecutor", True),
+    ("CeleryExecutor", False),
+    ("LocalExecutor", False),
+    ("", False),
+    ("my.KubernetesExecutorLike", False),
+])
+def test_runs_pods_reads_every_spelling_of_the_executor_setting(executors, pods_):
+    assert pods.runs_pods(executors) is pods_
+
+
+PARSE = textwrap.dedent(
+    """
+    import json, sys
+    from airflow.dag_processing.dagbag import BundleDagBag
+
+    bag = BundleDagBag(sys.argv[1], bundle_path=sys.argv[1])
+    dag = bag.dags["fashion_tagger_training"]
+    print(json.dumps({"errors": {k: str(v) for k, v in bag.import_errors.items()},
+                      "configs": {t.task_id: bool(t.executor_config) for t in dag.tasks}}))
+    """
+)
+
+
+def _parse(tmp_path, executor: str, script: str = PARSE, *args: Path, plugins: Path | None = None) -> dict:
+    """What SCRIPT prints last (JSON), run on the dags folder in a fresh interpreter under EXECUTOR."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("FASHION_TAGGER_", "AIRFLOW__"))}
+    env |= {"AIRFLOW_HOME": str(tmp_path), "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+            "AIRFLOW__CORE__EXECUTOR": executor, "AIRFLOW__CORE__PLUGINS_FOLDER": str(plugins or tmp_path / "none"),
+            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{tmp_path}/missing/dir/airflow.db"}
+    result = subprocess.run([sys.executable, "-c", script, str(DAGS), *map(str, args)], capture_output=True,
+                            text=True, env=env, timeout=180)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_under_celery_no_task_carries_a_pod(tmp_path):
+    """A serialized pod would make the API server import `kubernetes` for nothing (and risk the race the plugin
+    avoids): only a KubernetesExecutor gets one."""
+    probe = _parse(tmp_path, "CeleryExecutor")
+    assert probe["errors"] == {}
+    assert not any(probe["configs"].values()), probe["configs"]
+
+
+# The serialized DAG as the DAG processor stores it under a KubernetesExecutor, written to argv[2].
+SERIALIZE = textwrap.dedent(
+    """
+    import json, sys
+    from airflow.dag_processing.dagbag import BundleDagBag
+    from airflow.serialization.serialized_objects import DagSerialization
+
+    bag = BundleDagBag(sys.argv[1], bundle_path=sys.argv[1])
+    with open(sys.argv[2], "w") as out:
+        json.dump(DagSerialization.to_dict(bag.dags["fashion_tagger_training"]), out)
+    print(json.dumps({"errors": {k: str(v) for k, v in bag.import_errors.items()}}))
+    """
+)
+# As a fresh API server: plugins loaded, `kubernetes` not imported yet, then the UI's queries deserializing the
+# DAG (with its pods) in eight threads at once.
+DESERIALIZE_IN_THREADS = textwrap.dedent(
+    """
+    import json, sys
+    from concurrent.futures import ThreadPoolExecutor
+    from airflow import plugins_manager
+    from airflow.serialization.serialized_objects import DagSerialization
+
+    assert "kubernetes" not in sys.modules
+    plugins_manager.ensure_plugins_loaded()
+    loaded = [p.name for p in plugins_manager._get_plugins()[0]]
+    data = json.load(open(sys.argv[2]))
+
+    def deserialize(_):
+        try:
+            dag = DagSerialization.from_dict(data)
+        except Exception as error:
+            return f"{type(error).__name__}: {error} ({error.__cause__!r})"
+        return type(dag.task_dict["train_model"].executor_config["pod_override"]).__name__
+
+    with ThreadPoolExecutor(8) as pool:
+        kinds = list(pool.map(deserialize, range(8)))
+    print(json.dumps({"plugins": loaded, "errors": plugins_manager.get_import_errors(), "kinds": kinds}))
+    """
+)
+
+
+def test_the_plugin_loads_kubernetes_before_the_api_server_deserializes_pods_in_threads(tmp_path):
+    """Without it, two threads importing the client first together can fail, and Airflow remembers the failure: the
+    DAG's pages answered 500 ('An unexpected error occurred while trying to deserialize Dag') until a restart."""
+    serialized = tmp_path / "dag.json"
+    assert _parse(tmp_path, "KubernetesExecutor", SERIALIZE, serialized)["errors"] == {}
+    probe = _parse(tmp_path, "KubernetesExecutor", DESERIALIZE_IN_THREADS, serialized,
+                   plugins=REPO / "docker" / "airflow-plugins")
+    assert probe["plugins"] == ["fashion_tagger_kubernetes"], probe
+    assert probe["errors"] == {}
+    assert probe["kinds"] == ["V1Pod"] * 8, probe["kinds"]
+
+
 PARSE_WITHOUT_KUBERNETES = textwrap.dedent(
     """
     import json, os, sys
@@ -192,15 +293,9 @@ PARSE_WITHOUT_KUBERNETES = textwrap.dedent(
 
 
 def test_the_dag_parses_without_the_kubernetes_package(tmp_path):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FASHION_TAGGER_")}
-    env |= {"AIRFLOW_HOME": str(tmp_path), "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{tmp_path}/missing/dir/airflow.db"}
-    result = subprocess.run([sys.executable, "-c", PARSE_WITHOUT_KUBERNETES, str(DAGS)], capture_output=True,
-                            text=True, env=env, timeout=180)
-    assert result.returncode == 0, result.stderr[-3000:]
-    probe = json.loads(result.stdout.strip().splitlines()[-1])
+    probe = _parse(tmp_path, "KubernetesExecutor", PARSE_WITHOUT_KUBERNETES)
     assert probe["errors"] == {}
-    assert not any(probe["configs"].values()), "Celery needs no executor_config, and none is built without kubernetes"
+    assert not any(probe["configs"].values()), "without kubernetes no pod is built, even for a KubernetesExecutor"
 
 
 # --- the Helm values file -------------------------------------------------------------------------------------

@@ -1,6 +1,8 @@
 """The pod a KubernetesExecutor runs a GPU stage in: the `executor_config` of `train_model` and `evaluate_model`,
 a `pod_override` (GPU image, `nvidia.com/gpu`, node selector, tolerations, the home's environment, a scratch
-emptyDir) merged into the executor's pod template. Celery ignores it; without the `kubernetes` package it is None.
+emptyDir) merged into the executor's pod template. The DAG builds it only when Airflow's executor runs pods
+(`runs_pods`): a serialized V1Pod makes every Airflow process that reads the DAG import `kubernetes`, and Airflow
+3.3 remembers a failed first import for good (see docker/airflow-plugins/fashion_tagger_kubernetes.py).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ SHM_VOLUME = "dshm"
 PLAIN_ENV = ("FASHION_TAGGER_HOME", "AWS_ENDPOINT_URL", "MLFLOW_TRACKING_URI")
 DATABASE_URL_ENV = "FASHION_TAGGER_DATABASE_URL"
 EFFECTS = ("NoSchedule", "PreferNoSchedule", "NoExecute")
+KUBERNETES_EXECUTOR = "KubernetesExecutor"
 
 _LABEL_NAME = r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?"
 _DNS_SUBDOMAIN = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*"
@@ -146,6 +149,13 @@ def gpu_pod_spec(gpus: int, env: Mapping[str, str] | None = None) -> dict[str, A
     if tolerations := parse_tolerations(env.get(TOLERATIONS_ENV)):
         spec["tolerations"] = tolerations
     return spec
+
+
+def runs_pods(executors: str) -> bool:
+    """Whether Airflow's `[core] executor` setting runs tasks as pods: one executor or a comma-separated list, each
+    a name (`KubernetesExecutor`), a class path or `alias:class.path`."""
+    classes = (item.strip().rsplit(":", 1)[-1].rsplit(".", 1)[-1] for item in executors.split(","))
+    return KUBERNETES_EXECUTOR in classes
 
 
 def gpu_executor_config(gpus: int, env: Mapping[str, str] | None = None) -> dict[str, Any] | None:
