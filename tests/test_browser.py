@@ -219,6 +219,23 @@ def wait_for_run(page, timeout_s: float) -> None:
     raise AssertionError(f"the run did not succeed within {timeout_s:.0f} s")
 
 
+def open_trigger_form(page, timeout_s: float = UI_TIMEOUT_MS / 1000):
+    """The DAG page's trigger dialog. A click made while the page still re-renders can be lost with the button it
+    hit, so click again until the dialog shows. .first: while the page settles, the header and the grid may each
+    render a trigger button for a moment."""
+    dialog = page.get_by_role("dialog")
+    heading = dialog.get_by_role("heading", name=re.compile("^Trigger Dag"))
+    deadline = time.monotonic() + timeout_s
+    while True:
+        page.get_by_role("button", name="Trigger Dag").first.click()
+        try:
+            heading.wait_for(state="visible", timeout=10_000)
+            return dialog
+        except sync_api.TimeoutError:
+            if time.monotonic() > deadline:
+                raise
+
+
 def dismiss_mlflow_dialogs(page) -> None:
     """MLflow greets a new browser with announcement dialogs; close them as a person would."""
     dialogs = page.get_by_role("dialog")
@@ -264,15 +281,15 @@ def trigger_and_watch_in_airflow(services: Services, page, shots: Screenshots) -
     shots.take(page, "airflow-dags")
     dag_link.click()
     expect(page).to_have_url(re.compile(rf"/dags/{DAG_ID}$"))
+    # The DAG's own page, rendered: its task list (the URL changes before the list page is gone, and the list
+    # has a trigger button per DAG that a click made too early would hit).
+    expect(page.get_by_text("register_model", exact=True).first).to_be_visible()
     with suppress(sync_api.Error):  # the page re-renders as its data arrives, which would close a dialog opened early
         page.wait_for_load_state("networkidle", timeout=15_000)
     shots.take(page, "airflow-dag")
 
     # The trigger form, filled through its labelled fields.
-    # .first: while the page settles, the header and the grid may each render a trigger button for a moment.
-    page.get_by_role("button", name="Trigger Dag").first.click()
-    dialog = page.get_by_role("dialog")
-    expect(dialog.get_by_role("heading", name=re.compile("^Trigger Dag"))).to_be_visible()
+    dialog = open_trigger_form(page)
     data_fields = ("Preset", "Dataset source", "Minimum class count")
     fill_form(page, dialog, {title: FORM[title] for title in data_fields})
     shots.take(page, "trigger-form-data")

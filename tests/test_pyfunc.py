@@ -14,6 +14,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+import zlib
 from pathlib import Path
 
 import mlflow
@@ -24,8 +25,9 @@ from PIL import Image
 from tagger_fixtures import draw, jpeg_bytes, make_run, make_split, tiny_config
 
 from fashion_tagger.core import tracking
+from fashion_tagger.serving.limits import ServingLimits
 from fashion_tagger.serving.predictor import Predictor
-from fashion_tagger.serving.pyfunc_model import InputError, images_from_frame, log_tagger_model
+from fashion_tagger.serving.pyfunc_model import SERVING_FLAG_ENV, InputError, images_from_frame, log_tagger_model
 
 ATTRIBUTE_COLUMNS = ["masterCategory", "masterCategory_confidence", "baseColour", "baseColour_confidence"]
 
@@ -165,6 +167,51 @@ def test_the_served_model_opens_no_path_a_client_names(registered, tmp_path, mon
         tracking.load_model(registered["uri"], registered["config"])
 
 
+def huge_png(side: int) -> bytes:
+    """A valid grayscale PNG of SIDE x SIDE black pixels (SIDE=30,000: 900 megapixels in under 1 MB), compressed
+    row by row so the pixels never exist in memory."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return len(data).to_bytes(4, "big") + kind + data + zlib.crc32(kind + data).to_bytes(4, "big")
+
+    compressor, row, parts = zlib.compressobj(9), b"\0" * (side + 1), []  # filter byte 0, then the row
+    for _ in range(side):
+        parts.append(compressor.compress(row))
+    parts.append(compressor.flush())
+    header = side.to_bytes(4, "big") * 2 + bytes([8, 0, 0, 0, 0])  # 8 bits, grayscale
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", b"".join(parts)) + chunk(b"IEND", b"")
+
+
+def test_serving_limits_read_from_the_environment_and_refuse_each_kind_of_oversized_request():
+    assert ServingLimits.from_env({}) == ServingLimits(256, 32 * 2**20, 40_000_000)
+    limits = ServingLimits.from_env({"FASHION_TAGGER_SERVING_MAX_ROWS": "3",
+                                     "FASHION_TAGGER_SERVING_MAX_REQUEST_MB": "1",
+                                     "FASHION_TAGGER_SERVING_MAX_MEGAPIXELS": "0.5"})
+    assert limits == ServingLimits(3, 2**20, 500_000)
+    for value in ("0", "-1", "many"):
+        with pytest.raises(Exception, match=rf"\$FASHION_TAGGER_SERVING_MAX_ROWS={value!r}: give a positive number"):
+            ServingLimits.from_env({"FASHION_TAGGER_SERVING_MAX_ROWS": value})
+    with pytest.raises(Exception, match="the request has 4 rows; this server tags at most 3 per request"):
+        limits.check_rows(4)
+    with pytest.raises(Exception, match=r"holds 2.0 MB of images; this server takes at most 1.0 MB"):
+        limits.check_bytes([b"x" * 2**20, base64.b64encode(b"y" * 2**20).decode()])
+    big = _png_bytes(Image.new("L", (1000, 1000)))
+    with pytest.raises(Exception, match=r"row 7: the image is 1,000 x 1,000 = 1 megapixels; .* at most 0"):
+        limits.check_pixels(big, "row 7")
+    limits.check_pixels(b"not an image", "row 0")  # left to decoding, which reports it as the row's error
+
+
+def test_the_served_model_refuses_oversized_requests_and_this_process_is_not_limited(registered, monkeypatch):
+    jpeg = _split_images(registered["split"])[0].read_bytes()
+    monkeypatch.setenv("FASHION_TAGGER_SERVING_MAX_ROWS", "3")
+    model = tracking.load_model(registered["uri"], registered["config"])
+    frame = pd.DataFrame({"image": [jpeg] * 40})
+    assert model.predict(frame)["error"].isna().all()  # evaluation and the gate: their own batches, no limit
+    monkeypatch.setenv(SERVING_FLAG_ENV, "true")  # as in `mlflow models serve`
+    with pytest.raises(InputError, match="the request has 40 rows; this server tags at most 3 per request"):
+        model.predict(frame)
+    assert model.predict(frame.iloc[:3])["error"].isna().all()
+
+
 @pytest.mark.slow
 def test_mlflow_models_serve_scores_a_jpeg_over_rest(registered, tmp_path):
     port = _free_port()
@@ -229,6 +276,31 @@ def test_mlflow_models_serve_scores_a_jpeg_over_rest(registered, tmp_path):
         with pytest.raises(urllib.error.HTTPError) as error:
             urllib.request.urlopen(request, timeout=60)
         assert error.value.code == 400
+
+        # Oversized requests: a clear 400 each, and the server goes on answering.
+        def post(rows: list[list[str]]) -> tuple[int, str]:
+            body = json.dumps({"dataframe_split": {"columns": ["image"], "data": rows}}).encode()
+            request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
+                                             headers={"Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(request, timeout=120) as response:
+                    return response.status, response.read().decode()
+            except urllib.error.HTTPError as refused:
+                return refused.code, refused.read().decode()
+
+        small = base64.b64encode(jpeg).decode()
+        oversized = {
+            "10,000 rows": ([[small]] * 10_000, "the request has 10,000 rows; this server tags at most 256"),
+            "a 50 MB body": ([[base64.b64encode(os.urandom(38 * 2**20)).decode()]], "MB of images; this server "
+                             "takes at most 32.0 MB per request"),
+            "a 30,000 x 30,000 PNG": ([[base64.b64encode(huge_png(30_000)).decode()]], "row 0: the image is too "
+                                      "large to decode"),
+        }
+        for what, (rows, message) in oversized.items():
+            status, text = post(rows)
+            assert status == 400 and message in text, (what, status, text[:500])
+        status, text = post([[small]])
+        assert status == 200 and json.loads(text)["predictions"][0]["error"] is None
     finally:
         _stop_group(server)
         log_file.close()

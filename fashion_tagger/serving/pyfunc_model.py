@@ -35,6 +35,7 @@ from PIL import Image
 
 from fashion_tagger.core.errors import FashionTaggerError
 from fashion_tagger.data.imaging import ImageReadError, decode_image
+from fashion_tagger.serving.limits import DECODE_CHUNK, RequestTooLarge, ServingLimits
 from fashion_tagger.serving.predictor import EXPORT_FILENAME, Predictor, default_device
 from fashion_tagger.serving.rows import IMAGE_COLUMN, PATH_COLUMN, read_one, with_errors
 
@@ -42,6 +43,8 @@ if TYPE_CHECKING:
     from mlflow.models.model import ModelInfo
     from mlflow.models.signature import ModelSignature
 
+# Set by MLflow's scoring server (`mlflow models serve`) in its process before it answers requests.
+SERVING_FLAG_ENV = "_MLFLOW_IS_IN_SERVING_ENVIRONMENT"
 PATH_ROOTS_ENV = "FASHION_TAGGER_SERVING_PATH_ROOTS"  # folders a request may name files in; none by default
 TAGGER_ARTIFACT = "tagger"  # key of the exported tagger (weights.pt + tagger.json) among the model's artifacts
 # Pinned to what this environment has, so logging never probes the environment (slow) and serving matches it.
@@ -118,20 +121,26 @@ def _allowed_file(path: str, roots: Sequence[Path]) -> str:
     return str(resolved)
 
 
-def _row_image(record: Any, has_image: bool, has_path: bool, path_roots: Sequence[Path] | None) -> Image.Image:
+def _row_image(record: Any, has_image: bool, has_path: bool, path_roots: Sequence[Path] | None,
+               limits: ServingLimits | None, where: str) -> Image.Image:
     value = getattr(record, IMAGE_COLUMN) if has_image else None
     if not _is_missing(value):
-        return decode_image(_image_bytes(value), name="image bytes")
+        data = _image_bytes(value)
+        if limits is not None:
+            limits.check_pixels(data, where)
+        return decode_image(data, name="image bytes")
     path = getattr(record, PATH_COLUMN) if has_path else None
     if _is_missing(path) or not str(path):
         raise ImageReadError(f"neither '{IMAGE_COLUMN}' nor '{PATH_COLUMN}' is set")
     if path_roots is not None:
         path = _allowed_file(str(path), path_roots)
+    if limits is not None:
+        limits.check_pixels(str(path), where)
     return decode_image(str(path), name=f"path {str(path)!r}")
 
 
 def read_rows(
-    frame: pd.DataFrame, path_roots: Sequence[Path] | None = ()
+    frame: pd.DataFrame, path_roots: Sequence[Path] | None = (), limits: ServingLimits | None = None
 ) -> tuple[list[Image.Image | None], list[str | None]]:
     """Each row's image from `image` (preferred) or `path`, or None and why it could not be read ("row 3: ...").
 
@@ -148,7 +157,9 @@ def read_rows(
     images: list[Image.Image | None] = []
     errors: list[str | None] = []
     for row, record in zip(frame.index, frame.itertuples(index=False), strict=True):
-        image, error = read_one(partial(_row_image, record, has_image, has_path, path_roots), where=f"row {row}")
+        where = f"row {row}"
+        image, error = read_one(partial(_row_image, record, has_image, has_path, path_roots, limits, where),
+                                where=where)
         images.append(image)
         errors.append(error)
     return images, errors
@@ -163,12 +174,22 @@ def images_from_frame(frame: pd.DataFrame, path_roots: Sequence[Path] | None = (
     return [image for image in images if image is not None]
 
 
-def tag_frame(predictor: Predictor, frame: pd.DataFrame, path_roots: Sequence[Path] | None = ()) -> pd.DataFrame:
+def tag_frame(predictor: Predictor, frame: pd.DataFrame, path_roots: Sequence[Path] | None = (),
+              limits: ServingLimits | None = None) -> pd.DataFrame:
     """The model's answer to FRAME: tags and confidences per readable row, `error` for the others (paths as
-    `read_rows` allows them)."""
-    images, errors = read_rows(frame, path_roots)
-    out = with_errors(predictor.predict([image for image in images if image is not None]), errors)
-    if any(errors):
+    `read_rows` allows them). Rows are decoded and tagged DECODE_CHUNK at a time, so memory holds one chunk's
+    images; LIMITS (the served model's) refuse a request too large as a whole with RequestTooLarge."""
+    if limits is not None:
+        limits.check_rows(len(frame))
+        if IMAGE_COLUMN in frame.columns:
+            limits.check_bytes(frame[IMAGE_COLUMN])
+    parts, any_error = [], False
+    for start in range(0, max(len(frame), 1), DECODE_CHUNK):
+        images, errors = read_rows(frame.iloc[start : start + DECODE_CHUNK], path_roots, limits)
+        any_error = any_error or any(errors)
+        parts.append(with_errors(predictor.predict([image for image in images if image is not None]), errors))
+    out = pd.concat(parts, ignore_index=True) if len(parts) > 1 else parts[0]
+    if any_error:
         out = out.astype(object).where(out.notna(), None)  # JSON null for the untagged rows, not NaN
     out.index = frame.index
     return out
@@ -181,11 +202,17 @@ class TaggerModel(PythonModel):
         # Default: the GPU when there is one; FASHION_TAGGER_DEVICE=cpu keeps a server off a shared GPU.
         self.predictor = Predictor.from_export(context.artifacts[TAGGER_ARTIFACT], device=default_device())
         self.path_roots = path_roots_from_env()
+        self.limits = ServingLimits.from_env()
 
     # A DataFrame hint is one MLflow derives no schema from: the logged signature stays the only one.
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
         frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
-        return tag_frame(self.predictor, frame, getattr(self, "path_roots", ()))
+        # The limits guard the server; this process's own callers (evaluation, the gate) batch their work.
+        limits = getattr(self, "limits", None) if os.environ.get(SERVING_FLAG_ENV) == "true" else None
+        try:
+            return tag_frame(self.predictor, frame, getattr(self, "path_roots", ()), limits)
+        except RequestTooLarge as exc:
+            raise InputError(str(exc)) from None
 
 
 def exported_tagger(model_dir: str | Path) -> Path:
