@@ -74,12 +74,23 @@ def fashion_tagger_tagging():
         Resolve the trigger parameters into the catalog, the tags folder and one concrete model version
         (`@champion` → its version number now), and write the run's `config.yaml` and `model.json`.
         """
+        from airflow.sdk.exceptions import AirflowSkipException
+
         from fashion_tagger.orchestration.form import TAGGING_FORM_FIELDS, default_preset, param_overrides
         from fashion_tagger.tagging import jobs
+        from fashion_tagger.tagging.catalog import NoModelYet
 
         with errors_follow_the_contract():
             overrides = param_overrides(context["params"], TAGGING_FORM_FIELDS)  # {"tagging": {"catalog": ...}}
-            return jobs.pin_model(overrides, context["run_id"], preset=default_preset())
+            try:
+                return jobs.pin_model(overrides, context["run_id"], preset=default_preset())
+            except NoModelYet as exc:
+                # A scheduled or asset-triggered run before the first champion has nothing to tag with: skipped,
+                # not failed. A person who triggers a run by hand is told the model is missing.
+                run_type = getattr(context["dag_run"].run_type, "value", context["dag_run"].run_type)
+                if run_type == "manual":
+                    raise
+                raise AirflowSkipException(f"nothing to tag yet: {exc}") from None
 
     @task
     def list_shards(run: dict[str, Any]) -> list[dict[str, Any]]:

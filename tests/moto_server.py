@@ -20,6 +20,17 @@ from native_stack import free_port, log_tail
 
 # moto accepts any credentials; boto3 only needs some, and a region.
 MOTO_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+_SERVERS: dict[str, subprocess.Popen] = {}  # endpoint -> the moto server answering it
+
+
+def pause(endpoint: str) -> None:
+    """Stop ENDPOINT's server (SIGSTOP): connections are still accepted by the kernel, nothing answers them, as
+    with an endpoint behind a broken network path. `resume` lets it go on."""
+    os.killpg(_SERVERS[endpoint].pid, signal.SIGSTOP)
+
+
+def resume(endpoint: str) -> None:
+    os.killpg(_SERVERS[endpoint].pid, signal.SIGCONT)
 
 
 @contextlib.contextmanager
@@ -62,10 +73,14 @@ def moto_s3_server(timeout: float = 30) -> Iterator[str]:
     )
     os.close(fd)
     endpoint = f"http://127.0.0.1:{port}"
+    _SERVERS[endpoint] = popen
     try:
         with _served(popen, "moto's server", f"{endpoint}/moto-api/", log, timeout, poll_s=0.2, stop_s=10):
             yield endpoint
     finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(popen.pid, signal.SIGCONT)  # a paused server could not stop
+        _SERVERS.pop(endpoint, None)
         log.unlink(missing_ok=True)
 
 

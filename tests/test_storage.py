@@ -9,11 +9,13 @@ import io as _io
 import json
 import os
 import tarfile
+import threading
+import time
 import uuid
 from pathlib import Path
 
 import pytest
-from moto_server import MOTO_ENV, moto_s3_server
+from moto_server import MOTO_ENV, moto_s3_server, pause, resume
 from native_stack import free_port
 
 from fashion_tagger.core.errors import ConfigError, DataError, SourceError, SourceUnavailableError
@@ -243,6 +245,60 @@ def test_a_killed_republication_unpublishes_rather_than_mixing_old_and_new(store
     del store.upload
     assert publish(store, local, "runs/r1/split").uploaded == 3
     assert store.read_bytes("runs/r1/split/labels.json") == OUTPUTS["labels.json"] + b"-v2"
+
+
+def _pause_after_first_upload(store, endpoint: str, seconds: float) -> threading.Timer:
+    """STORE's endpoint stops answering for SECONDS once STORE's first upload is done (the Timer that ends it)."""
+    upload, timer = store.upload, threading.Timer(seconds, resume, args=(endpoint,))
+
+    def upload_then_pause(src, key):
+        upload(src, key)
+        if not timer.is_alive() and not timer.finished.is_set():
+            pause(endpoint)
+            timer.start()
+
+    store.upload = upload_then_pause
+    return timer
+
+
+@pytest.mark.services
+def test_the_endpoint_unreachable_for_30_s_while_a_stage_stages_out(s3_endpoint, tmp_path, monkeypatch):
+    """moto's server stopped (SIGSTOP: connections open, no answer) after the first of a stage's uploads. The
+    default patience (60 s a request) waits a 30 s outage out and the publication completes; a client that gives
+    up sooner fails the stage as transient with nothing published, and the retry publishes everything."""
+    _s3_env(monkeypatch, s3_endpoint)
+    bucket = f"home-{uuid.uuid4().hex[:12]}"
+    import boto3
+
+    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=bucket)
+    local = _tree(tmp_path / "split", OUTPUTS)
+
+    store = open_store(f"s3://{bucket}/patient")
+    store.transfer_threads = 1
+    outage = _pause_after_first_upload(store, s3_endpoint, 30)
+    started = time.monotonic()
+    result = publish(store, local, "runs/r1/split")
+    assert time.monotonic() - started >= 30 and not outage.is_alive()
+    assert result.uploaded == 3 and is_published(store, "runs/r1/split")
+    assert set(read_manifest(store, "runs/r1/split")) == set(OUTPUTS)
+
+    monkeypatch.setenv("FASHION_TAGGER_S3_TIMEOUT_S", "2")
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")
+    store = open_store(f"s3://{bucket}/impatient")
+    store.transfer_threads = 1
+    outage = _pause_after_first_upload(store, s3_endpoint, 12)
+    with pytest.raises(SourceUnavailableError, match=r"s3://.*/impatient.*did not answer") as caught:
+        publish(store, local, "runs/r1/split")
+    assert caught.value.retryable  # the CLI exits 75 and Airflow retries the task
+    outage.join()
+    assert not is_published(store, "runs/r1/split")  # one file went up, and no reader takes it as complete
+    del store.upload
+    assert publish(store, local, "runs/r1/split").files == 3  # the retry
+    assert is_published(store, "runs/r1/split")
+
+    monkeypatch.setenv("FASHION_TAGGER_S3_TIMEOUT_S", "soon")
+    with pytest.raises(SourceError, match=r"\$FASHION_TAGGER_S3_TIMEOUT_S='soon': give the seconds"):
+        open_store(f"s3://{bucket}/x").list("runs")
 
 
 # --- the scratch cache ---------------------------------------------------------------------------------------------

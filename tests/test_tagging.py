@@ -23,8 +23,9 @@ from fashion_tagger.core.config import ConfigError, load_config
 from fashion_tagger.core.errors import DataError, SourceError, SourceUnavailableError
 from fashion_tagger.core.layout import TagsDir
 from fashion_tagger.core.schema import ATTRIBUTES
+from fashion_tagger.orchestration import form
 from fashion_tagger.tagging import jobs, outputs, tagger
-from fashion_tagger.tagging.catalog import TaggingError, list_catalog, read_listing, split_listing
+from fashion_tagger.tagging.catalog import NoModelYet, TaggingError, list_catalog, read_listing, split_listing
 
 REPO = Path(__file__).resolve().parents[1]
 DAG_FILE = REPO / "dags" / "fashion_tagger_tagging.py"
@@ -213,8 +214,10 @@ def test_the_model_is_resolved_once_and_bad_uris_say_what_to_do(models, tmp_path
     assert tagger.resolve_model(f"models:/{MODEL_NAME}@champion", config).version == "2"
     assert tagger.resolve_model(f"models:/{MODEL_NAME}/1", config) == tagger.PinnedModel(
         MODEL_NAME, "1", f"models:/{MODEL_NAME}/1", f"models:/{MODEL_NAME}/1")
-    with pytest.raises(TaggingError, match="no-such-model@champion is not in the registry.*register"):
+    with pytest.raises(NoModelYet, match="no-such-model@champion is not in the registry.*register"):
         tagger.resolve_model("models:/no-such-model@champion", config)
+    with pytest.raises(NoModelYet, match=f"{MODEL_NAME}@nope is not in the registry"):
+        tagger.resolve_model(f"models:/{MODEL_NAME}@nope", config)
     with pytest.raises(TaggingError, match="must look like models:/NAME@ALIAS"):
         tagger.resolve_model(f"models:/{MODEL_NAME}/latest", config)
     with pytest.raises(TaggingError, match="neither a models:/ URI nor an existing export"):
@@ -351,6 +354,24 @@ def test_tagging_dag_schedule_and_routing_follow_the_environment(tmp_path):
     assert probe["timetable"] == "AssetTriggeredTimetable"
     assert probe["assets"] == ["fashion_tagger_catalog", "fashion_tagger_model"]
     assert (probe["queue"], probe["pool"], probe["retries"]) == ("cuda", "a100", 0)
+
+
+def test_a_scheduled_run_before_the_first_champion_is_skipped_and_a_manual_one_fails(isolated_home):
+    """A fresh install's first scheduled tagging run has no champion to tag with: skipped, not a red run."""
+    from types import SimpleNamespace
+
+    from airflow.dag_processing.dagbag import BundleDagBag
+    from airflow.sdk.exceptions import AirflowSkipException
+
+    pin_model = BundleDagBag(str(REPO / "dags"), bundle_path=REPO / "dags").dags[DAG_ID].task_dict["pin_model"]
+    params = {name: spec.get("default") for name, spec in form.tagging_form_params().items()}
+    for run_type in ("scheduled", "asset_triggered"):
+        with pytest.raises(AirflowSkipException, match="nothing to tag yet: model models:/fashion-tagger@champion"):
+            pin_model.python_callable(params=params, run_id=f"{run_type}__1",
+                                      dag_run=SimpleNamespace(run_type=run_type))
+    with pytest.raises(Exception, match="fashion-tagger@champion is not in the registry") as failed:
+        pin_model.python_callable(params=params, run_id="manual__1", dag_run=SimpleNamespace(run_type="manual"))
+    assert type(failed.value).__name__ == "AirflowFailException"
 
 
 def test_the_model_asset_is_the_one_the_training_dag_updates():

@@ -34,7 +34,7 @@ from mlflow.pyfunc import PythonModel
 from PIL import Image
 
 from fashion_tagger.core.errors import FashionTaggerError
-from fashion_tagger.data.imaging import ImageReadError, decode_image
+from fashion_tagger.data.imaging import ImageReadError, decode_image, read_fitted
 from fashion_tagger.serving.limits import DECODE_CHUNK, RequestTooLarge, ServingLimits
 from fashion_tagger.serving.predictor import EXPORT_FILENAME, Predictor, default_device
 from fashion_tagger.serving.rows import IMAGE_COLUMN, PATH_COLUMN, read_one, with_errors
@@ -121,14 +121,18 @@ def _allowed_file(path: str, roots: Sequence[Path]) -> str:
     return str(resolved)
 
 
+def _decode(source: bytes | str, size: tuple[int, int] | None, name: str) -> Image.Image:
+    return decode_image(source, name=name) if size is None else read_fitted(source, *size, name=name)
+
+
 def _row_image(record: Any, has_image: bool, has_path: bool, path_roots: Sequence[Path] | None,
-               limits: ServingLimits | None, where: str) -> Image.Image:
+               limits: ServingLimits | None, size: tuple[int, int] | None, where: str) -> Image.Image:
     value = getattr(record, IMAGE_COLUMN) if has_image else None
     if not _is_missing(value):
         data = _image_bytes(value)
         if limits is not None:
             limits.check_pixels(data, where)
-        return decode_image(data, name="image bytes")
+        return _decode(data, size, "image bytes")
     path = getattr(record, PATH_COLUMN) if has_path else None
     if _is_missing(path) or not str(path):
         raise ImageReadError(f"neither '{IMAGE_COLUMN}' nor '{PATH_COLUMN}' is set")
@@ -136,13 +140,16 @@ def _row_image(record: Any, has_image: bool, has_path: bool, path_roots: Sequenc
         path = _allowed_file(str(path), path_roots)
     if limits is not None:
         limits.check_pixels(str(path), where)
-    return decode_image(str(path), name=f"path {str(path)!r}")
+    return _decode(str(path), size, f"path {str(path)!r}")
 
 
 def read_rows(
-    frame: pd.DataFrame, path_roots: Sequence[Path] | None = (), limits: ServingLimits | None = None
+    frame: pd.DataFrame, path_roots: Sequence[Path] | None = (), limits: ServingLimits | None = None,
+    size: tuple[int, int] | None = None,
 ) -> tuple[list[Image.Image | None], list[str | None]]:
     """Each row's image from `image` (preferred) or `path`, or None and why it could not be read ("row 3: ...").
+    SIZE (width, height): fitted into it as `prepare` fits the training images (a JPEG decoded at the smallest DCT
+    scale that still covers it), instead of decoded whole.
 
     PATH_ROOTS: the folders a `path` may point into (the default, none, refuses every path; None is for this
     process's own trusted callers and reads any path). A frame with neither column is an InputError (HTTP 400):
@@ -158,7 +165,7 @@ def read_rows(
     errors: list[str | None] = []
     for row, record in zip(frame.index, frame.itertuples(index=False), strict=True):
         where = f"row {row}"
-        image, error = read_one(partial(_row_image, record, has_image, has_path, path_roots, limits, where),
+        image, error = read_one(partial(_row_image, record, has_image, has_path, path_roots, limits, size, where),
                                 where=where)
         images.append(image)
         errors.append(error)
@@ -177,15 +184,17 @@ def images_from_frame(frame: pd.DataFrame, path_roots: Sequence[Path] | None = (
 def tag_frame(predictor: Predictor, frame: pd.DataFrame, path_roots: Sequence[Path] | None = (),
               limits: ServingLimits | None = None) -> pd.DataFrame:
     """The model's answer to FRAME: tags and confidences per readable row, `error` for the others (paths as
-    `read_rows` allows them). Rows are decoded and tagged DECODE_CHUNK at a time, so memory holds one chunk's
-    images; LIMITS (the served model's) refuse a request too large as a whole with RequestTooLarge."""
+    `read_rows` allows them). Each image is read fitted into the model's input size, exactly as the training
+    images were prepared; rows are read and tagged DECODE_CHUNK at a time, so memory holds one chunk's images.
+    LIMITS (the served model's) refuse a request too large as a whole with RequestTooLarge."""
     if limits is not None:
         limits.check_rows(len(frame))
         if IMAGE_COLUMN in frame.columns:
             limits.check_bytes(frame[IMAGE_COLUMN])
     parts, any_error = [], False
     for start in range(0, max(len(frame), 1), DECODE_CHUNK):
-        images, errors = read_rows(frame.iloc[start : start + DECODE_CHUNK], path_roots, limits)
+        images, errors = read_rows(frame.iloc[start : start + DECODE_CHUNK], path_roots, limits,
+                                   predictor.image_size)
         any_error = any_error or any(errors)
         parts.append(with_errors(predictor.predict([image for image in images if image is not None]), errors))
     out = pd.concat(parts, ignore_index=True) if len(parts) > 1 else parts[0]

@@ -19,6 +19,24 @@ DATA_HINT = "endpoint: set data.s3_endpoint_url or AWS_ENDPOINT_URL"
 STORE_HINT = "check the bucket, the key and the credentials; the endpoint comes from AWS_ENDPOINT_URL"
 MULTIPART_BYTES = 64 << 20  # larger files go up in parts (upload_file); smaller ones in one PUT
 _DELETE_BATCH = 1000  # the most keys one DeleteObjects request takes
+# Seconds a request waits to connect, and then for each answer, before it counts as "did not answer" (botocore
+# retries it, then the stage fails as transient and its task is retried). botocore's default is 60.
+TIMEOUT_ENV = "FASHION_TAGGER_S3_TIMEOUT_S"
+DEFAULT_TIMEOUT_S = 60.0
+
+
+def s3_timeout_s() -> float:
+    value = os.environ.get(TIMEOUT_ENV, "").strip()
+    if not value:
+        return DEFAULT_TIMEOUT_S
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = 0.0
+    if not seconds > 0:
+        raise SourceError(f"${TIMEOUT_ENV}={value!r}: give the seconds an S3 request may wait for an answer, a "
+                          f"positive number (default {DEFAULT_TIMEOUT_S:g})")
+    return seconds
 
 
 def connect_s3(endpoint_url: str | None, *, max_connections: int | None = None) -> Any:
@@ -31,7 +49,9 @@ def connect_s3(endpoint_url: str | None, *, max_connections: int | None = None) 
     from botocore.config import Config
 
     endpoint = endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("MLFLOW_S3_ENDPOINT_URL")
-    config = Config(max_pool_connections=max_connections) if max_connections else None
+    timeout = s3_timeout_s()
+    config = Config(connect_timeout=timeout, read_timeout=timeout,
+                    **({"max_pool_connections": max_connections} if max_connections else {}))
     return boto3.session.Session().client("s3", endpoint_url=endpoint or None, config=config)
 
 

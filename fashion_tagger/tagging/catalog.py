@@ -25,6 +25,10 @@ class TaggingError(FashionTaggerError):
     """A model URI that does not resolve."""
 
 
+class NoModelYet(TaggingError):
+    """The registry has no such model or alias yet (a fresh install before its first champion)."""
+
+
 def no_rejects() -> pd.DataFrame:
     return pd.DataFrame(columns=REJECT_COLUMNS)
 

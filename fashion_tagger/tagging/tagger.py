@@ -22,7 +22,7 @@ from fashion_tagger.core.parallel import WorkerCount, loader_workers
 from fashion_tagger.core.schema import ATTRIBUTES
 from fashion_tagger.data.imaging import decode_image
 from fashion_tagger.serving.rows import CONFIDENCE_SUFFIX, confidence_column, label_columns, read_one
-from fashion_tagger.tagging.catalog import REJECT_COLUMNS, ImageReader, TaggingError
+from fashion_tagger.tagging.catalog import REJECT_COLUMNS, ImageReader, NoModelYet, TaggingError
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +92,8 @@ def resolve_model(model_uri: str, config: Config | None = None) -> PinnedModel:
                 else:
                     client.get_model_version(name, version)
             except MlflowException as exc:
-                raise TaggingError(
+                missing = exc.error_code == "RESOURCE_DOES_NOT_EXIST" or "not found" in exc.message.lower()
+                raise (NoModelYet if missing else TaggingError)(
                     f"model {model_uri} is not in the registry at {tracking.tracking_uri(config or load_config())}: "
                     f"{exc.message}; register and promote a model first (`fashion-tagger register`), or check "
                     "MLFLOW_TRACKING_URI"
