@@ -50,6 +50,7 @@ WORKER_QUEUES = {"default-worker": "default", "gpu-worker": "gpu"}
 WORKER_CONCURRENCY = {"default": 2, "gpu": 1}
 MAX_ACTIVE_RUNS = 2
 RETRY_DELAY_S = 5  # a killed trainer's retry starts within seconds instead of a minute
+HEARTBEAT_TIMEOUT_S = 20  # a killed worker's task is failed (and retried) after this, not after 300 s
 GPU_POOL_SLOTS = 1
 POSTGRES_USER = "postgres"  # PostgreSQL refuses to run as root; the Debian package creates this user.
 
@@ -328,6 +329,18 @@ class NativeStack:
         self.held_down.add(name)  # not `revive`d: it stays down until `up`
         return old
 
+    def kill(self, name: str) -> Service:
+        """`kill -9` of service NAME's whole process group (a worker's task processes with it), as a machine that
+        dies would; it stays down until `up`."""
+        old = self.service(name)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(old.popen.pid, signal.SIGKILL)
+        old.popen.wait()
+        with old.log.open("a") as out:
+            out.write("\n--- killed with SIGKILL (fault injected)\n")
+        self.held_down.add(name)
+        return old
+
     def up(self, name: str) -> Service:
         """Start the stopped service NAME again with the command it was started with."""
         old = self.service(name)
@@ -501,6 +514,10 @@ class NativeStack:
             # Read when the DAG is parsed (max_active_runs, default_args), so every component gets them.
             "FASHION_TAGGER_MAX_ACTIVE_RUNS": str(MAX_ACTIVE_RUNS),
             "FASHION_TAGGER_TASK_RETRY_DELAY_S": str(RETRY_DELAY_S),
+            # A task whose worker died stops heartbeating; the scheduler fails it (and Airflow retries it) after
+            # this many seconds instead of Airflow's default 300.
+            "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT": str(HEARTBEAT_TIMEOUT_S),
+            "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT_DETECTION_INTERVAL": "5",
             "MLFLOW_TRACKING_URI": self.mlflow_url,
             "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3",  # as docker-compose.yaml: a task fails fast, Airflow retries it
         }

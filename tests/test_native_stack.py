@@ -61,6 +61,7 @@ KILL_PARAMS = SMOKE_PARAMS | {"source": "synthetic:600", "image_width": 128, "im
 TWIN_PARAMS = SMOKE_PARAMS | {"source": "synthetic:400"}
 RUN_TIMEOUT_S = 600
 GPU_HOST = "gpu-worker"
+RETRIED = {"prepare_images", "train_model"}  # the tasks the kill test kills once each
 
 
 @pytest.fixture(scope="module")
@@ -305,7 +306,9 @@ def _kill_the_trainer_in_epoch_2(stack: NativeStack, run_id: str, deadline: floa
             os.kill(pid, 9)
             break
         tis = _task_instances(stack, run_id)
-        if any(ti["state"] in ("failed", "up_for_retry", "upstream_failed") for ti in tis.values()):
+        # prepare_images is up for retry for a while: its worker was killed.
+        if any(ti["state"] in ("failed", "upstream_failed") or (ti["state"] == "up_for_retry" and t != "prepare_images")
+               for t, ti in tis.items()):
             pytest.fail(f"DAG run {run_id} failed before the kill: {_summary(tis)}\n{stack.diagnostics()}")
         time.sleep(0.2)
     else:
@@ -321,6 +324,53 @@ def _kill_the_trainer_in_epoch_2(stack: NativeStack, run_id: str, deadline: floa
     return killed
 
 
+def _kill_the_default_worker_in_prepare(stack: NativeStack, run_id: str, deadline: float) -> dict:
+    """`kill -9` of the default-queue worker (its task processes with it) once prepare_images runs on it, and the
+    worker started again, as `restart: always` would; the scheduler fails the silent task after its heartbeat
+    timeout and Airflow retries it. What attempt 1 had logged, returned."""
+    while time.monotonic() < deadline:
+        tis = _task_instances(stack, run_id)
+        prepare = tis.get("prepare_images", {})
+        if prepare.get("state") == "running" and prepare.get("hostname") == "default-worker":
+            break
+        if prepare.get("state") == "success":
+            pytest.fail(f"prepare_images finished before the worker could be killed: {_summary(tis)}")
+        if any(ti["state"] in ("failed", "up_for_retry", "upstream_failed") for ti in tis.values()):
+            pytest.fail(f"DAG run {run_id} failed before the kill: {_summary(tis)}\n{stack.diagnostics()}")
+        time.sleep(0.2)
+    else:
+        pytest.fail(f"prepare_images of {run_id} never ran:\n{stack.diagnostics()}")
+    time.sleep(2)  # into the stage: its stage-in or its first images
+    stack.kill("airflow-worker-default")
+    killed_at = time.monotonic()
+    text = _task_log(stack, run_id, "prepare_images", 1)
+    time.sleep(2)
+    stack.up("airflow-worker-default")
+    print(f"\nkilled the default worker during prepare_images of {run_id}; its log had {len(text)} chars")
+    return {"log": text, "killed_at": killed_at}
+
+
+def _assert_nothing_half_published(stack: NativeStack, monkeypatch) -> int:
+    """Every published folder of the home (a manifest) has every file its manifest lists, at its size: an attempt
+    killed mid-publication left no folder that a reader would take as complete. The folders checked, returned."""
+    from fashion_tagger.storage.publish import MANIFEST_NAME, read_manifest
+    from fashion_tagger.storage.store import open_store
+
+    for key, value in stack.store_env().items():
+        monkeypatch.setenv(key, value)
+    root = HOME_URL.removeprefix(f"s3://{HOME_BUCKET}/")
+    objects = stack.home_objects()
+    store = open_store(HOME_URL)
+    manifests = [key for key in objects if key.rsplit("/", 1)[-1] == MANIFEST_NAME]
+    for key in manifests:
+        prefix = key.rsplit("/", 1)[0]
+        for name, entry in read_manifest(store, prefix).items():
+            size = objects.get(f"{prefix}/{name}")
+            assert size == entry.size, f"s3://{HOME_BUCKET}/{root}/{prefix}/{name}: {size} bytes, manifest {entry}"
+    assert manifests, f"no published folder in the home: {sorted(objects)[:20]}"
+    return len(manifests)
+
+
 def _assert_training_resumed(stack: NativeStack, run_id: str, killed: dict, tis: dict[str, dict]) -> None:
     """Airflow retried the training on the gpu worker, which resumed from the last published checkpoint: the
     second attempt's log holds only the epochs after it."""
@@ -328,7 +378,7 @@ def _assert_training_resumed(stack: NativeStack, run_id: str, killed: dict, tis:
 
     train = tis["train_model"]
     assert train["try_number"] == 2, _summary(tis)
-    assert all(ti["try_number"] == 1 for task, ti in tis.items() if task != "train_model"), _summary(tis)
+    assert all(ti["try_number"] == 1 for task, ti in tis.items() if task not in RETRIED), _summary(tis)
     done = killed["checkpoints"]
     assert 1 <= done < 3, killed
     retry = _task_log(stack, run_id, "train_model", 2)
@@ -341,13 +391,16 @@ def _assert_training_resumed(stack: NativeStack, run_id: str, killed: dict, tis:
 
 
 def test_dag_run_survives_a_killed_trainer_and_registers_one_champion(stack, monkeypatch, tmp_path):
-    """A full DAG run; its trainer is killed with SIGKILL after epoch 1 of 3 and the gpu worker's scratch folder
-    emptied; Airflow's retry resumes from the checkpoint in the store and the run registers one version."""
+    """A full DAG run: the default-queue worker is killed with SIGKILL during prepare_images and started again;
+    its trainer is killed with SIGKILL after epoch 1 of 3 and the gpu worker's scratch folder emptied. Airflow
+    retries both tasks, training resumes from the checkpoint in the store, nothing half-written is published, and
+    the run registers one version."""
     from mlflow import MlflowClient
 
     started = time.monotonic()
     deadline = started + RUN_TIMEOUT_S
     run_id = _trigger(stack, KILL_PARAMS, deadline)
+    worker_killed = _kill_the_default_worker_in_prepare(stack, run_id, deadline)
     killed = _kill_the_trainer_in_epoch_2(stack, run_id, deadline)
 
     state, tis = "running", {}
@@ -356,7 +409,7 @@ def test_dag_run_survives_a_killed_trainer_and_registers_one_champion(stack, mon
         time.sleep(3)
         state = stack.api("GET", f"dags/{DAG_ID}/dagRuns/{run_id}")["state"]
         tis = _task_instances(stack, run_id)
-        if any(ti["state"] in ("failed", "upstream_failed") or (ti["state"] == "up_for_retry" and t != "train_model")
+        if any(ti["state"] in ("failed", "upstream_failed") or (ti["state"] == "up_for_retry" and t not in RETRIED)
                for t, ti in tis.items()):
             state = "failed"
     elapsed = time.monotonic() - started
@@ -365,7 +418,11 @@ def test_dag_run_survives_a_killed_trainer_and_registers_one_champion(stack, mon
     if state != "success":
         pytest.fail(f"DAG run {run_id} ended {state!r} after {elapsed:.0f}s: {summary}\n{stack.diagnostics()}")
     print(f"DAG run succeeded in {elapsed:.0f}s: {summary}")
+    assert tis["prepare_images"]["try_number"] == 2, summary  # the killed worker's attempt failed, the retry ran
+    print(f"prepare_images, try 2: {_xcom(stack, run_id, 'prepare_images')}")
     _assert_training_resumed(stack, run_id, killed, tis)
+    print(f"{_assert_nothing_half_published(stack, monkeypatch)} published folders in the home, each complete; "
+          f"the worker's prepare attempt had logged {len(worker_killed['log'])} chars")
 
     # Routing: training and evaluation on the gpu queue and its worker, in the gpu pool; the rest on default.
     assert tis.keys() >= GPU_TASKS | DEFAULT_TASKS
