@@ -1,7 +1,11 @@
 """Time and peak memory against the size of the work (issue 20): `validate` (metadata only) of a styles.csv of the
 real file's 44,446 lines and of 1,000,000 lines (the real lines repeated with fresh ids), each in a fresh process.
 
+With --bootstrap N [N ...]: the gate's paired bootstrap (1,000 resamples, the seven attributes with the full
+dataset's class counts, random predictions) on test parts of N images, each in a fresh process, instead.
+
 Run: .venv/bin/python benchmarks/scale.py [--lines 44446 1000000] [--styles PATH]
+     .venv/bin/python benchmarks/scale.py --bootstrap 5000 50000
 PATH defaults to $FASHION_TAGGER_REAL_DATA/styles.csv, else ../shared/data/fashion-real/styles.csv, else a generated
 styles.csv (data.synthetic). Prints a markdown table: seconds, peak resident memory, and time per line against the
 smallest size (1.0 = linear; the target is within 1.3x).
@@ -29,6 +33,39 @@ config = load_config(None, ["data.metadata_only=true", "data.max_reject_fraction
 result = validate_dataset(sys.argv[1], sys.argv[2], config)
 print(result.lines_read, result.rows_clean, result.rows_rejected)
 """
+
+BOOTSTRAP = """
+import resource, sys, time
+import numpy as np
+from fashion_tagger.data.labels import LabelSpace
+from fashion_tagger.evaluation.bootstrap import paired_bootstrap
+classes = {"gender": 5, "masterCategory": 4, "subCategory": 15, "articleType": 23, "baseColour": 16, "season": 4,
+           "usage": 4}
+labels = LabelSpace(classes={a: tuple(f"c{i}" for i in range(k)) for a, k in classes.items()}, min_class_count=500)
+n, rng = int(sys.argv[1]), np.random.default_rng(0)
+truth = {a: rng.integers(0, k, n) for a, k in classes.items()}
+champion = {a: np.where(rng.random(n) < 0.8, t, rng.integers(0, classes[a], n)) for a, t in truth.items()}
+challenger = {a: np.where(rng.random(n) < 0.82, t, rng.integers(0, classes[a], n)) for a, t in truth.items()}
+started = time.perf_counter()
+result = paired_bootstrap(truth, challenger, champion, labels, resamples=1000, seed=0)
+print(f"{time.perf_counter() - started:.2f} {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} "
+      f"{result['headline_gain']['low']:.4f} {result['headline_gain']['high']:.4f}")
+"""
+
+
+def bootstrap_table(sizes: list[int]) -> None:
+    rows = []
+    for n in sorted(sizes):
+        _, _, out = run_child(BOOTSTRAP, str(n))
+        seconds, peak, low, high = out.split()
+        rows.append((n, float(seconds), float(peak), low, high))
+        print(f"bootstrap over {n:,} images: {seconds} s, peak {peak} MB, gain in [{low}, {high}]", flush=True)
+    base_n, base_s = rows[0][0], rows[0][1]
+    print(f"\nthe gate's paired bootstrap, 1,000 resamples, 7 attributes; {os.cpu_count()} CPUs\n")
+    print("| test images | seconds (the bootstrap) | peak memory of its process (MB) | time per image vs smallest |")
+    print("| ---: | ---: | ---: | ---: |")
+    for n, seconds, peak, _, _ in rows:
+        print(f"| {n:,} | {seconds:.2f} | {peak:,.0f} | {(seconds / n) / (base_s / base_n):.2f} |")
 
 
 def real_styles() -> Path | None:
@@ -77,7 +114,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lines", type=int, nargs="+", default=[44_446, 1_000_000])
     parser.add_argument("--styles", type=Path, help="the styles.csv whose lines are repeated (default: the real one)")
+    parser.add_argument("--bootstrap", type=int, nargs="+", metavar="N", help="measure the gate's bootstrap instead")
     args = parser.parse_args()
+    if args.bootstrap:
+        bootstrap_table(args.bootstrap)
+        return
     with tempfile.TemporaryDirectory(prefix="bench-scale-") as tmp:
         work = Path(tmp)
         source = args.styles or real_styles() or generated_styles(work)

@@ -2,7 +2,9 @@
 
 Each model's per-image predictions are computed once; a resample is a vector of counts (how often each image
 was drawn), and every class's true positives, support and predicted count under all resamples come from one
-matrix product, so 1,000 resamples over a few thousand images take well under a second.
+matrix product, so 1,000 resamples over a few thousand images take well under a second. Resamples are drawn and
+scored RESAMPLE_CHUNK at a time, so memory grows with the test part's size times the chunk, not times all
+resamples (50,000 images: 1,065 MB at once, see docs/performance.md).
 """
 
 from __future__ import annotations
@@ -16,15 +18,25 @@ from fashion_tagger.core.schema import IGNORE_INDEX
 from fashion_tagger.data.labels import LabelSpace
 
 CONFIDENCE = 0.95
+RESAMPLE_CHUNK = 100
+
+
+def resample_chunks(n: int, resamples: int, seed: int, chunk: int = RESAMPLE_CHUNK):
+    """`resample_counts(n, resamples, seed)` in blocks of at most CHUNK rows, drawn from one generator in order."""
+    rng = np.random.default_rng(seed)
+    for start in range(0, resamples, chunk):
+        rows = min(chunk, resamples - start)
+        if n == 0:
+            yield np.zeros((rows, 0), dtype=np.float32)
+            continue
+        drawn = rng.integers(0, n, size=(rows, n)) + (np.arange(rows) * n)[:, None]
+        yield np.bincount(drawn.ravel(), minlength=rows * n).reshape(rows, n).astype(np.float32)
 
 
 def resample_counts(n: int, resamples: int, seed: int) -> np.ndarray:
     """resamples x n: how many times each of N images is drawn in each resample (each row sums to N)."""
-    if n == 0:
-        return np.zeros((resamples, 0), dtype=np.float32)
-    rng = np.random.default_rng(seed)
-    drawn = rng.integers(0, n, size=(resamples, n)) + (np.arange(resamples) * n)[:, None]
-    return np.bincount(drawn.ravel(), minlength=resamples * n).reshape(resamples, n).astype(np.float32)
+    chunks = list(resample_chunks(n, resamples, seed))
+    return np.concatenate(chunks) if chunks else np.zeros((0, n), dtype=np.float32)
 
 
 def macro_f1_per_resample(weights: np.ndarray, truth: np.ndarray, pred: np.ndarray, num_classes: int) -> np.ndarray:
@@ -55,14 +67,19 @@ def paired_bootstrap(y_true: Mapping[str, np.ndarray], challenger: Mapping[str, 
     (champion - challenger), both models scored on the same resampled images."""
     attributes = [a for a in labels.attributes if a in y_true]
     n = len(np.asarray(y_true[attributes[0]])) if attributes else 0
-    weights = resample_counts(n, resamples, seed)
+    new: dict[str, list[np.ndarray]] = {a: [] for a in attributes}
+    old: dict[str, list[np.ndarray]] = {a: [] for a in attributes}
+    for weights in resample_chunks(n, resamples, seed):
+        for attribute in attributes:
+            k = len(labels.classes[attribute])
+            new[attribute].append(macro_f1_per_resample(weights, y_true[attribute], challenger[attribute], k))
+            old[attribute].append(macro_f1_per_resample(weights, y_true[attribute], champion[attribute], k))
     gains, drops = [], {}
     for attribute in attributes:
-        k = len(labels.classes[attribute])
-        new = macro_f1_per_resample(weights, y_true[attribute], challenger[attribute], k)
-        old = macro_f1_per_resample(weights, y_true[attribute], champion[attribute], k)
-        gains.append(new - old)
-        drops[attribute] = interval(old - new)
+        challenger_f1 = np.concatenate(new[attribute]) if new[attribute] else np.zeros(0)
+        champion_f1 = np.concatenate(old[attribute]) if old[attribute] else np.zeros(0)
+        gains.append(challenger_f1 - champion_f1)
+        drops[attribute] = interval(champion_f1 - challenger_f1)
     headline_gain = np.mean(gains, axis=0) if gains else np.zeros(resamples)
     return {"resamples": resamples, "seed": seed, "images": n, "confidence": CONFIDENCE,
             "headline_gain": interval(headline_gain), "attribute_drops": drops}
