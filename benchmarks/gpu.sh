@@ -24,6 +24,8 @@ DRY_RUN=0
 [[ "${1:-}" == "--dry-run" ]] && DRY_RUN=1
 BACKBONE="${BACKBONE:-efficientnet_b3}"
 BATCH="${BATCH:-128}"
+SETTINGS="${SETTINGS:-eager:64,eager:128,eager:256,compile:128,compile:256}"  # the recipe's (compile, batch) settings
+EPOCHS="${EPOCHS:-4}"  # per setting of the recipe; the first is not counted
 OUT="${OUT:-${TMPDIR:-/tmp}/fashion-tagger-gpu}"  # the device runner sets OUT to the folder it brings back
 # Deadline per step, so that the whole script stays under 10 minutes even when something hangs.
 RECIPE_TIMEOUT="${RECIPE_TIMEOUT:-330}"
@@ -32,7 +34,7 @@ LOADER_TIMEOUT="${LOADER_TIMEOUT:-60}"
 mkdir -p "$OUT"
 
 PACKAGES="torch torchvision timm lightning numpy pandas pillow tqdm pyarrow scikit-learn pyyaml pydantic matplotlib
-    iterative-stratification safetensors"
+    iterative-stratification safetensors sqlalchemy alembic"
 DATA="${FASHION_TAGGER_REAL_DATA:-}"
 for candidate in ../shared/data/fashion-real shared/data/fashion-real; do
     if [[ -z "$DATA" && -d "$candidate/images-small" ]]; then DATA="$(cd "$candidate" && pwd)"; fi
@@ -42,7 +44,8 @@ modules_present() {
     "$PY" - <<'EOF'
 import importlib.util, sys
 needed = ["torch", "torchvision", "timm", "lightning", "numpy", "pandas", "PIL", "tqdm", "pyarrow", "sklearn", "yaml",
-          "pydantic", "matplotlib", "iterstrat", "safetensors"]  # what the benchmarks and the training stage import
+          "pydantic", "matplotlib", "iterstrat", "safetensors",
+          "sqlalchemy", "alembic"]  # what the benchmarks and the training stage import (the split's test membership)
 missing = [m for m in needed if importlib.util.find_spec(m) is None]
 print(" ".join(missing))
 sys.exit(1 if missing else 0)
@@ -79,7 +82,7 @@ print('torch', torch.__version__, 'CUDA', torch.version.cuda, torch.cuda.get_dev
 echo
 echo "== production recipe through train_model: $BACKBONE 240x320, bf16 + channels_last, 16 workers =="
 timeout "$RECIPE_TIMEOUT" "$PY" benchmarks/gpu_train.py --backbone "$BACKBONE" ${DATA:+--data "$DATA"} \
-    --workers 16 --json "$OUT/gpu_train.json" \
+    --workers 16 --settings "$SETTINGS" --epochs "$EPOCHS" --json "$OUT/gpu_train.json" \
     || echo "production-recipe benchmark failed or ran past ${RECIPE_TIMEOUT}s (exit $?)"
 
 echo
