@@ -4,8 +4,12 @@ real file's 44,446 lines and of 1,000,000 lines (the real lines repeated with fr
 With --bootstrap N [N ...]: the gate's paired bootstrap (1,000 resamples, the seven attributes with the full
 dataset's class counts, random predictions) on test parts of N images, each in a fresh process, instead.
 
+With --tag N [N ...]: `fashion-tagger tag` (the CLI, in a fresh process) of catalogs of N distinct generated 60x80
+JPEGs with one exported model, then of the largest again after 1 % of its images changed (the incremental rerun).
+
 Run: .venv/bin/python benchmarks/scale.py [--lines 44446 1000000] [--styles PATH]
      .venv/bin/python benchmarks/scale.py --bootstrap 5000 50000
+     .venv/bin/python benchmarks/scale.py --tag 10000 100000 [--backbone test_efficientnet --size 64x80]
 PATH defaults to $FASHION_TAGGER_REAL_DATA/styles.csv, else ../shared/data/fashion-real/styles.csv, else a generated
 styles.csv (data.synthetic). Prints a markdown table: seconds, peak resident memory, and time per line against the
 smallest size (1.0 = linear; the target is within 1.3x).
@@ -14,6 +18,7 @@ smallest size (1.0 = linear; the target is within 1.3x).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import resource
 import subprocess
@@ -24,6 +29,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
 
 VALIDATE = """
 import sys
@@ -66,6 +72,73 @@ def bootstrap_table(sizes: list[int]) -> None:
     print("| ---: | ---: | ---: | ---: |")
     for n, seconds, peak, _, _ in rows:
         print(f"| {n:,} | {seconds:.2f} | {peak:,.0f} | {(seconds / n) / (base_s / base_n):.2f} |")
+
+
+POOL = 2_000  # distinct generated images; the catalogs repeat them, each copy made unique (`unique_jpeg`)
+
+
+def unique_jpeg(data: bytes, tag: str) -> bytes:
+    """DATA (a JPEG) with a comment segment holding TAG right after its start marker: other bytes, so another
+    content hash, and the same pixels, so the same work to decode."""
+    comment = tag.encode()
+    return data[:2] + b"\xff\xfe" + (len(comment) + 2).to_bytes(2, "big") + comment + data[2:]
+
+
+def write_catalog(pool: list[bytes], count: int, folder: Path, version: str = "0") -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        (folder / f"{i + 1}.jpg").write_bytes(unique_jpeg(pool[i % len(pool)], f"{i + 1}:{version}"))
+    return folder
+
+
+def tag_table(sizes: list[int], backbone: str, width: int, height: int) -> None:
+    from inference import export_model
+
+    from fashion_tagger.data.synthetic.generator import generate_dataset
+
+    with tempfile.TemporaryDirectory(prefix="bench-scale-tag-") as tmp:
+        work = Path(tmp)
+        export = export_model(backbone, width, height, work / "export")
+        generate_dataset(work / "pool", rows=POOL, size="small", seed=5)
+        pool = [p.read_bytes() for p in sorted((work / "pool" / "images").glob("*.jpg"))]
+        rows = []
+
+        def tag(catalog: Path, out: Path) -> tuple[float, float, dict]:
+            started = time.perf_counter()
+            child = subprocess.run([sys.executable, "-m", "fashion_tagger", "tag", str(catalog), "--out", str(out),
+                                    "--model", str(export), "--set", f"home={work / 'home'}"],
+                                   capture_output=True, text=True, cwd=REPO)
+            seconds = time.perf_counter() - started
+            if child.returncode:
+                raise SystemExit(f"tag {catalog} failed:\n{child.stderr[-3000:]}")
+            peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+            return seconds, peak, json.loads(child.stdout)
+
+        for n in sorted(sizes):
+            catalog = write_catalog(pool, n, work / f"catalog-{n}")
+            seconds, peak, result = tag(catalog, work / f"tags-{n}")
+            rows.append((f"{n:,} images, new", n, seconds, peak, result))
+            print(f"tag {n:,} images: {seconds:.1f} s, peak {peak:,.0f} MB ({_counts(result)})", flush=True)
+        n = max(sizes)
+        changed = max(1, n // 100)
+        for i in range(0, n, n // changed)[:changed]:  # 1 % of the images, spread over the catalog
+            (catalog / f"{i + 1}.jpg").write_bytes(unique_jpeg(pool[i % len(pool)], f"{i + 1}:changed"))
+        seconds, peak, result = tag(catalog, work / f"tags-{n}")
+        rows.append((f"{n:,} images, {changed:,} changed (rerun)", changed, seconds, peak, result))
+        print(f"rerun after {changed:,} of {n:,} changed: {seconds:.1f} s, peak {peak:,.0f} MB ({_counts(result)})")
+    base_n, base_s = rows[0][1], rows[0][2]
+    full_s = rows[-2][2]
+    print(f"\n`fashion-tagger tag`, {backbone} at {width}x{height} (random weights, production heads), CPU, each run "
+          f"a fresh process (model loading included); {os.cpu_count()} CPUs; peak = the largest process so far\n")
+    print("| catalog | seconds | peak memory (MB) | time per image vs smallest | tagged / reused |")
+    print("| --- | ---: | ---: | ---: | --- |")
+    for label, n, seconds, peak, result in rows:
+        ratio = f"{(seconds / n) / (base_s / base_n):.2f}" if "rerun" not in label else f"{seconds / full_s:.1%} of full"
+        print(f"| {label} | {seconds:.1f} | {peak:,.0f} | {ratio} | {result.get('tagged')} / {result.get('reused')} |")
+
+
+def _counts(result: dict) -> str:
+    return ", ".join(f"{key} {result[key]}" for key in ("tagged", "reused", "rejected") if key in result)
 
 
 def real_styles() -> Path | None:
@@ -115,9 +188,16 @@ def main() -> None:
     parser.add_argument("--lines", type=int, nargs="+", default=[44_446, 1_000_000])
     parser.add_argument("--styles", type=Path, help="the styles.csv whose lines are repeated (default: the real one)")
     parser.add_argument("--bootstrap", type=int, nargs="+", metavar="N", help="measure the gate's bootstrap instead")
+    parser.add_argument("--tag", type=int, nargs="+", metavar="N", help="measure `tag` of N-image catalogs instead")
+    parser.add_argument("--backbone", default="test_efficientnet", help="the exported model's backbone (--tag)")
+    parser.add_argument("--size", default="64x80", help="the exported model's input, WIDTHxHEIGHT (--tag)")
     args = parser.parse_args()
     if args.bootstrap:
         bootstrap_table(args.bootstrap)
+        return
+    if args.tag:
+        width, height = (int(v) for v in args.size.split("x"))
+        tag_table(args.tag, args.backbone, width, height)
         return
     with tempfile.TemporaryDirectory(prefix="bench-scale-") as tmp:
         work = Path(tmp)

@@ -141,6 +141,7 @@ class NativeStack:
         self.secrets["jwt"] = secrets.token_hex(32)
         self.services: list[Service] = []
         self.held_down: set[str] = set()  # services a test stopped on purpose (`down`)
+        self._small_scratches: set[Path] = set()  # scratch folders under a small tmpfs (`shrink_scratch`)
         self.timings: dict[str, float] = {}
         self._token: str | None = None
         self._stopped = False
@@ -273,6 +274,8 @@ class NativeStack:
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     service.popen.wait(timeout=5)
         atexit.unregister(self.stop)
+        for host in self.machines:
+            self.grow_scratch(host)
         if not self.keep_root:
             shutil.rmtree(self.root, ignore_errors=True)
 
@@ -356,6 +359,33 @@ class NativeStack:
         self.down(name, timeout=timeout)
         time.sleep(down_s)
         return self.up(name)
+
+    def shrink_scratch(self, host: str, megabytes: int) -> str | None:
+        """Mount a tmpfs of MEGABYTES over HOST's scratch folder (empty, as a small disk of its own), as a machine
+        whose scratch disk is full would have; None once mounted, else why the machine refuses (not root, no
+        CAP_SYS_ADMIN in a container). `grow_scratch` takes it away again."""
+        folder = self.scratch(host)
+        folder.mkdir(parents=True, exist_ok=True)
+        if not shutil.which("mount"):
+            return "no mount command on this machine"
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={megabytes}m,mode=0777", "tmpfs", str(folder)],
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            return f"mount -t tmpfs refused: {(done.stderr or done.stdout).strip()}"
+        self._small_scratches.add(folder)
+        atexit.register(self.grow_scratch, host)
+        return None
+
+    def grow_scratch(self, host: str) -> None:
+        """Unmount the small filesystem `shrink_scratch` put over HOST's scratch folder (the folder's own contents
+        under it come back); nothing when there is none."""
+        folder = self.scratch(host)
+        if folder not in self._small_scratches:
+            return
+        done = subprocess.run(["umount", str(folder)], capture_output=True, text=True)
+        if done.returncode != 0:  # busy: a process still has a file open there; it goes once that closes
+            subprocess.run(["umount", "-l", str(folder)], check=True, capture_output=True)
+        self._small_scratches.discard(folder)
 
     def revive(self) -> list[str]:
         """Start again every RESTART_ALWAYS service that exited (`restart: always` in docker-compose.yaml)."""

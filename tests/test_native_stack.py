@@ -62,6 +62,7 @@ TWIN_PARAMS = SMOKE_PARAMS | {"source": "synthetic:400"}
 RUN_TIMEOUT_S = 600
 GPU_HOST = "gpu-worker"
 RETRIED = {"prepare_images", "train_model"}  # the tasks the kill test kills once each
+SMALL_SCRATCH_MB = 16  # the gpu worker's scratch disk after the kill: less than a stage-in's 64 MB margin
 
 
 @pytest.fixture(scope="module")
@@ -316,12 +317,47 @@ def _kill_the_trainer_in_epoch_2(stack: NativeStack, run_id: str, deadline: floa
     while not _gone(pid) and time.monotonic() < deadline:
         time.sleep(0.1)
     removed = _empty(stack.scratch(GPU_HOST))
+    # The emptied scratch folder is then a disk too small for the retry (where the machine lets a test mount one).
+    refused = stack.shrink_scratch(GPU_HOST, SMALL_SCRATCH_MB)
     text = _task_log(stack, run_id, "train_model", 1)
     killed = {"pid": pid, "epochs": _epochs_logged(text), "checkpoints": len(published.findall(text)),
-              "scratch_files_removed": removed}
+              "scratch_files_removed": removed, "small_scratch": refused is None}
     print(f"\nkilled trainer {pid} of {run_id} after epochs {killed['epochs']} "
-          f"({killed['checkpoints']} checkpoint(s) published); emptied {GPU_HOST}'s scratch ({removed} files)")
+          f"({killed['checkpoints']} checkpoint(s) published); emptied {GPU_HOST}'s scratch ({removed} files)"
+          + (f", now a {SMALL_SCRATCH_MB} MB filesystem" if refused is None
+             else f"; the full-scratch fault is left out on this machine: {refused}"))
     return killed
+
+
+def _wait_out_the_full_scratch(stack: NativeStack, run_id: str, deadline: float) -> str:
+    """The training retry on a scratch folder too small for what it stages in: it fails before downloading anything
+    with one line naming the folder and the space needed, a transient error, so Airflow retries it; once it is up
+    for retry the folder gets its disk back. That attempt's error line, returned."""
+    from fashion_tagger.storage.scratch import OBJECTS_DIRNAME
+
+    scratch = stack.scratch(GPU_HOST)
+    while time.monotonic() < deadline:
+        train = _task_instances(stack, run_id).get("train_model", {})
+        if train.get("try_number") == 2 and train.get("state") == "up_for_retry":
+            break
+        if train.get("state") in ("success", "failed"):
+            pytest.fail(f"train_model try {train.get('try_number')} ended {train.get('state')} on a full scratch "
+                        f"folder:\n{_task_log(stack, run_id, 'train_model', train['try_number'])[-4000:]}")
+        time.sleep(0.5)
+    else:
+        pytest.fail(f"train_model's retry on the full scratch folder never failed:\n{stack.diagnostics()}")
+    log = _task_log(stack, run_id, "train_model", 2)
+    lines = re.findall(rf"error: the scratch folder {re.escape(str(scratch))} has [\d.,]+ MB free, and staging in "
+                       rf"s3://\S+ needs [\d.,]+ MB .*", log)
+    assert len(set(lines)) == 1, log[-4000:]  # the stage's one line (the task's error repeats its last lines)
+    # Nothing was downloaded into the small disk, so nothing half-written is left in it either.
+    leftovers = [p for p in scratch.rglob("*") if p.is_file()]
+    assert not [p for p in leftovers
+                if p.relative_to(scratch).parts[0] == OBJECTS_DIRNAME or p.name.endswith(".tmp")], leftovers
+    stack.grow_scratch(GPU_HOST)
+    print(f"train_model try 2 on the {SMALL_SCRATCH_MB} MB scratch: {lines[0].strip()[:300]}; "
+          f"{len(leftovers)} files left in it; disk given back")
+    return lines[0]
 
 
 def _kill_the_default_worker_in_prepare(stack: NativeStack, run_id: str, deadline: float) -> dict:
@@ -377,11 +413,12 @@ def _assert_training_resumed(stack: NativeStack, run_id: str, killed: dict, tis:
     from fashion_tagger.core.layout import run_dir_name
 
     train = tis["train_model"]
-    assert train["try_number"] == 2, _summary(tis)
+    last = 3 if killed["small_scratch"] else 2  # the killed attempt, [the one on the full scratch folder,] the retry
+    assert train["try_number"] == last, _summary(tis)
     assert all(ti["try_number"] == 1 for task, ti in tis.items() if task not in RETRIED), _summary(tis)
     done = killed["checkpoints"]
     assert 1 <= done < 3, killed
-    retry = _task_log(stack, run_id, "train_model", 2)
+    retry = _task_log(stack, run_id, "train_model", last)
     assert _epochs_logged(retry) == list(range(done + 1, 4)), retry[-4000:]
     folder = re.escape(run_dir_name(run_id))
     assert re.search(rf"resuming \S*{folder}\S* from \S*last\.ckpt", retry), retry[-4000:]
@@ -392,9 +429,10 @@ def _assert_training_resumed(stack: NativeStack, run_id: str, killed: dict, tis:
 
 def test_dag_run_survives_a_killed_trainer_and_registers_one_champion(stack, monkeypatch, tmp_path):
     """A full DAG run: the default-queue worker is killed with SIGKILL during prepare_images and started again;
-    its trainer is killed with SIGKILL after epoch 1 of 3 and the gpu worker's scratch folder emptied. Airflow
-    retries both tasks, training resumes from the checkpoint in the store, nothing half-written is published, and
-    the run registers one version."""
+    its trainer is killed with SIGKILL after epoch 1 of 3 and the gpu worker's scratch folder emptied and made a
+    16 MB filesystem (where the machine lets the test mount one), so that the first retry finds it full and fails
+    with one line naming it; the folder gets its disk back. Airflow retries both tasks, training resumes from the
+    checkpoint in the store, nothing half-written is published, and the run registers one version."""
     from mlflow import MlflowClient
 
     started = time.monotonic()
@@ -402,6 +440,8 @@ def test_dag_run_survives_a_killed_trainer_and_registers_one_champion(stack, mon
     run_id = _trigger(stack, KILL_PARAMS, deadline)
     worker_killed = _kill_the_default_worker_in_prepare(stack, run_id, deadline)
     killed = _kill_the_trainer_in_epoch_2(stack, run_id, deadline)
+    if killed["small_scratch"]:
+        _wait_out_the_full_scratch(stack, run_id, deadline)
 
     state, tis = "running", {}
     # Any other failed attempt ends the test at once: waiting out the retry delays would only hide the error.
