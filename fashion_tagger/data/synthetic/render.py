@@ -105,7 +105,9 @@ def _draw_primitives(draw: ImageDraw.ImageDraw, prims, to_px, scale: float, fill
             x0, y0 = to_px(prim[1][:2])
             x1, y1 = to_px(prim[1][2:])
             # PIL boxes include their far edge: minus one pixel keeps small and full renders the same shape
-            box = (min(x0, x1) - grow, min(y0, y1) - grow, max(x0, x1) + grow - 1, max(y0, y1) + grow - 1)
+            left, top = min(x0, x1) - grow, min(y0, y1) - grow
+            # ... and a part under a pixel wide (a small render of a thin part) is one pixel, not an inverted box.
+            box = (left, top, max(left, max(x0, x1) + grow - 1), max(top, max(y0, y1) + grow - 1))
             (draw.ellipse if kind == "ellipse" else draw.rectangle)(box, fill=fill)
         else:
             width = max(1, round(prim[2] * scale + 2 * grow))
@@ -113,7 +115,7 @@ def _draw_primitives(draw: ImageDraw.ImageDraw, prims, to_px, scale: float, fill
 
 
 def _draw_mark(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float) -> None:
-    box = (cx - r, cy - r, cx + r - 1, cy + r - 1)
+    box = (cx - r, cy - r, max(cx - r, cx + r - 1), max(cy - r, cy + r - 1))
     if shape == "square":
         draw.rectangle(box, fill=MARK_RGB)
     elif shape == "circle":
