@@ -186,8 +186,8 @@ def empty_table() -> pd.DataFrame:
                          for c in TABLE_COLUMNS})
 
 
-def _as_table(rows: list[dict[str, Any]]) -> pd.DataFrame:
-    frame = pd.DataFrame(rows, columns=TABLE_COLUMNS) if rows else empty_table()
+def _as_table(frame: pd.DataFrame) -> pd.DataFrame:
+    frame = frame.copy()
     for column in TABLE_COLUMNS:
         if column.endswith(CONFIDENCE_SUFFIX):
             frame[column] = frame[column].astype("float64")
@@ -216,13 +216,18 @@ def tag_items(
     # Batched convolutions run faster in NHWC (oneDNN on CPU, cuDNN on GPU); the results are the same up to float
     # rounding, so the tags stay the served model's.
     predictor.model.to(memory_format=torch.channels_last)
-    known: dict[str, dict[str, Any]] = {}  # content hash -> a row of it; the item's own row where it has one
-    own: dict[tuple[str, str], dict[str, Any]] = {}
+    # The table is built in columns, not in one dict per image: memory stays a few bytes a row, and the previous
+    # table's rows are taken by position, not copied out one by one.
+    same = empty_table()
+    known: dict[str, int] = {}  # content hash -> the position in SAME of a row of it
+    own: dict[tuple[str, str], int] = {}  # (id, content hash) -> the position of the item's own row
     if previous is not None and len(previous):
-        same = previous[(previous["model_name"] == model.name) & (previous["model_version"] == model.version)]
-        for row in same.to_dict("records"):
-            known.setdefault(row["image_sha256"], row)
-            own[(row["id"], row["image_sha256"])] = row
+        mine = (previous["model_name"] == model.name) & (previous["model_version"] == model.version)
+        same = previous[mine].reset_index(drop=True)
+        for position, (item_id, sha) in enumerate(zip(same["id"].tolist(), same["image_sha256"].tolist(),
+                                                      strict=True)):
+            known.setdefault(sha, position)
+            own[(item_id, sha)] = position
     dataset = CatalogImages(items["image_path"].tolist(), predictor.transform, known, s3_endpoint_url)
     num_workers = loader_workers(workers, len(items))
     # A map-style dataset by duck typing: subclassing torch's Dataset would import torch with this module.
@@ -232,31 +237,52 @@ def tag_items(
         prefetch_factor=4 if num_workers else None, persistent_workers=False,
     )
     ids, paths = items["id"].tolist(), items["image_path"].tolist()
-    rows: list[dict[str, Any] | None] = [None] * len(items)
+    new: dict[str, list[Any]] = {column: [] for column in ("order", "id", "image_path", "image_sha256", "tagged_at")}
+    tags: dict[str, list[Any]] = {column: [] for column in TAG_COLUMNS}
+    reused: dict[str, list[Any]] = {column: [] for column in ("order", "id", "image_path", "image_sha256", "row")}
+    pending: list[torch.Tensor] = []  # decoded images not yet through the network, in the order of `new`
     rejects: list[dict[str, Any]] = []
     counts = TagCounts()
+
+    def run_pending() -> None:
+        # Images to tag are gathered into full batches: on a rerun, where most are known, the few new ones of each
+        # loader batch would otherwise go through the network a handful at a time.
+        columns = label_columns(predictor.predict_probabilities(torch.cat(pending)), predictor.label_space)
+        for name, values in columns.items():
+            tags[name].extend(values)
+        counts.tagged += sum(len(p) for p in pending)
+        pending.clear()
+
     started = time.perf_counter()
     for batch, pixels in loader:
         now = datetime.now(UTC)
-        to_tag: list[dict[str, Any]] = []
         for item in batch:
-            i = item["index"]
-            base = {"id": ids[i], "image_path": paths[i], "image_sha256": item["sha"]}
+            i, sha = item["index"], item["sha"]
             if item["error"]:
                 rejects.append({"id": ids[i], "image_path": paths[i], "reason": item["error"]})
-            elif item["sha"] in known:
-                rows[i] = {**own.get((ids[i], item["sha"]), known[item["sha"]]), **base}
-                counts.reused += 1
+                continue
+            into = reused if sha in known else new
+            for column, value in (("order", i), ("id", ids[i]), ("image_path", paths[i]), ("image_sha256", sha)):
+                into[column].append(value)
+            if into is reused:
+                reused["row"].append(own.get((ids[i], sha), known[sha]))
             else:
-                rows[i] = {**base, "model_name": model.name, "model_version": model.version, "tagged_at": now}
-                to_tag.append(rows[i])
-        if pixels is None:
-            continue
-        columns = label_columns(predictor.predict_probabilities(pixels), predictor.label_space)
-        for name, values in columns.items():
-            for row, value in zip(to_tag, values, strict=True):
-                row[name] = value
-        counts.tagged += len(to_tag)
+                new["tagged_at"].append(now)
+        if pixels is not None:
+            pending.append(pixels)
+            if sum(len(p) for p in pending) >= batch_size:
+                run_pending()
+    if pending:
+        run_pending()
     counts.seconds = time.perf_counter() - started
+    counts.reused = len(reused["order"])
     counts.rejected = len(rejects)
-    return _as_table([r for r in rows if r is not None]), pd.DataFrame(rejects, columns=REJECT_COLUMNS), counts
+    # An attribute without a head in this model (no trainable class) has no tags: its columns stay empty.
+    fresh = pd.DataFrame({**new, **{name: values for name, values in tags.items() if values},
+                          "model_name": model.name, "model_version": model.version})
+    kept = same.iloc[reused.pop("row")].reset_index(drop=True).assign(**reused)
+    parts = [part for part in (fresh, kept) if len(part)]
+    if not parts:
+        return empty_table(), pd.DataFrame(rejects, columns=REJECT_COLUMNS), counts
+    table = pd.concat(parts, ignore_index=True).sort_values("order", kind="stable").reset_index(drop=True)
+    return _as_table(table.reindex(columns=TABLE_COLUMNS)), pd.DataFrame(rejects, columns=REJECT_COLUMNS), counts
