@@ -9,6 +9,7 @@ import pytest
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
 from tagger_helpers import make_split, tiny_config
 
+from fashion_tagger.core.io import read_json
 from fashion_tagger.core.schema import IGNORE_INDEX
 from fashion_tagger.data.labels import LabelSpace
 from fashion_tagger.evaluation.evaluate import evaluate_run
@@ -122,6 +123,26 @@ def test_evaluate_run_writes_metrics_tables_and_plots(tmp_path):
     assert metrics["attributes"]["baseColour"]["accuracy"] == pytest.approx(accuracy)
     assert result.headline_macro_f1 == pytest.approx(metrics["headline_macro_f1"], abs=1e-6)
     assert result.checkpoint.name == "best.ckpt"
+
+    # Calibration on test: the temperatures fitted on validation, judged on test, before and after; the review
+    # thresholds chosen on validation, with what they reach on test.
+    calibration = read_json(run_dir / "calibration.json")
+    on_test = metrics["calibration"]
+    assert on_test["part"] == "test" and on_test["calibrated"] is True
+    for attribute, report in on_test["attributes"].items():
+        assert report["temperature"] == calibration["temperatures"][attribute]
+        assert report["rows"] == int((predictions[attribute] != "None").sum())
+        assert {"ece_before", "ece_after", "nll_before", "nll_after", "brier_before", "brier_after"} <= set(report)
+        reached = metrics["coverage"][attribute]
+        assert reached["threshold"] == calibration["thresholds"][attribute]["threshold"]
+        assert reached["target_precision"] == pytest.approx(0.95) and reached["rows"] == report["rows"]
+        # The confidences in predictions.parquet are the calibrated ones the threshold is applied to.
+        rows = predictions[predictions[attribute] != "None"]
+        if reached["threshold"] is not None:
+            taken = rows[f"{attribute}_confidence"] >= reached["threshold"] - 1e-6
+            assert abs(int(taken.sum()) - reached["accepted"]) <= 1, (attribute, reached)
+        assert (eval_dir / f"reliability_{attribute}.png").stat().st_size > 1000
+        assert (eval_dir / f"risk_coverage_{attribute}.png").stat().st_size > 1000
 
 
 def test_training_and_its_checkpoint_selection_never_see_a_test_image(tmp_path):

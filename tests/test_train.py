@@ -219,3 +219,62 @@ def test_short_training_on_real_small_images_beats_the_majority_baseline(real_sm
         scores = evaluation.attributes[attribute]
         assert scores["accuracy"] > scores["majority_baseline_accuracy"] + 0.05, (attribute, scores)
         assert scores["macro_f1"] > scores["majority_baseline_macro_f1"] + 0.05, (attribute, scores)
+
+
+@pytest.mark.slow
+def test_training_ends_calibrated_on_the_validation_part_only(resumed_run, prepared_split, monkeypatch, tmp_path):
+    """train/calibration.json holds a temperature and a review threshold per attribute, fitted on the validation
+    part; calibrating again reads that part and nothing else; the checkpoint's predictor and its export divide the
+    logits by those temperatures, and an export from before calibration keeps T = 1."""
+    import json
+
+    import numpy as np
+
+    import fashion_tagger.training.datamodule as datamodule
+    from fashion_tagger.core.layout import SplitDir
+    from fashion_tagger.serving.predictor import EXPORT_FILENAME, Predictor
+    from fashion_tagger.training.calibrate import calibrate
+
+    run_dir, _, _, result = resumed_run
+    calibration = read_json(TrainDir(run_dir).calibration)
+    val_rows = len(pd.read_parquet(SplitDir(prepared_split).val))
+    attributes = read_json(prepared_split / "labels.json")["attributes"]
+    assert calibration["part"] == "val" and calibration["rows"] == val_rows
+    assert set(calibration["temperatures"]) == set(attributes) == set(calibration["thresholds"])
+    assert all(t > 0 for t in calibration["temperatures"].values())
+    for attribute, chosen in calibration["thresholds"].items():
+        assert chosen["target"] == 0.95
+        assert chosen["threshold"] is None or chosen["precision"] >= 0.95 - 1e-9, (attribute, chosen)
+        report = calibration["validation"][attribute]
+        # The fitted temperature can only lower the validation NLL it minimises.
+        assert report["nll_after"] <= report["nll_before"] + 1e-9, (attribute, report)
+
+    parts: list[str] = []
+    real_read_split = datamodule.read_split
+    monkeypatch.setattr(datamodule, "read_split", lambda split, part, attrs: parts.append(part) or
+                        real_read_split(split, part, attrs))
+    again = calibrate(TrainDir(run_dir), prepared_split, _config(epochs=3))
+    assert parts == ["val"], parts  # never test, and not train either
+    assert again["temperatures"] == calibration["temperatures"]
+
+    predictor = Predictor.from_checkpoint(result.best_checkpoint, "cpu")
+    assert predictor.temperatures == calibration["temperatures"]
+    batch = torch.rand(3, 3, HEIGHT, WIDTH)
+    logits = predictor.model(batch)
+    calibrated = predictor.predict_probabilities(batch)
+    for attribute, t in calibration["temperatures"].items():
+        expected = torch.softmax(logits[attribute].float() / t, dim=1)
+        assert torch.allclose(calibrated[attribute], expected, atol=1e-6), attribute
+    export = predictor.export(tmp_path / "export")
+    assert json.loads((export / EXPORT_FILENAME).read_text())["calibration"]["temperatures"] == \
+        calibration["temperatures"]
+    assert Predictor.from_export(export, "cpu").temperatures == calibration["temperatures"]
+    # An export written before calibration existed has no such key: its confidences are the raw softmax.
+    spec = json.loads((export / EXPORT_FILENAME).read_text())
+    del spec["calibration"]
+    (export / EXPORT_FILENAME).write_text(json.dumps(spec))
+    old = Predictor.from_export(export, "cpu")
+    assert old.temperatures == {} and old.thresholds == {}
+    raw = old.predict_probabilities(batch)
+    assert all(np.allclose(raw[a].numpy(), torch.softmax(logits[a].float(), 1).detach().numpy(), atol=1e-6)
+               for a in attributes)

@@ -285,6 +285,11 @@ class TaggingConfig(_Section):
         default_factory=lambda: dict(DEFAULT_REVIEW_THRESHOLDS),
         description="per attribute: a tag whose confidence is below this goes to the review queue",
     )
+    target_precision: float = Field(
+        0.95, gt=0, le=1, description="after training, each attribute's review threshold is the lowest confidence at "
+        "which the validation part's tags at or above it are right this often (accepted tags skip review)")
+    target_precision_overrides: dict[str, float] = Field(
+        default_factory=dict, description="per attribute: another precision target than target_precision")
     batch_size: int = Field(64, ge=1, description="images per forward pass")
     shard_size: int = Field(5000, ge=1, description="images per shard (one Airflow task each)")
     workers: Annotated[WorkerCount, _worker_count("tagging.workers", -1)] = Field(
@@ -297,6 +302,20 @@ class TaggingConfig(_Section):
     model: str | None = Field(None, description="models:/NAME@ALIAS, models:/NAME/VERSION or a local export; empty: "
                               "the champion, models:/<registry.model_name>@champion; resolved once per run and pinned")
     experiment: str = Field("fashion-tagger-tagging", description="MLflow experiment of the tagging summaries")
+
+    @field_validator("target_precision_overrides")
+    @classmethod
+    def _known_targets(cls, value: dict[str, float]) -> dict[str, float]:
+        unknown = [a for a in value if a not in ATTRIBUTES]
+        out_of_range = [a for a, v in value.items() if not 0 < v <= 1]
+        if unknown or out_of_range:
+            raise ValueError(f"target_precision_overrides must map attributes of {list(ATTRIBUTES)} to values in "
+                             f"(0, 1]; unknown: {unknown}, out of range: {out_of_range}")
+        return value
+
+    def target_for(self, attribute: str) -> float:
+        """The precision target of ATTRIBUTE's review threshold."""
+        return self.target_precision_overrides.get(attribute, self.target_precision)
 
     @field_validator("thresholds")
     @classmethod

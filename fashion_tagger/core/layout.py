@@ -39,6 +39,7 @@ def is_url(location: str | Path) -> bool:
 
 SCRATCH_ENV = "FASHION_TAGGER_SCRATCH"
 APP_NAME = "fashion-tagger"
+CALIBRATION_FILENAME = "calibration.json"
 HOMES_DIRNAME = "homes"  # <scratch>/homes/<slug>/: this machine's working copy of an object-store home
 
 
@@ -189,6 +190,12 @@ class EvalDir:
     def confusion_plot(self, attribute: str) -> Path:
         return self.dir / f"confusion_{attribute}.png"
 
+    def reliability_plot(self, attribute: str) -> Path:
+        return self.dir / f"reliability_{attribute}.png"
+
+    def risk_coverage_plot(self, attribute: str) -> Path:
+        return self.dir / f"risk_coverage_{attribute}.png"
+
 
 CHECKPOINT_BEST = "best"  # ModelCheckpoint file names, without the .ckpt suffix Lightning adds
 CHECKPOINT_LAST = "last"
@@ -221,6 +228,8 @@ class TrainDir:
 
     # run.json: the split the run trained on, the label space hash, attempts, precision.
     run_info = _In("run.json", Path)
+    # calibration.json: per attribute the temperature and the review threshold fitted on the validation part.
+    calibration = _In(CALIBRATION_FILENAME, Path)
 
     def recorded_split(self) -> Path:
         """The one answer to "which split did this training run use": what `train` recorded in run.json."""

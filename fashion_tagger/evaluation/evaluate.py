@@ -8,7 +8,8 @@ Images go through `scoring`, the path the promotion gate and serving use; the nu
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -78,7 +79,8 @@ def evaluate_run(
     threads = config.train.cpu_threads if predictor.device.type == "cpu" else 0
     batch_size = config.registry.gate_batch_size
     with cpu_threads(threads):
-        data, predictions, y_pred = score_part(model, split_dir, HEADLINE_PART, batch_size)
+        with recorded_logits(predictor) as test_logits:  # the network's raw outputs on the served path
+            data, predictions, y_pred = score_part(model, split_dir, HEADLINE_PART, batch_size)
         val_data, _, val_pred = score_part(model, split_dir, "val", batch_size)
     label_space = data.labels
     metrics = compute_metrics(data.y_true, y_pred, label_space)
@@ -90,6 +92,7 @@ def evaluate_run(
 
     out = train_dir.eval
     out.dir.mkdir(parents=True, exist_ok=True)
+    calibration_plots = _calibration_on_test(metrics, predictor, predictions, test_logits, data.y_true, out, config)
     metrics_path = write_json(out.metrics, metrics)
     for attribute, m in metrics["attributes"].items():
         per_class = pd.DataFrame.from_dict(m["per_class"], orient="index").rename_axis("class").reset_index()
@@ -100,7 +103,7 @@ def evaluate_run(
     confidence = {a: predictions[f"{a}_confidence"].to_numpy(dtype=np.float32) if f"{a}_confidence" in predictions
                   else np.full(len(predictions), np.nan, dtype=np.float32) for a in label_space.attributes}
     _write_predictions(data.frame, data.y_true, y_pred, confidence, label_space, out.predictions)
-    plots = plot_metrics(metrics, out)
+    plots = plot_metrics(metrics, out) + calibration_plots
     log.info("evaluated %s: headline macro-F1 %.4f on %d test rows (val %.4f on %d rows, which chose the "
              "checkpoint)", checkpoint, metrics["headline_macro_f1"], metrics["rows"],
              val_metrics["headline_macro_f1"], val_metrics["rows"])
@@ -118,6 +121,77 @@ def evaluate_run(
         attributes=summary(metrics),
         plots=plots,
     )
+
+
+@contextmanager
+def recorded_logits(predictor: Any) -> Iterator[dict[str, list[np.ndarray]]]:
+    """Within the block, every forward of PREDICTOR's network appends its logits per attribute (float32, in call
+    order) to the yielded dict: scoring a part through the serving path then also gives its raw outputs."""
+    recorded: dict[str, list[np.ndarray]] = {}
+
+    def hook(_module: Any, _inputs: Any, outputs: Mapping[str, Any]) -> None:
+        for attribute, values in outputs.items():
+            recorded.setdefault(attribute, []).append(values.detach().float().cpu().numpy())
+
+    handle = predictor.model.register_forward_hook(hook)
+    try:
+        yield recorded
+    finally:
+        handle.remove()
+
+
+def _calibration_on_test(metrics: dict[str, Any], predictor: Any, predictions: pd.DataFrame,
+                         logits: Mapping[str, list[np.ndarray]], y_true: Mapping[str, np.ndarray], out: EvalDir,
+                         config: Config) -> list[Path]:
+    """Add `calibration` (ECE, NLL, Brier before and after the model's temperatures) and `coverage` (what each
+    review threshold reaches: precision of the accepted tags, coverage, bootstrap intervals) on the test part to
+    METRICS; draw a reliability diagram and a risk-coverage curve per attribute. The plots, returned."""
+    from fashion_tagger.evaluation.calibration import calibration_report, reliability_diagram, softmax, top_confidence
+    from fashion_tagger.evaluation.thresholds import reached
+
+    # The served path skips rows it cannot decode: the recorded logits are those of the other rows, in order.
+    ok = predictions["error"].isna().to_numpy() if "error" in predictions.columns else np.ones(len(predictions), bool)
+    test_logits = {a: np.concatenate(v) for a, v in logits.items() if v}
+    targets = {a: np.asarray(y_true[a])[ok] for a in test_logits}
+    if any(len(v) != int(ok.sum()) for v in test_logits.values()):
+        log.warning("calibration on test skipped: %d logits recorded for %d scored rows",
+                    len(next(iter(test_logits.values()))), int(ok.sum()))
+        return []
+    temperatures = {a: predictor.temperatures.get(a, 1.0) for a in test_logits}
+    metrics["calibration"] = {"part": HEADLINE_PART, "calibrated": bool(predictor.temperatures),
+                              "attributes": calibration_report(test_logits, targets, temperatures)}
+    thresholds, coverage, plots = predictor.thresholds, {}, []
+    for attribute, values in test_logits.items():
+        confidence, correct = top_confidence(softmax(values, temperatures[attribute]), targets[attribute])
+        target = config.tagging.target_for(attribute)
+        threshold = thresholds.get(attribute) if attribute in thresholds else None
+        coverage[attribute] = {"target_precision": target, "calibrated_threshold": attribute in thresholds,
+                               **reached(confidence, correct, threshold, resamples=1000, seed=config.train.seed)}
+        plots.append(reliability_diagram(out.reliability_plot(attribute), attribute, values, targets[attribute],
+                                         temperatures[attribute]))
+        plots.append(_risk_coverage_plot(out.risk_coverage_plot(attribute), attribute, confidence, correct,
+                                         coverage[attribute]))
+    metrics["coverage"] = coverage
+    return plots
+
+
+def _risk_coverage_plot(path: Path, attribute: str, confidence: np.ndarray, correct: np.ndarray,
+                        at: Mapping[str, Any]) -> Path:
+    from fashion_tagger.evaluation.thresholds import risk_coverage
+
+    curve = risk_coverage(confidence, correct)
+    with saved_figure(path, figsize=(4.6, 4.2)) as (_, ax):
+        ax.plot(curve["coverage"], curve["risk"], color="tab:blue", linewidth=1.2, label="every threshold")
+        ax.axhline(1 - at["target_precision"], color="tab:red", linestyle="--", linewidth=1,
+                   label=f"target: {at['target_precision']:.0%} precision")
+        if at["threshold"] is not None and at["precision"] is not None:
+            ax.plot([at["coverage"]], [1 - at["precision"]], "ko",
+                    label=f"threshold {at['threshold']:.2f}: {at['coverage']:.0%} accepted")
+        ax.set(xlim=(0, 1), ylim=(0, max(0.05, float(np.nanmax(curve["risk"])) if len(curve["risk"]) else 0.05)),
+               xlabel="coverage (share of tags accepted)", ylabel="risk (share of accepted tags that are wrong)",
+               title=f"{attribute}: risk against coverage on test")
+        ax.legend(loc="upper left", fontsize=8)
+    return path
 
 
 def _write_predictions(

@@ -74,6 +74,40 @@ def _metrics_lines(metrics: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+def _calibration_lines(metrics: Mapping[str, Any]) -> list[str]:
+    """The card's calibration and review-threshold section, from evaluation's `calibration` and `coverage`."""
+    calibration, coverage = metrics.get("calibration") or {}, metrics.get("coverage") or {}
+    if not calibration.get("attributes"):
+        return []
+    lines = ["## Confidence and review", ""]
+    if calibration.get("calibrated"):
+        lines.append("Confidences are calibrated: each attribute's logits are divided by a temperature fitted on the "
+                     "validation part. Figures on the test part, which chose neither the temperatures nor the "
+                     "thresholds; ECE with 15 equal-width bins. A tag whose confidence reaches its threshold is "
+                     "accepted (no review); the threshold is the lowest whose validation precision meets the "
+                     "target.")
+    else:
+        lines.append("This model has no calibration: its confidences are the raw softmax (T = 1).")
+    lines += ["", "| attribute | T | ECE before -> after | NLL before -> after | threshold | precision of accepted "
+              "(95% interval) | coverage (95% interval) |", "| --- | ---: | --- | --- | ---: | --- | --- |"]
+    for attribute, row in calibration["attributes"].items():
+        at = coverage.get(attribute, {})
+        precision = _fmt(at.get("precision"), 3)
+        if interval := at.get("precision_interval"):
+            precision += f" [{interval[0]:.3f}, {interval[1]:.3f}]"
+        covered = f"{at['coverage']:.1%}" if at.get("coverage") is not None else "–"
+        if interval := at.get("coverage_interval"):
+            covered += f" [{interval[0]:.1%}, {interval[1]:.1%}]"
+        threshold = _fmt(at.get("threshold"), 3) if at.get("threshold") is not None else "none: all reviewed"
+        lines.append(f"| {attribute} | {_fmt(row.get('temperature'), 2)} | {_fmt(row.get('ece_before'))} -> "
+                     f"{_fmt(row.get('ece_after'))} | {_fmt(row.get('nll_before'))} -> {_fmt(row.get('nll_after'))} "
+                     f"| {threshold} | {precision} | {covered} |")
+    target = next((at.get("target_precision") for at in coverage.values()), None)
+    if target is not None:
+        lines += ["", f"Target precision: {target:.0%} (`tagging.target_precision`)."]
+    return [*lines, ""]
+
+
 def model_card(
     *,
     config: Config,
@@ -137,6 +171,8 @@ def model_card(
         lines += ["## Validation metrics", "",
                   "On the validation part, which chose the checkpoint and stopped training: optimistic, shown for "
                   "comparison only.", *_metrics_lines(val), ""]
+
+    lines += _calibration_lines(metrics)
 
     if gate:
         lines += ["## Promotion gate", ""]

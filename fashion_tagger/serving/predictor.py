@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from fashion_tagger.core.errors import FashionTaggerError, first_line
-from fashion_tagger.core.layout import RunLayout, TrainDir
+from fashion_tagger.core.layout import CALIBRATION_FILENAME, RunLayout, TrainDir
 from fashion_tagger.data.imaging import ImageTransform
 from fashion_tagger.data.labels import LabelSpace
 from fashion_tagger.model.network import NETWORK_FIELDS, FashionTagger, build_network
@@ -44,6 +44,7 @@ class Predictor:
         std: Sequence[float],
         model_config: dict[str, Any],
         config: dict[str, Any] | None = None,
+        calibration: Mapping[str, Any] | None = None,
         device: str | torch.device | None = None,
     ) -> None:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -54,6 +55,15 @@ class Predictor:
         self.model_config = {k: model_config[k] for k in NETWORK_FIELDS}
         self.config = config or {}  # the training config, when built from a checkpoint
         self.transform = ImageTransform(*self.image_size, self.mean, self.std)
+        # Temperatures (and the review thresholds chosen with them) fitted on the validation part after training:
+        # every confidence this predictor gives is calibrated. A model from before calibration has T = 1.
+        self.calibration: dict[str, Any] = dict(calibration or {})
+        self.temperatures = {a: float(t) for a, t in self.calibration.get("temperatures", {}).items()}
+
+    @property
+    def thresholds(self) -> dict[str, float | None]:
+        """The model's review threshold per attribute (None: no tag of it is accepted); empty before calibration."""
+        return {a: t.get("threshold") for a, t in self.calibration.get("thresholds", {}).items()}
 
     @property
     def attributes(self) -> list[str]:
@@ -90,7 +100,7 @@ class Predictor:
         with _rebuilding(path):
             return cls._build(
                 hparams["config"]["model"], hparams["labels"], hparams["image_size"], state, device,
-                config=hparams["config"],
+                config=hparams["config"], calibration=_calibration_beside(path),
             )
 
     def identity(self) -> str:
@@ -105,6 +115,8 @@ class Predictor:
             "labels": {attribute: list(names) for attribute, names in self.label_space.classes.items()},
             "image": {"width": self.image_size[0], "height": self.image_size[1], "mean": self.mean, "std": self.std},
         }
+        if self.calibration:  # calibrated confidences are other outputs; an uncalibrated model hashes as before
+            spec["calibration"] = self.calibration
         digest.update(json.dumps(spec, sort_keys=True).encode())
         for name, tensor in sorted(self.model.state_dict().items()):
             tensor = tensor.detach().cpu().contiguous()
@@ -122,6 +134,7 @@ class Predictor:
             "model": self.model_config,
             "labels": self.label_space.to_dict(),
             "image": {"width": self.image_size[0], "height": self.image_size[1], "mean": self.mean, "std": self.std},
+            **({"calibration": self.calibration} if self.calibration else {}),
         }
         (directory / EXPORT_FILENAME).write_text(json.dumps(spec, indent=2) + "\n")
         return directory
@@ -142,7 +155,7 @@ class Predictor:
             image = spec["image"]
             return cls._build(
                 spec["model"], spec["labels"], (image["width"], image["height"]), state, device,
-                mean=image["mean"], std=image["std"],
+                mean=image["mean"], std=image["std"], calibration=spec.get("calibration"),
             )
 
     def preprocess(self, images: Iterable[Image.Image]) -> torch.Tensor:
@@ -152,7 +165,7 @@ class Predictor:
     def predict_probabilities(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
         """Softmax probabilities per attribute for a preprocessed batch (N x 3 x H x W)."""
         logits = self.model(batch.to(self.device, non_blocking=True))
-        return {a: torch.softmax(v.float(), dim=1) for a, v in logits.items()}
+        return {a: torch.softmax(v.float() / self.temperatures.get(a, 1.0), dim=1) for a, v in logits.items()}
 
     def predict(self, images: Sequence[Image.Image], batch_size: int = 64) -> pd.DataFrame:
         """One row per image: `<attribute>` (class name) and `<attribute>_confidence` (its probability)."""
@@ -173,6 +186,16 @@ def _rebuilding(source: Path) -> Iterator[None]:
         raise
     except Exception as exc:  # noqa: BLE001 - JSON, torch and timm each raise their own types for a damaged file
         raise FashionTaggerError(f"cannot rebuild the tagger from {source}: {first_line(exc)}") from exc
+
+
+def _calibration_beside(checkpoint: Path) -> dict[str, Any] | None:
+    """The training folder's calibration.json for a checkpoint in it (train/checkpoints/<name>.ckpt), if any."""
+    for folder in (checkpoint.parent, checkpoint.parent.parent):
+        path = folder / CALIBRATION_FILENAME
+        if path.is_file():
+            data = json.loads(path.read_text())
+            return {key: data[key] for key in ("temperatures", "thresholds", "target_precision") if key in data}
+    return None
 
 
 def default_device() -> str | None:

@@ -34,6 +34,7 @@ from fashion_tagger.core.layout import CHECKPOINT_BEST, SplitDir, TrainDir, loca
 from fashion_tagger.core.parallel import cpu_threads
 from fashion_tagger.data.cache import read_prepared
 from fashion_tagger.data.labels import LabelSpace
+from fashion_tagger.training.calibrate import calibrate
 from fashion_tagger.training.callbacks import AtomicCheckpointIO, BackboneFreeze, EpochHistory
 from fashion_tagger.training.datamodule import TaggerDataModule
 from fashion_tagger.training.epoch_log import EpochProgressLog, lightning_logs_once
@@ -157,6 +158,8 @@ def train_model(
     finished = _finished(metrics_path, train.epochs)
     if finished and last_ckpt.is_file():
         log.info("%s is already trained (%d epochs): nothing to do", run_dir, finished["epochs_completed"])
+        if not train_dir.calibration.is_file():  # trained before calibration existed, or killed before it
+            calibrate(train_dir, split_dir, config)
         return _result_from_metrics(train_dir, split_dir, finished, already_complete=True)
 
     lightning_logs_once()
@@ -269,5 +272,7 @@ def train_model(
         "history": history.history,
     }
     if trainer.is_global_zero:
+        # Calibrated before metrics.json marks the run complete: a run killed in between calibrates on its retry.
+        calibrate(train_dir, split_dir, config, "cuda" if hardware["accelerator"] == "gpu" else "cpu")
         write_json(metrics_path, metrics)
     return _result_from_metrics(train_dir, split_dir, metrics)
