@@ -181,6 +181,9 @@ def test_first_model_becomes_champion_and_registering_again_is_a_no_op(tmp_path,
     assert run.data.tags[tracking.TAG_DATASET_HASH] == "tiny-0"
     assert run.data.tags[tracking.TAG_AIRFLOW_RUN_ID] == "manual__2024-01-01T00:00:00"
     assert run.data.tags[tracking.TAG_CODE_VERSION].startswith("0.1.0")
+    # Named so a person browsing the experiment tells runs apart: backbone, dataset, the run folder's id tail.
+    assert run.info.run_name == tracking.run_name(config, run_dir)
+    assert run.info.run_name.startswith("test_efficientnet-") and run.info.run_name.endswith(f"-{run_dir.name}")
     assert [(m.step, m.value) for m in client.get_metric_history(first.run_id, "val_macro_f1")] == [(0, 0.4), (1, 0.6)]
     artifacts = {a.path for a in client.list_artifacts(first.run_id)}
     assert {"model_card.md", "gate.json", "data", "samples", "config.yaml"} <= artifacts

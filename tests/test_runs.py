@@ -277,13 +277,18 @@ def test_a_models_identity_is_its_weights_labels_and_preprocessing_not_its_file(
     checkpoint = torch.load(result.best_checkpoint, map_location="cpu", weights_only=False)
     checkpoint["epoch"] += 7  # what differs between two runs' files of one model
     checkpoint["optimizer_states"] = []
-    torch.save(checkpoint, tmp_path / "copy.ckpt")
-    assert (tmp_path / "copy.ckpt").read_bytes() != result.best_checkpoint.read_bytes()
-    assert Predictor.from_checkpoint(tmp_path / "copy.ckpt").identity() == identity
+    # Beside the run's own checkpoints, so the copies read the same calibration.json (part of what a model computes).
+    folder = result.best_checkpoint.parent
+    torch.save(checkpoint, folder / "copy.ckpt")
+    assert (folder / "copy.ckpt").read_bytes() != result.best_checkpoint.read_bytes()
+    assert Predictor.from_checkpoint(folder / "copy.ckpt").identity() == identity
     name = next(k for k in checkpoint["state_dict"] if k.startswith("model.heads."))
     checkpoint["state_dict"][name] = checkpoint["state_dict"][name] + 1e-3
-    torch.save(checkpoint, tmp_path / "changed.ckpt")
-    assert Predictor.from_checkpoint(tmp_path / "changed.ckpt").identity() != identity
+    torch.save(checkpoint, folder / "changed.ckpt")
+    assert Predictor.from_checkpoint(folder / "changed.ckpt").identity() != identity
+    # Other temperatures are other confidences: another model.
+    torch.save(torch.load(result.best_checkpoint, map_location="cpu", weights_only=False), tmp_path / "alone.ckpt")
+    assert Predictor.from_checkpoint(tmp_path / "alone.ckpt").identity() != identity  # no calibration beside it
 
 
 def test_a_new_mlflow_store_keeps_the_default_experiments_artifacts_in_the_home(isolated_home, tmp_path, monkeypatch):

@@ -19,7 +19,7 @@ import pytest
 from tagger_fixtures import draw, jpeg_bytes, make_run, make_split, tiny_config
 from tagger_helpers import train_on_real_small_images
 
-from fashion_tagger.core.config import ConfigError, load_config
+from fashion_tagger.core.config import DEFAULT_REVIEW_THRESHOLDS, ConfigError, load_config
 from fashion_tagger.core.errors import DataError, SourceError, SourceUnavailableError
 from fashion_tagger.core.layout import TagsDir
 from fashion_tagger.core.schema import ATTRIBUTES
@@ -108,7 +108,7 @@ def test_tags_equal_the_served_model_and_broken_files_are_rejects(catalog, model
     assert (result.listed, result.tagged, result.reused, result.rejected) == (GOOD + 1 + 4, GOOD + 1, 0, 4)
 
     table = pd.read_parquet(result.table)
-    assert list(table.columns) == tagger.TABLE_COLUMNS
+    assert list(table.columns) == outputs.TAGS_COLUMNS
     assert len(table) == GOOD + 1 and table["id"].is_unique
     assert set(table["model_version"]) == {"1"} and table["tagged_at"].dt.tz is not None
     # The tiny model tags two attributes; the other five columns exist and are empty.
@@ -198,7 +198,9 @@ def test_review_queue_uses_each_attributes_threshold():
     assert queue["low_attributes"].tolist() == ["season", "masterCategory,season", "masterCategory"]
     assert queue.columns[:4].tolist() == ["id", "image_path", "lowest_confidence", "low_attributes"]
 
-    assert load_config().tagging.thresholds.keys() == set(ATTRIBUTES)
+    # Hand-set thresholds are overrides; by default a model's own (calibrated) thresholds apply, and a model
+    # without them falls back to DEFAULT_REVIEW_THRESHOLDS.
+    assert load_config().tagging.thresholds == {} and DEFAULT_REVIEW_THRESHOLDS.keys() == set(ATTRIBUTES)
     with pytest.raises(ConfigError, match="thresholds"):
         load_config(overrides=["tagging.thresholds={colour: 0.5}"])
     with pytest.raises(ConfigError, match="out of range"):
@@ -575,3 +577,87 @@ def test_the_dag_tasks_tag_through_an_object_store_home_each_on_another_machine(
         second = tag_run("manual__second", shard_size=100)["merged"]  # one shard
         assert (second["tagged"], second["reused"], second["changed_items"]) == (0, GOOD + 1, 0)
     close_workspaces()
+
+
+def test_accepted_flags_and_the_review_queue_are_complements():
+    rng = np.random.default_rng(0)
+    n = 200
+    table = pd.DataFrame({"id": [f"i{k}" for k in range(n)], "image_path": [f"{k}.jpg" for k in range(n)]})
+    for attribute in ("gender", "season", "usage"):
+        table[attribute] = "x"
+        table[f"{attribute}_confidence"] = rng.random(n)
+    table.loc[::7, "usage_confidence"] = np.nan  # no tag there: nothing to accept or review
+    thresholds = {"gender": 0.3, "season": None, "usage": 0.6}  # season: no threshold met its target
+    marked = outputs.with_accepted(table, thresholds)
+    queue = outputs.review_queue(marked, thresholds)
+    assert not marked["season_accepted"].any()  # None accepts nothing: every season tag is reviewed
+    assert (marked["gender_accepted"] == (table["gender_confidence"] >= 0.3)).all()
+    has_usage = table["usage_confidence"].notna()
+    assert (marked.loc[has_usage, "usage_accepted"] == (table.loc[has_usage, "usage_confidence"] >= 0.6)).all()
+    # Exactly the rows with a tag not accepted are in the queue, each with the attributes not accepted.
+    not_accepted = {row.id: sorted(a for a in thresholds if getattr(row, f"{a}_confidence") == getattr(
+        row, f"{a}_confidence") and not getattr(row, f"{a}_accepted")) for row in marked.itertuples()}
+    expected = {i for i, low in not_accepted.items() if low}
+    assert set(queue["id"]) == expected
+    for row in queue.itertuples():
+        assert sorted(row.low_attributes.split(",")) == not_accepted[row.id]
+    assert list(marked.columns[2:5]) == ["gender", "gender_confidence", "gender_accepted"]
+
+
+def test_review_thresholds_come_from_the_model_unless_set_by_hand():
+    from types import SimpleNamespace
+
+    from fashion_tagger.tagging.tagger import review_thresholds
+
+    calibrated = SimpleNamespace(attributes=["gender", "season", "usage"], calibration={"thresholds": {
+        "gender": {"threshold": 0.71, "target": 0.95, "precision": 0.956},
+        "season": {"threshold": None, "target": 0.95, "precision": None}}})
+    chosen = review_thresholds(calibrated, load_config(overrides=["tagging.thresholds={usage: 0.2}"]).tagging)
+    assert chosen["gender"] == {"threshold": 0.71, "source": "model", "target_precision": 0.95,
+                                "validation_precision": 0.956}
+    assert chosen["season"]["threshold"] is None and chosen["season"]["source"] == "model"
+    assert chosen["usage"] == {"threshold": 0.2, "source": "tagging.thresholds"}
+    uncalibrated = SimpleNamespace(attributes=["gender", "usage"], calibration={})
+    chosen = review_thresholds(uncalibrated, load_config().tagging)
+    assert chosen["gender"]["threshold"] == DEFAULT_REVIEW_THRESHOLDS["gender"]
+    assert chosen["gender"]["source"].startswith("default")
+
+
+def test_a_calibrated_models_thresholds_decide_what_is_accepted_and_reviewed(tmp_path):
+    """A model carrying its own thresholds (train/calibration.json beside its checkpoint): `tag` accepts the tags
+    at or above them, reviews exactly the rest, says where each threshold came from, and a hand-set one wins."""
+    from fashion_tagger.core.io import read_json, write_json
+
+    split = make_split(tmp_path / "split", rows=16)
+    run_dir = make_run(tmp_path / "run", split, "probe:noisy")
+    write_json(run_dir / "calibration.json", {"temperatures": {"masterCategory": 1.0, "baseColour": 1.0},
+                                              "thresholds": {
+                                                  "masterCategory": {"threshold": 0.9, "target": 0.95,
+                                                                     "precision": 0.97},
+                                                  "baseColour": {"threshold": None, "target": 0.95,
+                                                                 "precision": None}}})
+    catalog = split / "images"
+    out = tmp_path / "tags"
+    result = jobs.tag_catalog(catalog, str(run_dir), out, config=tiny_config())
+    table = pd.read_parquet(TagsDir(out).tags)
+    summary = read_json(TagsDir(out).summary)
+    assert summary["threshold_details"]["masterCategory"] == {"threshold": 0.9, "source": "model",
+                                                             "target_precision": 0.95, "validation_precision": 0.97}
+    assert summary["thresholds"]["baseColour"] is None
+    assert (table["masterCategory_accepted"] == (table["masterCategory_confidence"] >= 0.9)).all()
+    assert not table["baseColour_accepted"].any()  # no threshold reached the target: every tag is reviewed
+    review = pd.read_parquet(TagsDir(out).review_parquet)
+    assert set(review["id"]) == set(table["id"])  # every item has a baseColour tag to review
+    assert result.accepted["masterCategory"] == int(table["masterCategory_accepted"].sum())
+    assert result.coverage["baseColour"] == 0.0
+
+    base = tiny_config()
+    hand_set = base.model_copy(update={"tagging": base.tagging.model_copy(update={"thresholds": {"baseColour": 0.0}})})
+    by_hand = jobs.tag_catalog(catalog, str(run_dir), tmp_path / "tags-by-hand",
+                               config=hand_set)
+    table = pd.read_parquet(TagsDir(tmp_path / "tags-by-hand").tags)
+    assert table["baseColour_accepted"].all() and by_hand.coverage["baseColour"] == 1.0
+    details = read_json(TagsDir(tmp_path / "tags-by-hand").summary)["threshold_details"]
+    assert details["baseColour"]["source"] == "tagging.thresholds"
+    review = pd.read_parquet(TagsDir(tmp_path / "tags-by-hand").review_parquet)
+    assert set(review["id"]) == set(table.loc[~table["masterCategory_accepted"], "id"])

@@ -274,16 +274,20 @@ class RegistryConfig(_Section):
     bootstrap_seed: int = Field(0, description="seed of the gate's bootstrap resampling")
 
 
-# Below these a tag goes to the review queue. Lower where an attribute is hard to see in a photo (season),
-# higher where a wrong tag is costly and the model is usually sure (masterCategory).
+# For a model trained before calibration existed (it carries no thresholds of its own): below these a tag goes to
+# the review queue. Lower where an attribute is hard to see in a photo (season), higher where a wrong tag is costly
+# and the model is usually sure (masterCategory). A calibrated model's thresholds are chosen for
+# `tagging.target_precision` when it is trained.
 DEFAULT_REVIEW_THRESHOLDS = {"gender": 0.6, "masterCategory": 0.8, "subCategory": 0.6, "articleType": 0.5,
                              "baseColour": 0.5, "season": 0.4, "usage": 0.5}
 
 
 class TaggingConfig(_Section):
     thresholds: dict[str, float] = Field(
-        default_factory=lambda: dict(DEFAULT_REVIEW_THRESHOLDS),
-        description="per attribute: a tag whose confidence is below this goes to the review queue",
+        default_factory=dict,
+        description="per attribute: a hand-set review threshold that overrides the model's own (a tag whose "
+        "confidence is below it goes to the review queue); empty: the model's thresholds, chosen for "
+        "target_precision when it was trained",
     )
     target_precision: float = Field(
         0.95, gt=0, le=1, description="after training, each attribute's review threshold is the lowest confidence at "

@@ -267,6 +267,17 @@ def write_run_id(run_dir: str | Path, run_id: str, experiment_id: str, uri: str)
     )
 
 
+def run_name(config: Config, run_dir: str | Path) -> str:
+    """What a person browsing MLflow tells runs apart by: `<backbone>-<dataset>-<run id tail>`, e.g.
+    `efficientnet_b3-fashion-product-images-dataset-3f9a1c2b` (RUN_DIR is the run's `train/` folder or the run)."""
+    run_dir = Path(run_dir)
+    run_folder = run_dir.parent if run_dir.name == "train" else run_dir
+    source = config.data.source.rstrip("/")
+    dataset = source.rsplit("/", 1)[-1].split(":", 1)[-1] if "/" in source else source.replace(":", "")
+    tail = run_folder.name.rsplit("-", 1)[-1][-8:]
+    return f"{config.model.backbone}-{dataset}-{tail}"
+
+
 def start_or_resume_run(client: MlflowClient, config: Config, run_dir: str | Path, *,
                         dataset_hash: str | None = None) -> str:
     """The run tracking RUN_DIR: the recorded one when this store has it, else a new run (recorded in RUN_DIR)."""
@@ -277,7 +288,7 @@ def start_or_resume_run(client: MlflowClient, config: Config, run_dir: str | Pat
     tags = run_tags(config, run_dir=run_dir, dataset_hash=dataset_hash)
     from mlflow.utils.mlflow_tags import MLFLOW_RUN_NAME
 
-    tags[MLFLOW_RUN_NAME] = run_dir.name
+    tags[MLFLOW_RUN_NAME] = run_name(config, run_dir)
     run = client.create_run(experiment_id, tags=tags)
     run_id = str(run.info.run_id)
     write_run_id(run_dir, run_id, experiment_id, tracking_uri(config))

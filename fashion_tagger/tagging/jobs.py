@@ -20,7 +20,14 @@ from fashion_tagger.core.layout import Home, TaggingWorkDir, TagsDir
 from fashion_tagger.tagging import outputs
 from fashion_tagger.tagging import summary as mlflow_summary
 from fashion_tagger.tagging.catalog import list_catalog, split_listing
-from fashion_tagger.tagging.tagger import PinnedModel, load_tagger, requested_model, resolve_model, tag_items
+from fashion_tagger.tagging.tagger import (
+    PinnedModel,
+    load_tagger,
+    requested_model,
+    resolve_model,
+    review_thresholds,
+    tag_items,
+)
 from fashion_tagger.workspace.workspace import Workspace, open_workspace
 
 log = logging.getLogger(__name__)
@@ -63,8 +70,10 @@ def tag_catalog(
     table, unreadable, counts = tag_items(items, predictor, model, previous=before, batch_size=settings.batch_size,
                                           workers=settings.workers, s3_endpoint_url=config.data.s3_endpoint_url)
     rejects = pd.concat([df for df in (rejects, unreadable) if len(df)] or [rejects], ignore_index=True)
+    thresholds = review_thresholds(predictor, settings)
     return outputs.write_outputs(tags.dir, table, rejects, model=model, counts=counts, previous=before,
-                                 thresholds=settings.thresholds)
+                                 thresholds={a: d["threshold"] for a, d in thresholds.items()},
+                                 threshold_details=thresholds)
 
 
 # --- the tagging DAG's tasks --------------------------------------------------------------------------------------
@@ -163,12 +172,12 @@ def tag_shard(shard: Mapping[str, str], run_command: JsonRunner) -> dict[str, An
 
 def merge_shards(run: Mapping[str, Any], shard_dirs: Sequence[str]) -> dict[str, Any]:
     """Merge the shard folders and the listing's rejects into the run's tags folder (see `outputs.merge_shards`)."""
-    work, config = _work(run)
+    work, _ = _work(run)
     folders, out_dir, workspace = [_here(d) for d in shard_dirs], _here(run["out_dir"]), _workspace()
     workspace.pull_files([path for folder in folders for path in _tag_files(folder)])
     workspace.pull_files((TagsDir(out_dir).tags,))  # the previous table, for the changes
+    # The thresholds the shards judged their tags with (the pinned model's, or the run's hand-set ones).
     result = outputs.merge_shards(folders, out_dir, PinnedModel.from_dict(run),
-                                  thresholds=config.tagging.thresholds,
                                   extra_rejects=pd.read_csv(work.rejects, dtype=str)).to_dict()
     workspace.push_files(_tag_files(out_dir))
     result.pop("files")

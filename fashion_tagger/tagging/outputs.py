@@ -8,15 +8,16 @@ import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
 from fashion_tagger.core import io
 from fashion_tagger.core.layout import TagsDir
 from fashion_tagger.core.schema import ATTRIBUTES
-from fashion_tagger.serving.rows import confidence_column
+from fashion_tagger.serving.rows import CONFIDENCE_SUFFIX, confidence_column
 from fashion_tagger.tagging.catalog import TaggingError, no_rejects
-from fashion_tagger.tagging.tagger import PinnedModel, TagCounts, empty_table
+from fashion_tagger.tagging.tagger import TABLE_COLUMNS, PinnedModel, TagCounts, empty_table
 
 log = logging.getLogger(__name__)
 
@@ -27,12 +28,55 @@ def read_table(path: str | Path) -> pd.DataFrame | None:
     return pd.read_parquet(path) if path.is_file() else None
 
 
-def review_queue(table: pd.DataFrame, thresholds: Mapping[str, float]) -> pd.DataFrame:
-    """Items with any tag below its attribute's threshold, least confident first: `lowest_confidence` (over all
-    its tags) and `low_attributes` (the ones under threshold) lead, then the table's columns."""
-    attributes = [a for a in thresholds if a in table.columns and table[confidence_column(a)].notna().any()]
+ACCEPTED_SUFFIX = "_accepted"
+
+
+def accepted_column(attribute: str) -> str:
+    return f"{attribute}{ACCEPTED_SUFFIX}"
+
+
+# tags.parquet's columns: the tag table's, each confidence followed by its accepted flag.
+TAGS_COLUMNS = [name for column in TABLE_COLUMNS for name in (
+    (column, accepted_column(column.removesuffix(CONFIDENCE_SUFFIX))) if column.endswith(CONFIDENCE_SUFFIX)
+    else (column,))]
+
+
+def reviewed_attributes(table: pd.DataFrame, thresholds: Mapping[str, float | None]) -> list[str]:
+    """The attributes whose tags are judged against a threshold: those in THRESHOLDS that have tags in TABLE (an
+    attribute left out of THRESHOLDS is never reviewed)."""
+    return [a for a in thresholds if a in table.columns and table[confidence_column(a)].notna().any()]
+
+
+def acceptance(table: pd.DataFrame, thresholds: Mapping[str, float | None]) -> pd.DataFrame:
+    """Per reviewed attribute, whether each row's tag is accepted: its confidence reaches the threshold (a threshold
+    of None accepts nothing). The one rule: `<attribute>_accepted` and the review queue both come from it."""
+    flags = {}
+    for attribute in reviewed_attributes(table, thresholds):
+        threshold = thresholds[attribute]
+        confidence = table[confidence_column(attribute)]
+        flags[attribute] = (confidence >= threshold) if threshold is not None else confidence.notna() & False
+    return pd.DataFrame(flags, index=table.index, dtype=bool)
+
+
+def with_accepted(table: pd.DataFrame, thresholds: Mapping[str, float | None]) -> pd.DataFrame:
+    """TABLE with `<attribute>_accepted` after each reviewed attribute's confidence column (other attributes' are
+    true where there is a tag: nothing reviews them)."""
+    table = table.drop(columns=[c for c in table.columns if c.endswith(ACCEPTED_SUFFIX)])
+    flags = acceptance(table, thresholds)
+    for attribute in [a for a in ATTRIBUTES if confidence_column(a) in table.columns]:
+        values = flags[attribute] if attribute in flags else table[confidence_column(attribute)].notna()
+        table.insert(table.columns.get_loc(confidence_column(attribute)) + 1, accepted_column(attribute),
+                     values.astype(bool))
+    return table
+
+
+def review_queue(table: pd.DataFrame, thresholds: Mapping[str, float | None]) -> pd.DataFrame:
+    """Items with any tag not accepted (under its attribute's threshold), least confident first:
+    `lowest_confidence` (over its reviewed tags) and `low_attributes` (the ones not accepted) lead, then the
+    table's columns. Exactly the rows with a false `<attribute>_accepted`."""
+    attributes = reviewed_attributes(table, thresholds)
     confidences = table[[confidence_column(a) for a in attributes]]
-    low = pd.DataFrame({a: table[confidence_column(a)] < thresholds[a] for a in attributes}, index=table.index)
+    low = ~acceptance(table, thresholds) & confidences.notna().set_axis(attributes, axis=1)
     queue = table[low.any(axis=1)].copy() if attributes else table.iloc[:0].copy()
     queue.insert(2, "lowest_confidence", confidences.min(axis=1).loc[queue.index] if attributes else [])
     flags = low.loc[queue.index].to_numpy().tolist()  # plain lists: a cell lookup per flag takes a second per 10k
@@ -86,6 +130,8 @@ class TaggingResult(io.StageResult):
     images_per_second: float
     shards: int = 1
     files: dict[str, str] = field(default_factory=dict)
+    accepted: dict[str, int] = field(default_factory=dict)  # per reviewed attribute: tags accepted (no review)
+    coverage: dict[str, float] = field(default_factory=dict)  # accepted / tags of the attribute
 
 
 def write_outputs(
@@ -96,15 +142,19 @@ def write_outputs(
     model: PinnedModel,
     counts: TagCounts,
     previous: pd.DataFrame | None,
-    thresholds: Mapping[str, float],
+    thresholds: Mapping[str, float | None],
+    threshold_details: Mapping[str, Mapping[str, Any]] | None = None,
     shards: int = 1,
 ) -> TaggingResult:
     """Write the table, rejects, review queue, changes and summary.json into OUT_DIR; the table last but one and
-    the summary last, each atomically, so a reader never meets a half-written folder's table."""
+    the summary last, each atomically, so a reader never meets a half-written folder's table. THRESHOLD_DETAILS
+    (`tagger.review_thresholds`) say where each threshold comes from and what it promises."""
     tags = TagsDir(Path(out_dir))
     tags.dir.mkdir(parents=True, exist_ok=True)
-    table = table.sort_values("id", kind="stable").reset_index(drop=True)
+    table = with_accepted(table.sort_values("id", kind="stable").reset_index(drop=True), thresholds)
     queue = review_queue(table, thresholds)
+    accepted = {a: int(table[accepted_column(a)].sum()) for a in reviewed_attributes(table, thresholds)}
+    with_tag = {a: int(table[confidence_column(a)].notna().sum()) for a in accepted}
     changes = changed_tags(previous, table)
     for frame, csv_path, parquet_path in ((queue, tags.review_csv, tags.review_parquet),
                                           (changes, tags.changes_csv, tags.changes_parquet)):
@@ -122,10 +172,26 @@ def write_outputs(
         rejected=len(rejects), review=len(queue), changed_items=int(changes["id"].nunique()),
         changed_tags=len(changes), removed=removed, seconds=round(counts.seconds, 3),
         images_per_second=round(counts.tagged / counts.seconds, 1) if counts.tagged and counts.seconds else 0.0,
-        shards=shards, files={path.name: str(path) for path in files},
+        shards=shards, files={path.name: str(path) for path in files}, accepted=accepted,
+        coverage={a: round(accepted[a] / with_tag[a], 6) if with_tag[a] else 0.0 for a in accepted},
     )
     io.write_json(tags.summary, {**result.to_dict(), "requested_model": model.requested,
-                                 "thresholds": dict(thresholds)})
+                                 "thresholds": dict(thresholds),
+                                 "threshold_details": {a: dict(d) for a, d in (threshold_details or {}).items()}})
+    for attribute in accepted:
+        details = (threshold_details or {}).get(attribute, {})
+        threshold = thresholds[attribute]
+        promise = ""
+        if details.get("source") == "model" and details.get("target_precision") is not None:
+            measured = details.get("validation_precision")
+            promise = (f", chosen for {float(details['target_precision']):.0%} precision"
+                       + (f" ({float(measured):.1%} on validation)" if measured is not None else
+                          ": no threshold reached it, so every tag is reviewed"))
+        elif details.get("source"):
+            promise = f" ({details['source']})"
+        log.info("%s: %d of %d tags accepted (%.1f%%) at threshold %s%s", attribute, accepted[attribute],
+                 with_tag[attribute], 100 * result.coverage[attribute],
+                 f"{threshold:.3f}" if threshold is not None else "none", promise)
     log.info("tagged %d, reused %d, rejected %d of %d images; %d to review, %d items changed -> %s",
              result.tagged, result.reused, result.rejected, result.listed, result.review, result.changed_items,
              tags.dir)
@@ -137,13 +203,18 @@ def merge_shards(
     out_dir: str | Path,
     model: PinnedModel,
     *,
-    thresholds: Mapping[str, float],
+    thresholds: Mapping[str, float | None] | None = None,
     extra_rejects: pd.DataFrame | None = None,
 ) -> TaggingResult:
-    """Merge shard folders (each written by `tag_catalog`) into OUT_DIR against OUT_DIR's previous table."""
+    """Merge shard folders (each written by `tag_catalog`) into OUT_DIR against OUT_DIR's previous table, with
+    the thresholds the shards used (one pinned model and configuration: the same in each) unless THRESHOLDS."""
     tables, rejects, counts = [], [extra_rejects] if extra_rejects is not None else [], TagCounts()
+    details: dict[str, dict[str, Any]] = {}
     for shard in (TagsDir(Path(d)) for d in shard_dirs):
         summary = io.read_json(shard.summary)
+        if thresholds is None:
+            thresholds = summary.get("thresholds", {})
+            details = summary.get("threshold_details", {})
         if (summary["model_name"], summary["model_version"]) != (model.name, model.version):
             raise TaggingError(f"shard {shard.dir} was tagged with {summary['model_name']} version "
                                f"{summary['model_version']}, not the run's pinned version {model.version}")
@@ -155,5 +226,5 @@ def merge_shards(
     table = pd.concat([t for t in tables if len(t)] or [empty_table()], ignore_index=True)
     rejected = pd.concat([r for r in rejects if len(r)] or [no_rejects()], ignore_index=True)
     return write_outputs(out_dir, table, rejected, model=model, counts=counts,
-                         previous=read_table(TagsDir(Path(out_dir)).tags), thresholds=thresholds,
-                         shards=len(shard_dirs))
+                         previous=read_table(TagsDir(Path(out_dir)).tags), thresholds=thresholds or {},
+                         threshold_details=details, shards=len(shard_dirs))

@@ -22,7 +22,8 @@ from fashion_tagger.serving.rows import confidence_column
 log = logging.getLogger(__name__)
 
 
-def confidence_histograms(table: pd.DataFrame, thresholds: Mapping[str, float], out_dir: str | Path) -> list[Path]:
+def confidence_histograms(table: pd.DataFrame, thresholds: Mapping[str, float | None],
+                          out_dir: str | Path) -> list[Path]:
     """One PNG per tagged attribute: the histogram of its confidences, the review threshold marked."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -34,7 +35,7 @@ def confidence_histograms(table: pd.DataFrame, thresholds: Mapping[str, float], 
         path = out_dir / f"confidence_{attribute}.png"
         with saved_figure(path, dpi=90, figsize=(5, 3.2)) as (_, ax):
             ax.hist(values, bins=20, range=(0, 1), color="#4c72b0")
-            if attribute in thresholds:
+            if thresholds.get(attribute) is not None:
                 ax.axvline(thresholds[attribute], color="#c44e52", linestyle="--",
                            label=f"review below {thresholds[attribute]:.2f}")
                 ax.legend(fontsize=8)
@@ -61,6 +62,9 @@ def log_summary(out_dir: str | Path, config: Config | None = None, *, tags: Mapp
         values = table[confidence_column(attribute)].dropna() if len(table) else pd.Series(dtype=float)
         if len(values):
             metrics[f"mean_confidence.{attribute}"] = float(values.mean())
+    for attribute, share in (summary.get("coverage") or {}).items():  # accepted without review
+        metrics[f"coverage.{attribute}"] = float(share)
+        metrics[f"accepted.{attribute}"] = float(summary["accepted"][attribute])
     with tracking.tracking_session(experiment_config) as client:
         from mlflow.entities import Metric, Param
 

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, cast
 import pandas as pd
 
 from fashion_tagger.core import io
-from fashion_tagger.core.config import Config, load_config
+from fashion_tagger.core.config import DEFAULT_REVIEW_THRESHOLDS, Config, TaggingConfig, load_config
 from fashion_tagger.core.parallel import WorkerCount, loader_workers
 from fashion_tagger.core.schema import ATTRIBUTES
 from fashion_tagger.data.imaging import decode_image
@@ -125,6 +125,27 @@ def load_tagger(model: PinnedModel, config: Config | None = None, device: str | 
     with tracking.tracking_session(config or load_config()), tempfile.TemporaryDirectory(prefix="tagger-") as tmp:
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model.uri, dst_path=tmp))
         return Predictor.from_export(exported_tagger(local), device)  # weights are in memory before tmp goes
+
+
+def review_thresholds(predictor: Predictor, settings: TaggingConfig) -> dict[str, dict[str, Any]]:
+    """Per attribute of the model, the threshold its tags are accepted at and where it comes from: a hand-set
+    `tagging.thresholds` value; else the model's own, chosen on validation for its precision target when it was
+    trained (None: no threshold reached the target, so every tag is reviewed); else, for a model without
+    calibration, DEFAULT_REVIEW_THRESHOLDS."""
+    own = predictor.calibration.get("thresholds", {})
+    chosen: dict[str, dict[str, Any]] = {}
+    for attribute in predictor.attributes:
+        if attribute in settings.thresholds:
+            chosen[attribute] = {"threshold": settings.thresholds[attribute], "source": "tagging.thresholds"}
+        elif attribute in own:
+            entry = own[attribute]
+            chosen[attribute] = {"threshold": entry.get("threshold"), "source": "model",
+                                 "target_precision": entry.get("target"),
+                                 "validation_precision": entry.get("precision")}
+        else:
+            chosen[attribute] = {"threshold": DEFAULT_REVIEW_THRESHOLDS.get(attribute),
+                                 "source": "default (the model carries no calibrated threshold)"}
+    return chosen
 
 
 # --- reading and decoding in DataLoader workers -------------------------------------------------------------------
