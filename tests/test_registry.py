@@ -181,6 +181,12 @@ def test_first_model_becomes_champion_and_registering_again_is_a_no_op(tmp_path,
     assert run.data.tags[tracking.TAG_DATASET_HASH] == "tiny-0"
     assert run.data.tags[tracking.TAG_AIRFLOW_RUN_ID] == "manual__2024-01-01T00:00:00"
     assert run.data.tags[tracking.TAG_CODE_VERSION].startswith("0.1.0")
+    # The split's three parts are the run's dataset inputs, each digest the split's fingerprint (or part hash).
+    inputs = {tag.value: entry.dataset for entry in run.inputs.dataset_inputs for tag in entry.tags
+              if tag.key == "mlflow.data.context"}
+    assert set(inputs) == {"training", "validation", "test"}
+    assert inputs["test"].digest == sha256_file(split / "test.parquet")[:32]
+    assert inputs["training"].name.endswith("-train") and '"num_rows": 24' in inputs["test"].profile
     # Named so a person browsing the experiment tells runs apart: backbone, dataset, the run folder's id tail.
     assert run.info.run_name == tracking.run_name(config, run_dir)
     assert run.info.run_name.startswith("test_efficientnet-") and run.info.run_name.endswith(f"-{run_dir.name}")
@@ -194,6 +200,7 @@ def test_first_model_becomes_champion_and_registering_again_is_a_no_op(tmp_path,
 
     again = registry.register_run(run_dir, config)
     assert again.already_registered and again.version == "1" and again.decision == registry.PROMOTED
+    assert len(client.get_run(first.run_id).inputs.dataset_inputs) == 3  # not logged twice
     with tracking.tracking_session(config) as client:
         assert len(client.search_model_versions(f"name='{config.registry.model_name}'")) == 1
 

@@ -201,6 +201,49 @@ def _eval_metrics_to_log(metrics: Mapping[str, Any], prefix: str) -> dict[str, f
     return flat
 
 
+# The split's parts as MLflow dataset inputs of the training run, with MLflow's contexts.
+DATASET_CONTEXTS = {"train": "training", "val": "validation", "test": "test"}
+
+
+def log_split_inputs(client: MlflowClient, run_id: str, split_dir: Path, labels: LabelSpace) -> int:
+    """Log SPLIT_DIR's train, validation and test parts as the run's dataset inputs (`mlflow.log_input`): named
+    `<split fingerprint[:12]>-<part>`, digest = the split's fingerprint (the part file's hash for a split written
+    before fingerprints), the part's ids and labels as the schema and profile. A part already logged (a retried
+    register) is not logged again. The parts logged now, returned."""
+    import warnings
+
+    import mlflow
+    import pandas as pd
+    from mlflow.data.pandas_dataset import from_pandas
+
+    from fashion_tagger.core.io import sha256_file
+    from fashion_tagger.core.layout import SplitDir
+    from fashion_tagger.data.fingerprint import read_fingerprint
+
+    run = client.get_run(run_id)
+    logged = {(entry.dataset.name, tag.value) for entry in (run.inputs.dataset_inputs if run.inputs else [])
+              for tag in entry.tags if tag.key == "mlflow.data.context"}
+    fingerprint = read_fingerprint(split_dir)
+    count = 0
+    with mlflow.start_run(run_id=run_id):
+        for part, context in DATASET_CONTEXTS.items():
+            path = SplitDir(split_dir).part(part)
+            if not path.is_file():
+                continue
+            digest = (fingerprint or sha256_file(path))[:32]
+            name = f"{digest[:12]}-{part}"
+            if (name, context) in logged:
+                continue
+            frame = pd.read_parquet(path, columns=["id", *labels.attributes]).astype(str)
+            with warnings.catch_warnings():
+                # MLflow registers its local-file source class twice and warns that a path matches both.
+                warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
+                dataset = from_pandas(frame, source=str(path), name=name, digest=digest)
+            mlflow.log_input(dataset, context=context)
+            count += 1
+    return count
+
+
 def membership_of_split(split_dir: Path) -> str:
     """The test membership record a split's test part came from ("" for a split without one)."""
     return str((reports.split_report(split_dir).get("test_membership") or {}).get("membership") or "")
@@ -254,6 +297,7 @@ def register_run(run_dir: str | Path, config: Config) -> RegistrationResult:
         for key, value in tracking.run_tags(config, run_dir=run_dir, dataset_hash=dataset_hash).items():
             client.set_tag(run_id, key, value)
         tracking.log_params_once(client, run_id, tracking.flat_params(config))
+        log_split_inputs(client, run_id, outputs.split_dir, outputs.labels)
         if version is None:
             version = _log_and_register(client, outputs, predictor, run_id, cid, name,
                                         set_challenger=config.registry.promote)
