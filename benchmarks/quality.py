@@ -180,8 +180,11 @@ def run_recipe(recipe: Recipe, args: argparse.Namespace, home: Path, split_dir: 
         trained = train_model(config, split_dir=split, run_dir=run_root / recipe.name,
                               callbacks=[Timer(duration={"seconds": args.budget_s * MAX_OVERRUN})])
     train_seconds = time.perf_counter() - started
-    evaluated = evaluate_run(run_root / recipe.name)
+    evaluated = evaluate_run(run_root / recipe.name, config)
+    metrics = json.loads(evaluated.metrics_path.read_text())
     return {
+        "calibration": metrics.get("calibration", {}).get("attributes", {}),
+        "coverage": metrics.get("coverage", {}),
         "recipe": recipe.name,
         "what": recipe.what,
         "input": f"{width}x{height}",
@@ -211,6 +214,23 @@ def tables(results: list[dict[str, Any]]) -> str:
             baseline = results[0]["attributes"][a][f"majority_baseline_{metric}"]
             cells = " | ".join(f"{r['attributes'][a][metric]:.3f}" for r in results)
             lines.append(f"| {a} | {cells} | {baseline:.3f} |")
+    for r in results:
+        if not r.get("calibration"):
+            continue
+        lines += ["", f"{r['recipe']}: calibration (temperatures fitted on validation) and the review thresholds for "
+                  "the precision target, on test:", "",
+                  "| attribute | T | ECE before | ECE after | NLL before | NLL after | threshold | precision of accepted "
+                  "(95% interval) | coverage (95% interval) |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |"]
+        for a, c in r["calibration"].items():
+            at = r["coverage"].get(a, {})
+            threshold = f"{at['threshold']:.3f}" if at.get("threshold") is not None else "none"
+            precision = (f"{at['precision']:.3f} [{at['precision_interval'][0]:.3f}, {at['precision_interval'][1]:.3f}]"
+                         if at.get("precision") is not None and at.get("precision_interval") else "-")
+            coverage = (f"{at['coverage']:.1%} [{at['coverage_interval'][0]:.1%}, {at['coverage_interval'][1]:.1%}]"
+                        if at.get("coverage_interval") else "-")
+            lines.append(f"| {a} | {c['temperature']:.2f} | {c['ece_before']:.4f} | {c['ece_after']:.4f} | "
+                         f"{c['nll_before']:.3f} | {c['nll_after']:.3f} | {threshold} | {precision} | {coverage} |")
     return "\n".join(lines)
 
 
