@@ -219,8 +219,8 @@ def tables(results: list[dict[str, Any]]) -> str:
             continue
         lines += ["", f"{r['recipe']}: calibration (temperatures fitted on validation) and the review thresholds for "
                   "the precision target, on test:", "",
-                  "| attribute | T | ECE before | ECE after | NLL before | NLL after | threshold | precision of accepted "
-                  "(95% interval) | coverage (95% interval) |",
+                  "| attribute | T | ECE before | ECE after | NLL before | NLL after | threshold "
+                  "| precision of accepted (95% interval) | coverage (95% interval) |",
                   "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |"]
         for a, c in r["calibration"].items():
             at = r["coverage"].get(a, {})
