@@ -249,6 +249,18 @@ def test_training_ends_calibrated_on_the_validation_part_only(resumed_run, prepa
         # The fitted temperature can only lower the validation NLL it minimises.
         assert report["nll_after"] <= report["nll_before"] + 1e-9, (attribute, report)
 
+    # The logits calibration fits on are the network's on validation as training scored it: their macro-F1 is the
+    # best checkpoint's validation score.
+    from fashion_tagger.evaluation.metrics import macro_f1
+    from fashion_tagger.training.calibrate import validation_logits
+
+    logits_val, targets_val = validation_logits(result.best_checkpoint, prepared_split, _config(epochs=3), "cpu")
+    from fashion_tagger.data.labels import LabelSpace
+
+    num_classes = LabelSpace.load(prepared_split).num_classes
+    scores = [macro_f1(targets_val[a], logits_val[a].argmax(1), num_classes[a]) for a in attributes]
+    assert float(np.mean(scores)) == pytest.approx(result.best_score, abs=1e-3)
+
     parts: list[str] = []
     real_read_split = datamodule.read_split
     monkeypatch.setattr(datamodule, "read_split", lambda split, part, attrs: parts.append(part) or

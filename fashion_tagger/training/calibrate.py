@@ -21,7 +21,7 @@ import torch
 from fashion_tagger.core.config import Config
 from fashion_tagger.core.io import write_json
 from fashion_tagger.core.layout import TrainDir
-from fashion_tagger.data.imaging import normalize
+from fashion_tagger.data.imaging import normalize, pixel_stats
 from fashion_tagger.evaluation.calibration import calibration_report, fit_temperatures, softmax, top_confidence
 from fashion_tagger.evaluation.thresholds import threshold_for
 
@@ -38,8 +38,8 @@ def validation_logits(checkpoint: Path, split_dir: Path, config: Config,
     data = TaggerDataModule(split_dir, batch_size=config.train.batch_size, num_workers=config.train.num_workers,
                             pin_memory=predictor.device.type == "cuda")
     data.setup("validate")
-    mean = torch.tensor(predictor.mean, device=predictor.device).view(1, 3, 1, 1)
-    std = torch.tensor(predictor.std, device=predictor.device).view(1, 3, 1, 1)
+    # The loader gives uint8 batches: normalised on the 0-255 scale, exactly as the training module does.
+    mean, std = (t.to(predictor.device) for t in pixel_stats(predictor.mean, predictor.std))
     attributes = data.label_space.attributes
     logits: dict[str, list[np.ndarray]] = {a: [] for a in attributes}
     targets: list[np.ndarray] = []
