@@ -219,6 +219,14 @@ def test_short_training_on_real_small_images_beats_the_majority_baseline(real_sm
         scores = evaluation.attributes[attribute]
         assert scores["accuracy"] > scores["majority_baseline_accuracy"] + 0.05, (attribute, scores)
         assert scores["macro_f1"] > scores["majority_baseline_macro_f1"] + 0.05, (attribute, scores)
+    # Calibrated on validation, judged on test: no attribute's calibration error grows by more than noise, and
+    # the tags accepted at a threshold chosen for 95 % precision reach close to it on real images.
+    metrics = read_json(evaluation.metrics_path)
+    for attribute, report in metrics["calibration"]["attributes"].items():
+        assert report["ece_after"] <= report["ece_before"] + 0.03, (attribute, report)
+        reached = metrics["coverage"][attribute]
+        if reached["accepted"] >= 100:
+            assert reached["precision"] >= 0.88, (attribute, reached)
 
 
 @pytest.mark.slow
