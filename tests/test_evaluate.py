@@ -130,11 +130,12 @@ def test_evaluate_run_writes_metrics_tables_and_plots(tmp_path):
     on_test = metrics["calibration"]
     assert on_test["part"] == "test" and on_test["calibrated"] is True
     for attribute, report in on_test["attributes"].items():
-        assert report["temperature"] == calibration["temperatures"][attribute]
+        assert report["temperature"] == pytest.approx(calibration["temperatures"][attribute])
         assert report["rows"] == int((predictions[attribute] != "None").sum())
         assert {"ece_before", "ece_after", "nll_before", "nll_after", "brier_before", "brier_after"} <= set(report)
         reached = metrics["coverage"][attribute]
-        assert reached["threshold"] == calibration["thresholds"][attribute]["threshold"]
+        chosen = calibration["thresholds"][attribute]["threshold"]
+        assert reached["threshold"] == (pytest.approx(chosen) if chosen is not None else None)
         assert reached["target_precision"] == pytest.approx(0.95) and reached["rows"] == report["rows"]
         # The confidences in predictions.parquet are the calibrated ones the threshold is applied to.
         rows = predictions[predictions[attribute] != "None"]

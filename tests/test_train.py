@@ -298,3 +298,29 @@ def test_training_ends_calibrated_on_the_validation_part_only(resumed_run, prepa
     raw = old.predict_probabilities(batch)
     assert all(np.allclose(raw[a].numpy(), torch.softmax(logits[a].float(), 1).detach().numpy(), atol=1e-6)
                for a in attributes)
+
+
+@pytest.mark.slow
+def test_training_logs_system_metrics_to_its_mlflow_run_and_trains_without_a_store(tmp_path, monkeypatch, caplog):
+    """While it trains, MLflow's system metrics monitor samples CPU, memory, disk and network use into the run's
+    MLflow run (named for a person browsing); register later continues that run. A tracking server that does not
+    answer costs the samples, not the training."""
+    from fashion_tagger.core import tracking
+
+    split = make_split(tmp_path / "split")
+    config = tiny_config(epochs=12, system_metrics_interval_s=0.2)
+    train_model(config, split_dir=split, run_dir=tmp_path / "run")
+    with tracking.tracking_session(config) as client:
+        run = client.get_run(tracking.read_run_id(tmp_path / "run", client))
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(run.data.metrics)
+    assert run.info.run_name == tracking.run_name(config, tmp_path / "run")
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")  # nothing listens there
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "3")
+    offline = tiny_config(epochs=1)
+    with caplog.at_level("WARNING", logger="fashion_tagger.core.tracking"):
+        result = train_model(offline, split_dir=split, run_dir=tmp_path / "offline")
+    assert result.epochs_completed == 1
+    assert any("without system metrics" in r.getMessage() and "127.0.0.1:9" in r.getMessage()
+               for r in caplog.records), [r.getMessage() for r in caplog.records]

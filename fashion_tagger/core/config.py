@@ -243,6 +243,9 @@ class TrainConfig(_Section):
     limit_train_batches: float | int | None = None
     limit_val_batches: float | int | None = None
     progress_bar: bool = True
+    system_metrics: bool = Field(True, description="log CPU, memory, disk and network use (and the GPU's, where "
+                                 "nvidia-ml-py sees one) to the run's MLflow run while training")
+    system_metrics_interval_s: float = Field(10.0, gt=0, description="seconds between system metric samples")
     force: bool = Field(False, description="train even when the data, labels and training configuration equal the "
                         "champion's")
 

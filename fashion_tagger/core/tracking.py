@@ -295,6 +295,36 @@ def start_or_resume_run(client: MlflowClient, config: Config, run_dir: str | Pat
     return run_id
 
 
+@contextlib.contextmanager
+def system_metrics_while(config: Config, run_dir: str | Path, *, dataset_hash: str | None = None
+                         ) -> Iterator[str | None]:
+    """Within the block, MLflow's system metrics monitor samples CPU, memory, disk, network and GPU use every
+    `train.system_metrics_interval_s` into RUN_DIR's MLflow run (created now if register has not yet); its id is
+    yielded. Training needs no tracking store: when it is off (`train.system_metrics: false`) or does not take the
+    run, the block runs without it (a warning says why) and None is yielded."""
+    if not config.train.system_metrics:
+        yield None
+        return
+    with contextlib.ExitStack() as stack:
+        try:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            client = stack.enter_context(tracking_session(config))
+            run_id = start_or_resume_run(client, config, run_dir, dataset_hash=dataset_hash)
+            monitor = SystemMetricsMonitor(run_id, sampling_interval=config.train.system_metrics_interval_s,
+                                           resume_logging=True, tracking_uri=tracking_uri(config))
+            monitor.start()
+        except Exception as exc:  # noqa: BLE001 - any failure of the store: training goes on without the samples
+            log.warning("training %s without system metrics: the tracking store %s did not take its run (%s)",
+                        run_dir, tracking_uri(config), first_line(exc))
+            yield None
+            return
+        try:
+            yield run_id
+        finally:
+            monitor.finish()
+
+
 def log_epoch_history(client: MlflowClient, run_id: str, history: list[Mapping[str, Any]]) -> int:
     """Per-epoch metrics from a run's metrics.json history (training writes them there; register logs them)."""
     import time

@@ -39,6 +39,7 @@ from fashion_tagger.core.tracking import (
 from fashion_tagger.data.labels import LabelSpace
 from fashion_tagger.evaluation import gate as gate_module
 from fashion_tagger.registry import model_card as reports
+from fashion_tagger.training.module import MONITOR
 
 log = logging.getLogger(__name__)
 
@@ -290,9 +291,9 @@ def register_run(run_dir: str | Path, config: Config) -> RegistrationResult:
             return _result_from_version(client, version, run_dir, uri, already=True)
 
         dataset_hash = outputs.labels.source_hash or None
-        tracked_while_training = tracking.read_run_id(run_dir, client) is not None
         run_id = tracking.start_or_resume_run(client, config, run_dir, dataset_hash=dataset_hash)
-        if not tracked_while_training and outputs.train_dir.metrics.is_file():
+        # Training may have made the run already (its system metrics); the epochs are logged here, once.
+        if not client.get_metric_history(run_id, MONITOR) and outputs.train_dir.metrics.is_file():
             tracking.log_epoch_history(client, run_id, read_json(outputs.train_dir.metrics).get("history") or [])
         for key, value in tracking.run_tags(config, run_dir=run_dir, dataset_hash=dataset_hash).items():
             client.set_tag(run_id, key, value)

@@ -5,6 +5,7 @@ continues instead of restarting); a run that already finished is returned as it 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 import time
@@ -27,6 +28,7 @@ from lightning.pytorch.callbacks import (
 )
 from lightning.pytorch.loggers import CSVLogger, Logger
 
+from fashion_tagger.core import tracking
 from fashion_tagger.core.config import Config, load_config, save_config
 from fashion_tagger.core.errors import RunError
 from fashion_tagger.core.io import StageResult, read_json, remove_stale_temporaries, write_json
@@ -242,7 +244,11 @@ def train_model(
         )
     if resume:
         log.info("resuming %s from %s", run_dir, last_ckpt)
-    with cpu_threads(train.cpu_threads if hardware["accelerator"] == "cpu" else 0), warnings.catch_warnings():
+    # System metrics into the run's MLflow run while it trains (rank zero only; training goes on without a store).
+    monitored = (tracking.system_metrics_while(config, run_dir, dataset_hash=label_space.source_hash)
+                 if trainer.is_global_zero else contextlib.nullcontext())
+    with cpu_threads(train.cpu_threads if hardware["accelerator"] == "cpu" else 0), warnings.catch_warnings(), \
+            monitored:
         # Resuming into the run's own checkpoint directory is the point, not a mistake to warn about.
         warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
         trainer.fit(module, datamodule=datamodule, ckpt_path=last_ckpt if resume else None)
