@@ -315,8 +315,9 @@ def system_metrics_while(config: Config, run_dir: str | Path, *, dataset_hash: s
                                            resume_logging=True, tracking_uri=tracking_uri(config))
             monitor.start()
         except Exception as exc:  # noqa: BLE001 - any failure of the store: training goes on without the samples
-            log.warning("training %s without system metrics: the tracking store %s did not take its run (%s)",
-                        run_dir, tracking_uri(config), first_line(exc))
+            # (Not tracking_uri(config) here: for a misconfigured home that raises the very error being reported.)
+            log.warning("training %s without system metrics: the tracking store did not take its run (%s)",
+                        run_dir, first_line(exc))
             yield None
             return
         try:
