@@ -37,7 +37,8 @@ def _config(source: str | None = "demo", **train):
         {
             "images": {"width": WIDTH, "height": HEIGHT},
             "model": {"backbone": "test_efficientnet", "pretrained": False},
-            "train": {"batch_size": 32, "num_workers": 0, "progress_bar": False, **train},
+            # Module-scoped fixtures train before the per-test environment is isolated: no tracking store then.
+            "train": {"batch_size": 32, "num_workers": 0, "progress_bar": False, "system_metrics": False, **train},
         },
     )
 
@@ -308,7 +309,8 @@ def test_training_logs_system_metrics_to_its_mlflow_run_and_trains_without_a_sto
     from fashion_tagger.core import tracking
 
     split = make_split(tmp_path / "split")
-    config = tiny_config(epochs=12, system_metrics_interval_s=0.2)
+    config = tiny_config(epochs=12, system_metrics=True, system_metrics_interval_s=0.2)
+    config.registry.tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"  # whatever the process environment holds
     train_model(config, split_dir=split, run_dir=tmp_path / "run")
     with tracking.tracking_session(config) as client:
         run = client.get_run(tracking.read_run_id(tmp_path / "run", client))
@@ -316,9 +318,7 @@ def test_training_logs_system_metrics_to_its_mlflow_run_and_trains_without_a_sto
     assert run.info.run_name == tracking.run_name(config, tmp_path / "run")
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")  # nothing listens there
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "3")
-    offline = tiny_config(epochs=1)
+    offline = tiny_config(epochs=1, system_metrics=True)  # MLflow's own retries would take minutes: the health probe takes seconds
     with caplog.at_level("WARNING", logger="fashion_tagger.core.tracking"):
         result = train_model(offline, split_dir=split, run_dir=tmp_path / "offline")
     assert result.epochs_completed == 1

@@ -295,6 +295,20 @@ def start_or_resume_run(client: MlflowClient, config: Config, run_dir: str | Pat
     return run_id
 
 
+HEALTH_TIMEOUT_S = 3.0
+
+
+def _answers_health(uri: str) -> None:
+    """Raise ModelUnavailableError unless the tracking server at URI answers its /health endpoint within
+    HEALTH_TIMEOUT_S (any HTTP answer counts: an authenticating server may refuse it)."""
+    import requests
+
+    try:
+        requests.get(uri.rstrip("/") + "/health", timeout=HEALTH_TIMEOUT_S)
+    except requests.RequestException as exc:
+        raise ModelUnavailableError(f"the MLflow tracking server {uri} did not answer ({first_line(exc)})") from exc
+
+
 @contextlib.contextmanager
 def system_metrics_while(config: Config, run_dir: str | Path, *, dataset_hash: str | None = None
                          ) -> Iterator[str | None]:
@@ -309,6 +323,9 @@ def system_metrics_while(config: Config, run_dir: str | Path, *, dataset_hash: s
         try:
             from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
+            uri = tracking_uri(config)
+            if not is_local_store(uri):
+                _answers_health(uri)  # a server that is down costs 3 s here, not MLflow's minutes of retries
             client = stack.enter_context(tracking_session(config))
             run_id = start_or_resume_run(client, config, run_dir, dataset_hash=dataset_hash)
             monitor = SystemMetricsMonitor(run_id, sampling_interval=config.train.system_metrics_interval_s,
