@@ -318,7 +318,8 @@ def test_training_logs_system_metrics_to_its_mlflow_run_and_trains_without_a_sto
     assert run.info.run_name == tracking.run_name(config, tmp_path / "run")
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")  # nothing listens there
-    offline = tiny_config(epochs=1, system_metrics=True)  # MLflow's own retries would take minutes: the health probe takes seconds
+    # MLflow's own retries would take minutes: the health probe takes seconds.
+    offline = tiny_config(epochs=1, system_metrics=True)
     with caplog.at_level("WARNING", logger="fashion_tagger.core.tracking"):
         result = train_model(offline, split_dir=split, run_dir=tmp_path / "offline")
     assert result.epochs_completed == 1
