@@ -164,7 +164,7 @@ def _calibration_on_test(metrics: dict[str, Any], predictor: Any, predictions: p
     for attribute, values in test_logits.items():
         confidence, correct = top_confidence(softmax(values, temperatures[attribute]), targets[attribute])
         target = config.tagging.target_for(attribute)
-        threshold = thresholds.get(attribute) if attribute in thresholds else None
+        threshold = thresholds.get(attribute)
         coverage[attribute] = {"target_precision": target, "calibrated_threshold": attribute in thresholds,
                                **reached(confidence, correct, threshold, resamples=1000, seed=config.train.seed)}
         plots.append(reliability_diagram(out.reliability_plot(attribute), attribute, values, targets[attribute],

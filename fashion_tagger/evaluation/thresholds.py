@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from fashion_tagger.evaluation.bootstrap import CONFIDENCE, resample_chunks
+from fashion_tagger.evaluation.bootstrap import interval, resample_chunks
 
 
 @dataclass(frozen=True)
@@ -80,7 +80,7 @@ def thresholds_for(confidences: Mapping[str, np.ndarray], correct: Mapping[str, 
 def reached(confidence: np.ndarray, correct: np.ndarray, threshold: float | None, *, resamples: int = 1000,
             seed: int = 0) -> dict[str, Any]:
     """What THRESHOLD reaches on a part: accepted rows, precision of the accepted tags and coverage, each with a
-    bootstrap interval (RESAMPLES resamples of the part's rows, CONFIDENCE two-sided)."""
+    bootstrap interval (RESAMPLES resamples of the part's rows, `bootstrap.interval`)."""
     confidence = np.asarray(confidence, dtype=np.float64)
     correct = np.asarray(correct, dtype=np.float64)
     n = len(confidence)
@@ -96,15 +96,12 @@ def reached(confidence: np.ndarray, correct: np.ndarray, threshold: float | None
         coverages.append(kept / n)
         with np.errstate(invalid="ignore", divide="ignore"):
             precisions.append((weights @ (taken * correct)) / kept)
-    tail = (1 - CONFIDENCE) / 2 * 100
-    coverage_values = np.concatenate(coverages)
+    coverage = interval(np.concatenate(coverages))
     precision_values = np.concatenate(precisions)
-    precision_values = precision_values[np.isfinite(precision_values)]
-    out["coverage_interval"] = [float(np.percentile(coverage_values, tail)),
-                                float(np.percentile(coverage_values, 100 - tail))]
-    out["precision_interval"] = ([float(np.percentile(precision_values, tail)),
-                                  float(np.percentile(precision_values, 100 - tail))]
-                                 if len(precision_values) else None)
+    precision_values = precision_values[np.isfinite(precision_values)]  # resamples that accepted nothing
+    precision = interval(precision_values)
+    out["coverage_interval"] = [coverage["low"], coverage["high"]]
+    out["precision_interval"] = [precision["low"], precision["high"]] if len(precision_values) else None
     return out
 
 

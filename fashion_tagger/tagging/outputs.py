@@ -54,7 +54,7 @@ def acceptance(table: pd.DataFrame, thresholds: Mapping[str, float | None]) -> p
     for attribute in reviewed_attributes(table, thresholds):
         threshold = thresholds[attribute]
         confidence = table[confidence_column(attribute)]
-        flags[attribute] = (confidence >= threshold) if threshold is not None else confidence.notna() & False
+        flags[attribute] = confidence >= threshold if threshold is not None else pd.Series(False, index=table.index)
     return pd.DataFrame(flags, index=table.index, dtype=bool)
 
 
